@@ -1,0 +1,247 @@
+"""Hugging Face checkpoints <-> our model: a per-family name map plus one reshape rule.
+
+HF linear weights are [out, in]; ours are [*in_shape, *out_shape] (e.g. q: [embed, heads, head_dim]),
+so ours = hf.T.reshape(in_shape + out_shape) and back. Per-layer tensors are stacked on axis 0.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+from jax.experimental import multihost_utils
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from reft_jax import sharding as shd
+from reft_jax.model.config import ModelConfig, from_hf_config, to_hf_config
+from reft_jax.model.transformer import RunOptions, Transformer, abstract_model
+
+log = logging.getLogger(__name__)
+
+# our path under blocks -> HF name under model.layers.{i}
+_LAYER_NAMES = {
+    ("attn", "q", "kernel"): "self_attn.q_proj.weight",
+    ("attn", "k", "kernel"): "self_attn.k_proj.weight",
+    ("attn", "v", "kernel"): "self_attn.v_proj.weight",
+    ("attn", "o", "kernel"): "self_attn.o_proj.weight",
+    ("attn", "q", "bias"): "self_attn.q_proj.bias",
+    ("attn", "k", "bias"): "self_attn.k_proj.bias",
+    ("attn", "v", "bias"): "self_attn.v_proj.bias",
+    ("mlp", "gate", "kernel"): "mlp.gate_proj.weight",
+    ("mlp", "up", "kernel"): "mlp.up_proj.weight",
+    ("mlp", "down", "kernel"): "mlp.down_proj.weight",
+    ("attn_norm", "scale"): "input_layernorm.weight",
+    ("post_attn_norm", "scale"): "post_attention_layernorm.weight",
+    ("post_mlp_norm", "scale"): "post_feedforward_layernorm.weight",
+}
+_GLOBAL_NAMES = {
+    ("embed",): "model.embed_tokens.weight",
+    ("final_norm", "scale"): "model.norm.weight",
+    ("lm_head", "kernel"): "lm_head.weight",
+}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def hf_module_name(sub: tuple[str, ...]) -> str:
+  """HF module (no .weight) of a block sub-path, e.g. ('attn', 'q') -> 'self_attn.q_proj'."""
+  return _LAYER_NAMES[(*sub, "kernel")].rsplit(".", 1)[0]
+
+
+def _layer_name(cfg: ModelConfig, sub: tuple[str, ...]) -> str:
+  if sub == ("mlp_norm", "scale"):  # Gemma2 has a post-attention norm, so its pre-MLP norm is renamed
+    return "pre_feedforward_layernorm.weight" if cfg.sandwich_norms else "post_attention_layernorm.weight"
+  return _LAYER_NAMES[sub]
+
+
+def _n_in(path: tuple[str, ...]) -> int:
+  """Number of leading (input) dims of our kernel: o contracts (heads, head_dim)."""
+  return 2 if path[-2] == "o" else 1
+
+
+def to_hf_layout(path, ours: np.ndarray) -> np.ndarray:
+  if path[-1] != "kernel":
+    return ours.reshape(-1) if path[-1] == "bias" else ours
+  n = _n_in(path)
+  return ours.reshape(math.prod(ours.shape[:n]), -1).T
+
+
+def from_hf_layout(path, hf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  if path[-1] == "kernel":
+    hf = hf.T
+  return hf.reshape(shape)
+
+
+def _flat_params(state: nnx.State) -> Iterator[tuple[tuple[str, ...], nnx.Variable]]:
+  for path, var in state.flat_state():
+    yield tuple(str(p) for p in path), var
+
+
+class _Reader:
+  """Lazy access to the tensors of one or many *.safetensors files in a directory."""
+
+  def __init__(self, path: str):
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+      raise FileNotFoundError(f"{path}: no *.safetensors files found")
+    self.where: dict[str, str] = {}
+    for f in files:
+      with safe_open(f, framework="numpy") as h:
+        for k in h.keys():
+          self.where[k] = f
+    self._handles: dict[str, object] = {}
+
+  def get(self, name: str) -> np.ndarray:
+    f = self.where[name]
+    if f not in self._handles:
+      self._handles[f] = safe_open(f, framework="numpy")
+    return self._handles[f].get_tensor(name)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    with safe_open(self.where[name], framework="numpy") as h:
+      return tuple(h.get_slice(name).get_shape())
+
+
+def read_hf_config(path: str) -> ModelConfig:
+  cfg_file = os.path.join(path, "config.json")
+  if not os.path.exists(cfg_file):
+    raise FileNotFoundError(f"{cfg_file}: not found (a Hugging Face model directory needs config.json)")
+  with open(cfg_file) as f:
+    try:
+      hf = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+  return from_hf_config(hf, source=cfg_file)
+
+
+def load_hf(path: str, dtype: str = "float32", mesh=None, *, options: RunOptions | None = None,
+            rules=None, seed: int = 0) -> Transformer:
+  """Loads a local HF checkpoint directory; each array goes straight to its target sharding.
+
+  With a mesh, every device receives only its own slice (`jax.make_array_from_callback`), so this
+  works unchanged across the processes of a pod. LoRA adapters (options.lora) start freshly
+  initialised.
+  """
+  cfg = read_hf_config(path)
+  options = options or RunOptions(dtype=dtype, param_dtype=dtype)
+  graphdef, abs_state = nnx.split(abstract_model(cfg, options))
+  reader = _Reader(path)
+  expected = set()
+  values = {}
+  for p, var in _flat_params(abs_state):
+    if isinstance(var, nnx.LoRAParam):
+      continue
+    shape, want = var.value.shape, var.value.dtype
+    axes = var.get_metadata()["logical_axes"]
+    sharding = (shd.NamedSharding(mesh, shd.logical_to_spec(axes, shape, mesh, rules)) if mesh
+                else None)
+    if p[0] == "blocks":
+      names = [f"model.layers.{i}.{_layer_name(cfg, p[1:])}" for i in range(cfg.num_layers)]
+    else:
+      names = [_GLOBAL_NAMES[p]]
+    expected.update(names)
+    for n in names:
+      if n not in reader.where:
+        raise ValueError(f"{path}: tensor {n!r} is missing from the checkpoint (needed for "
+                         f"{'.'.join(p)})")
+      per_layer = shape[1:] if p[0] == "blocks" else shape
+      got = reader.shape(n)
+      if math.prod(got) != math.prod(per_layer) or len(got) > 2:
+        want_hf = to_hf_layout(p, np.empty(per_layer, np.int8)).shape
+        raise ValueError(f"{path}: tensor {n!r} has shape {got}, expected {want_hf} for "
+                         f"{cfg.family} config ({'.'.join(p)})")
+
+    def load(index, p=p, names=names, shape=shape, want=want):
+      if p[0] == "blocks":
+        rows = range(cfg.num_layers)[index[0]] if index else range(cfg.num_layers)
+        arr = np.stack([from_hf_layout(p, reader.get(names[i]), shape[1:]) for i in rows])
+        return arr[(slice(None), *index[1:])].astype(want) if index else arr.astype(want)
+      arr = from_hf_layout(p, reader.get(names[0]), shape)
+      return arr[index].astype(want) if index else arr.astype(want)
+
+    if sharding is not None:
+      values[p] = jax.make_array_from_callback(shape, sharding, load)
+    else:
+      values[p] = jnp.asarray(load(()))
+  extra = [k for k in reader.where if k not in expected and not k.endswith(_IGNORED_SUFFIXES)
+           and not (cfg.tie_embeddings and k == "lm_head.weight")]
+  if extra:
+    log.warning("%s: ignoring %d tensors not used by the %s model, e.g. %s", path, len(extra),
+                cfg.family, extra[:3])
+  if options.lora is not None:
+    values.update(_fresh_lora(cfg, options, mesh, rules, seed))
+  return nnx.merge(graphdef, traverse_util.unflatten_dict(values))
+
+
+def _fresh_lora(cfg, options, mesh, rules, seed) -> dict:
+  """LoRA parameters from the model's own initialiser; base weights are never materialised (the
+  jitted init returns only LoRA leaves, so XLA drops the rest)."""
+  def init():
+    return nnx.state(Transformer(cfg, options, rngs=nnx.Rngs(params=seed)), nnx.LoRAParam)
+
+  abs_lora = jax.eval_shape(init)
+  out_sh = None
+  if mesh is not None:
+    out_sh = jax.tree.map(
+        lambda v: shd.NamedSharding(mesh, shd.logical_to_spec(
+            v.get_metadata()["logical_axes"], v.value.shape, mesh, rules)),
+        abs_lora, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  lora = jax.jit(init, out_shardings=out_sh)()
+  return {p: v.value for p, v in _flat_params(lora)}
+
+
+def _host(x) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
+def hf_state_dict(model: Transformer, dtype=None) -> dict[str, np.ndarray]:
+  """Our weights (LoRA merged in) under HF names, as host numpy arrays."""
+  from reft_jax.model.lora import merge_lora
+
+  if model.options.lora is not None:
+    model = merge_lora(model)
+  cfg = model.cfg
+  out = {}
+  for p, var in _flat_params(nnx.state(model, nnx.Param)):
+    arr = _host(var.value)
+    if dtype is not None:
+      arr = arr.astype(dtype)
+    if p[0] == "blocks":
+      for i in range(cfg.num_layers):
+        out[f"model.layers.{i}.{_layer_name(cfg, p[1:])}"] = np.ascontiguousarray(
+            to_hf_layout(p, arr[i]))
+    else:
+      out[_GLOBAL_NAMES[p]] = np.ascontiguousarray(to_hf_layout(p, arr))
+  return out
+
+
+def save_hf(model: Transformer, path: str, tokenizer=None, dtype: str | None = None) -> str:
+  """Writes config.json + model.safetensors (+ tokenizer) that transformers' from_pretrained reads.
+
+  A LoRA model is saved with its adapters merged into the weights (see save_peft_adapter for the
+  adapter alone). Only process 0 writes; every process takes part in gathering sharded arrays.
+  """
+  np_dtype = None if dtype is None else jnp.dtype(dtype)
+  tensors = hf_state_dict(model, np_dtype)
+  if jax.process_index() == 0:
+    os.makedirs(path, exist_ok=True)
+    hf = to_hf_config(model.cfg)
+    hf["torch_dtype"] = hf["dtype"] = str(np_dtype or model.options.param_dtype)
+    tmp = os.path.join(path, "model.safetensors.tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(path, "model.safetensors"))  # never leave a half-written file
+    with open(os.path.join(path, "config.json"), "w") as f:
+      json.dump(hf, f, indent=2)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(path)
+  return path

@@ -1,0 +1,329 @@
+"""Flax NNX decoder for the Llama, Qwen2 and Gemma2 families.
+
+Every parameter carries `logical_axes` metadata (see reft_jax/sharding.py for the mesh rules). The
+per-layer parameters are stored stacked with a leading "layers" axis, in one layout whether the
+forward runs the layers under `jax.lax.scan` (fast compile) or as an unrolled Python loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from reft_jax.model.config import ModelConfig
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,  # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  rank: int = 8
+  alpha: float = 16.0
+  targets: tuple[str, ...] = ("q", "v")
+
+  def __post_init__(self):
+    if self.rank <= 0:
+      raise ValueError(f"lora.rank={self.rank} must be positive")
+    bad = [t for t in self.targets if t not in LORA_TARGETS]
+    if bad or not self.targets:
+      raise ValueError(f"lora.targets={self.targets!r}: each must be one of {LORA_TARGETS}")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+  """How the model computes, as opposed to what it is (ModelConfig)."""
+
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  scan_layers: bool = False
+  remat: str = "none"
+  lora: LoraConfig | None = None
+
+  def __post_init__(self):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
+    for f in ("dtype", "param_dtype"):
+      if getattr(self, f) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"{f}={getattr(self, f)!r} must be float32, bfloat16 or float16")
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, std=0.02, kind=nnx.Param, value=None):
+  if value is None:
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  return kind(jnp.asarray(value, dtype), logical_axes=tuple(axes))
+
+
+class Linear(nnx.Module):
+  """y = x . W (+ b) (+ LoRA), W of shape stack + in_shape + out_shape, contracting in_shape."""
+
+  def __init__(self, in_shape, out_shape, in_axes, out_axes, *, rngs, stack=(), dtype=jnp.float32,
+               param_dtype=jnp.float32, bias=False, lora: LoraConfig | None = None):
+    lead = ("layers",) * len(stack)
+    self.n_in = len(in_shape)
+    self.dtype = dtype
+    self.kernel = _param(rngs, (*stack, *in_shape, *out_shape), (*lead, *in_axes, *out_axes),
+                         param_dtype)
+    self.bias = (_param(rngs, (*stack, *out_shape), (*lead, *out_axes), param_dtype,
+                        value=np.zeros((*stack, *out_shape))) if bias else None)
+    if lora is not None:
+      fan_in = math.prod(in_shape)
+      self.lora_scale = lora.scale
+      # PEFT's init: A ~ kaiming-uniform, B = 0, so a fresh adapter changes nothing.
+      bound = 1.0 / math.sqrt(fan_in)
+      a = jax.random.uniform(rngs.params(), (*stack, *in_shape, lora.rank), jnp.float32, -bound, bound)
+      self.lora_a = _param(rngs, a.shape, (*lead, *in_axes, "lora"), param_dtype, kind=nnx.LoRAParam,
+                           value=a)
+      self.lora_b = _param(rngs, (*stack, lora.rank, *out_shape), (*lead, "lora", *out_axes),
+                           param_dtype, kind=nnx.LoRAParam, value=np.zeros((*stack, lora.rank,
+                                                                            *out_shape)))
+    else:
+      self.lora_a = self.lora_b = None
+
+  def __call__(self, x):
+    x = x.astype(self.dtype)
+    y = jnp.tensordot(x, self.kernel[...].astype(self.dtype), axes=self.n_in)
+    if self.lora_a is not None:
+      h = jnp.tensordot(x, self.lora_a[...].astype(self.dtype), axes=self.n_in)
+      y = y + self.lora_scale * jnp.tensordot(h, self.lora_b[...].astype(self.dtype), axes=1)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim, *, rngs, stack=(), eps=1e-6, plus_one=False, param_dtype=jnp.float32):
+    init = np.zeros if plus_one else np.ones
+    self.scale = _param(rngs, (*stack, dim), ("layers",) * len(stack) + ("norm",), param_dtype,
+                        value=init((*stack, dim)))
+    self.eps, self.plus_one = eps, plus_one
+
+  def __call__(self, x):
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    w = self.scale[...].astype(jnp.float32)
+    return (x * (1.0 + w if self.plus_one else w)).astype(dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [head_dim/2], with Llama-3 scaling when configured (as transformers does)."""
+  dim = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  if not cfg.rope_scaling:
+    return inv_freq
+  s = dict(cfg.rope_scaling)
+  factor, lo, hi, ctx = (s["factor"], s["low_freq_factor"], s["high_freq_factor"],
+                         s["original_max_position_embeddings"])
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > ctx / lo, inv_freq / factor, inv_freq)
+  smooth = (ctx / wavelen - lo) / (hi - lo)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < ctx / hi) & ~(wavelen > ctx / lo)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BTHD, positions_BT, inv_freq):
+  angles = positions_BT[..., None].astype(jnp.float32) * inv_freq  # B,T,D/2
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTHD.dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs, stack, dtype, param_dtype, lora):
+    d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def lin(name, in_shape, out_shape, in_axes, out_axes, bias=False):
+      return Linear(in_shape, out_shape, in_axes, out_axes, rngs=rngs, stack=stack, dtype=dtype,
+                    param_dtype=param_dtype, bias=bias,
+                    lora=lora if lora and name in lora.targets else None)
+
+    self.q = lin("q", (d,), (h, hd), ("embed",), ("heads", "kv"), cfg.qkv_bias)
+    self.k = lin("k", (d,), (kv, hd), ("embed",), ("kv_heads", "kv"), cfg.qkv_bias)
+    self.v = lin("v", (d,), (kv, hd), ("embed",), ("kv_heads", "kv"), cfg.qkv_bias)
+    self.o = lin("o", (h, hd), (d,), ("heads", "kv"), ("embed",))
+    self.groups = h // kv
+    self.scale = cfg.query_scale if cfg.query_scale is not None else hd ** -0.5
+    self.softcap = cfg.attn_logit_softcap
+    self.cfg = cfg  # static; rope frequencies are recomputed at trace time (a numpy constant)
+
+  def __call__(self, x_BTD, positions_BT, mask_BTS):
+    inv_freq = rope_frequencies(self.cfg)
+    q = apply_rope(self.q(x_BTD), positions_BT, inv_freq)
+    k = apply_rope(self.k(x_BTD), positions_BT, inv_freq)
+    v = self.v(x_BTD)
+    b, t, kv, hd = k.shape
+    q = q.reshape(b, t, kv, self.groups, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
+    if self.softcap:
+      scores = jnp.tanh(scores / self.softcap) * self.softcap
+    # A finite minimum (not -inf) keeps fully masked rows (padding queries) free of NaNs.
+    scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, kv * self.groups, hd)
+    return self.o(out)
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs, stack, dtype, param_dtype, lora):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+
+    def lin(name, i, o, ia, oa):
+      return Linear((i,), (o,), (ia,), (oa,), rngs=rngs, stack=stack, dtype=dtype,
+                    param_dtype=param_dtype, lora=lora if lora and name in lora.targets else None)
+
+    self.gate = lin("gate", d, f, "embed", "mlp")
+    self.up = lin("up", d, f, "embed", "mlp")
+    self.down = lin("down", f, d, "mlp", "embed")
+    self.activation = cfg.activation
+
+  def __call__(self, x):
+    g = self.gate(x)
+    if self.activation == "silu":
+      g = jax.nn.silu(g)
+    else:
+      g = jax.nn.gelu(g, approximate=self.activation == "gelu_pytorch_tanh")
+    return self.down(g * self.up(x))
+
+
+class Block(nnx.Module):
+  """One decoder layer (parameters stacked over `stack` layers)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs, stack=(), dtype=jnp.float32,
+               param_dtype=jnp.float32, lora=None):
+    kw = dict(rngs=rngs, stack=stack, dtype=dtype, param_dtype=param_dtype, lora=lora)
+    norm = dict(rngs=rngs, stack=stack, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one,
+                param_dtype=param_dtype)
+    self.attn_norm = RMSNorm(cfg.hidden_size, **norm)
+    self.attn = Attention(cfg, **kw)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, **norm)
+    self.mlp = MLP(cfg, **kw)
+    self.sandwich = cfg.sandwich_norms
+    if self.sandwich:
+      self.post_attn_norm = RMSNorm(cfg.hidden_size, **norm)
+      self.post_mlp_norm = RMSNorm(cfg.hidden_size, **norm)
+
+  def __call__(self, x, positions, mask):
+    h = self.attn(self.attn_norm(x), positions, mask)
+    x = x + (self.post_attn_norm(h) if self.sandwich else h)
+    h = self.mlp(self.mlp_norm(x))
+    return x + (self.post_mlp_norm(h) if self.sandwich else h)
+
+
+def positions_from_mask(attention_mask_BT):
+  """Token positions that skip padding (left or right): 0, 1, 2, ... over real tokens."""
+  return jnp.maximum(jnp.cumsum(attention_mask_BT, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+class Transformer(nnx.Module):
+  """Decoder LM. `model(tokens, attention_mask)` returns logits [B, T, V]."""
+
+  def __init__(self, cfg: ModelConfig, options: RunOptions = RunOptions(), *, rngs: nnx.Rngs):
+    self.cfg, self.options = cfg, options
+    dtype, pdtype = jnp.dtype(options.dtype), jnp.dtype(options.param_dtype)
+    self.dtype = dtype
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdtype)
+    self.blocks = Block(cfg, rngs=rngs, stack=(cfg.num_layers,), dtype=dtype, param_dtype=pdtype,
+                        lora=options.lora)
+    self.final_norm = RMSNorm(cfg.hidden_size, rngs=rngs, eps=cfg.rms_norm_eps,
+                              plus_one=cfg.norm_plus_one, param_dtype=pdtype)
+    self.lm_head = None if cfg.tie_embeddings else Linear(
+        (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",), rngs=rngs, dtype=dtype,
+        param_dtype=pdtype)
+
+  def __call__(self, tokens_BT, attention_mask_BT=None, positions_BT=None):
+    logits, _ = self.forward(tokens_BT, attention_mask_BT, positions_BT)
+    return logits
+
+  def forward(self, tokens_BT, attention_mask_BT=None, positions_BT=None, *,
+              hidden_layers: tuple[int, ...] = (), stop_after: int | None = None):
+    """Returns (logits or None, {l: residual stream after l blocks [B,T,D]}).
+
+    hidden_layers use transformers' indexing: 0 = embeddings, l = output of block l (pre final
+    norm). With stop_after=l only the first l blocks run and no logits are computed.
+    """
+    cfg = self.cfg
+    L = cfg.num_layers
+    stop = L if stop_after is None else stop_after
+    if not 0 <= stop <= L or any(not 0 <= l <= stop for l in hidden_layers):
+      raise ValueError(f"hidden_layers={hidden_layers} / stop_after={stop_after} must lie in "
+                       f"[0, {L}] with every hidden layer <= stop_after")
+    b, t = tokens_BT.shape
+    if attention_mask_BT is None:
+      attention_mask_BT = jnp.ones((b, t), jnp.int32)
+    if positions_BT is None:
+      positions_BT = positions_from_mask(attention_mask_BT)
+    idx = jnp.arange(t)
+    causal_TS = idx[:, None] >= idx[None, :]
+    full_BTS = causal_TS[None] & (attention_mask_BT[:, None, :] > 0)
+    windows = np.asarray(cfg.windows)
+    sliding_BTS = full_BTS
+    if windows.any():
+      sliding_BTS = full_BTS & ((idx[:, None] - idx[None, :]) < int(windows.max()))[None]
+
+    x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.dtype)
+    if cfg.scale_embeddings:
+      x = x * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
+
+    graphdef, block_state = nnx.split(self.blocks)
+
+    def block_fn(state, x, is_sliding):
+      mask = jnp.where(is_sliding, sliding_BTS, full_BTS)
+      return nnx.merge(graphdef, state)(x, positions_BT, mask)
+
+    policy = REMAT_POLICIES[self.options.remat]
+    if self.options.remat != "none":
+      block_fn = jax.checkpoint(block_fn, policy=policy)
+
+    hidden = {0: x} if 0 in hidden_layers else {}
+    bounds = sorted({l for l in hidden_layers if l > 0} | {stop})
+    start = 0
+    for end in bounds:
+      if end == start:
+        continue
+      if self.options.scan_layers:
+        seg = jax.tree.map(lambda p: p[start:end], block_state)
+        x, _ = jax.lax.scan(lambda h, xs: (block_fn(xs[0], h, xs[1]), None), x,
+                            (seg, jnp.asarray(windows[start:end] > 0)))
+      else:
+        for i in range(start, end):
+          x = block_fn(jax.tree.map(lambda p: p[i], block_state), x, bool(windows[i]))
+      hidden[end] = x
+      start = end
+    hidden = {l: hidden[l] for l in hidden_layers}
+    if stop_after is not None:
+      return None, hidden
+    x = self.final_norm(x)
+    if self.lm_head is None:
+      logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(self.dtype))
+    else:
+      logits = self.lm_head(x)
+    if cfg.final_logit_softcap:
+      logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    return logits, hidden
+
+
+def init_model(cfg: ModelConfig, options: RunOptions = RunOptions(), seed: int = 0) -> Transformer:
+  return Transformer(cfg, options, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: ModelConfig, options: RunOptions = RunOptions()) -> Transformer:
+  """The model with ShapeDtypeStruct leaves: no memory allocated (jax.eval_shape)."""
+  return nnx.eval_shape(lambda: Transformer(cfg, options, rngs=nnx.Rngs(params=0)))

@@ -1,0 +1,106 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of axes, or None = replicated).
+DEFAULT_RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "kv": None,
+    "layers": None,
+    "norm": None,
+    "lora": None,
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one size may be -1 and takes the remaining devices."""
+  devices = jax.devices() if devices is None else devices
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh sizes data={data} fsdp={fsdp} tensor={tensor}: use positive sizes and "
+                     "at most one -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"mesh sizes {sizes}: {len(devices)} devices are not divisible by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
+                     f"{math.prod(sizes)} devices, but {len(devices)} are available")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def parse_rules(overrides: str = "") -> dict[str, Any]:
+  """DEFAULT_RULES updated by 'name=axis,name=axis1+axis2,name=none' (from the config)."""
+  rules = dict(DEFAULT_RULES)
+  for item in filter(None, (s.strip() for s in overrides.split(","))):
+    name, sep, axes = item.partition("=")
+    if not sep:
+      raise ValueError(f"sharding rule {item!r}: expected logical=mesh_axis")
+    parts = tuple(a for a in axes.split("+") if a and a.lower() != "none")
+    if any(a not in MESH_AXES for a in parts):
+      raise ValueError(f"sharding rule {item!r}: mesh axes must be among {MESH_AXES} or none")
+    rules[name.strip()] = parts[0] if len(parts) == 1 else (parts or None)
+  return rules
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: dict[str, Any] | None = None) -> P:
+  """PartitionSpec for an array; mesh axes that do not divide a dimension (e.g. 2 KV heads on a
+  tensor axis of 4) or that an earlier dimension already uses are dropped, i.e. replicated."""
+  rules = DEFAULT_RULES if rules is None else rules
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(axes, shape):
+    target = rules.get(name) if name else None
+    target = (target,) if isinstance(target, str) else tuple(target or ())
+    kept = []
+    for ax in target:
+      size = mesh.shape[ax]
+      if ax not in used and dim % (size * math.prod(mesh.shape[a] for a in kept)) == 0:
+        kept.append(ax)
+    used.update(kept)
+    spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return P(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules=None):
+  """NamedSharding for every Variable of an nnx.State (same tree structure, sharding leaves)."""
+  def one(v):
+    axes = v.get_metadata().get("logical_axes") or (None,) * v.value.ndim
+    return NamedSharding(mesh, logical_to_spec(axes, v.value.shape, mesh, rules))
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules=None, ndim: int = 2) -> NamedSharding:
+  rules = DEFAULT_RULES if rules is None else rules
+  return NamedSharding(mesh, P(rules["batch"], *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def bytes_per_device(tree) -> int:
+  """Bytes of the largest shard of each array, summed: what one device holds."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shard = x.sharding.shard_shape(x.shape) if hasattr(x, "sharding") and x.sharding else x.shape
+    total += int(np.prod(shard)) * np.dtype(x.dtype).itemsize
+  return total
