@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -79,13 +79,14 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
   return P(*spec)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules=None):
-  """NamedSharding for every Variable of an nnx.State (same tree structure, sharding leaves)."""
-  def one(v):
+def state_shardings(state: nnx.State, mesh: Mesh, rules=None) -> dict:
+  """NamedShardings for the Variables of an (abstract) nnx.State, as a pure nested dict (the
+  layout of `nnx.to_pure_dict(state)`)."""
+  flat = {}
+  for path, v in state.flat_state():
     axes = v.get_metadata().get("logical_axes") or (None,) * v.value.ndim
-    return NamedSharding(mesh, logical_to_spec(axes, v.value.shape, mesh, rules))
-
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    flat[tuple(path)] = NamedSharding(mesh, logical_to_spec(axes, v.value.shape, mesh, rules))
+  return traverse_util.unflatten_dict(flat)
 
 
 def batch_sharding(mesh: Mesh, rules=None, ndim: int = 2) -> NamedSharding:

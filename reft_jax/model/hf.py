@@ -110,6 +110,21 @@ class _Reader:
       return tuple(h.get_slice(name).get_shape())
 
 
+def resolve_checkpoint(path: str) -> str:
+  """A local directory as is; otherwise a hub repo id, downloaded (weights, config, tokenizer)."""
+  path = os.path.expanduser(path)
+  if os.path.isdir(path) or path.startswith((".", "/")):
+    return path
+  from huggingface_hub import snapshot_download
+
+  try:
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*",
+                                                   "*.model", "*.txt"])
+  except Exception as e:  # offline, gated or unknown repo: say which
+    raise FileNotFoundError(f"model {path!r}: not a local directory and the hub download failed "
+                            f"({type(e).__name__}: {e})") from None
+
+
 def read_hf_config(path: str) -> ModelConfig:
   cfg_file = os.path.join(path, "config.json")
   if not os.path.exists(cfg_file):
@@ -130,6 +145,7 @@ def load_hf(path: str, dtype: str = "float32", mesh=None, *, options: RunOptions
   works unchanged across the processes of a pod. LoRA adapters (options.lora) start freshly
   initialised.
   """
+  path = resolve_checkpoint(path)
   cfg = read_hf_config(path)
   options = options or RunOptions(dtype=dtype, param_dtype=dtype)
   graphdef, abs_state = nnx.split(abstract_model(cfg, options))
@@ -154,8 +170,8 @@ def load_hf(path: str, dtype: str = "float32", mesh=None, *, options: RunOptions
                          f"{'.'.join(p)})")
       per_layer = shape[1:] if p[0] == "blocks" else shape
       got = reader.shape(n)
-      if math.prod(got) != math.prod(per_layer) or len(got) > 2:
-        want_hf = to_hf_layout(p, np.empty(per_layer, np.int8)).shape
+      want_hf = to_hf_layout(p, np.empty(per_layer, np.int8)).shape
+      if got != want_hf:  # exact: a transposed [in, out] tensor has the right size but not layout
         raise ValueError(f"{path}: tensor {n!r} has shape {got}, expected {want_hf} for "
                          f"{cfg.family} config ({'.'.join(p)})")
 
@@ -185,17 +201,14 @@ def _fresh_lora(cfg, options, mesh, rules, seed) -> dict:
   """LoRA parameters from the model's own initialiser; base weights are never materialised (the
   jitted init returns only LoRA leaves, so XLA drops the rest)."""
   def init():
-    return nnx.state(Transformer(cfg, options, rngs=nnx.Rngs(params=seed)), nnx.LoRAParam)
+    return nnx.to_pure_dict(nnx.state(Transformer(cfg, options, rngs=nnx.Rngs(params=seed)),
+                                      nnx.LoRAParam))
 
-  abs_lora = jax.eval_shape(init)
   out_sh = None
   if mesh is not None:
-    out_sh = jax.tree.map(
-        lambda v: shd.NamedSharding(mesh, shd.logical_to_spec(
-            v.get_metadata()["logical_axes"], v.value.shape, mesh, rules)),
-        abs_lora, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  lora = jax.jit(init, out_shardings=out_sh)()
-  return {p: v.value for p, v in _flat_params(lora)}
+    abstract = nnx.state(abstract_model(cfg, options), nnx.LoRAParam)
+    out_sh = shd.state_shardings(abstract, mesh, rules)
+  return traverse_util.flatten_dict(jax.jit(init, out_shardings=out_sh)())
 
 
 def _host(x) -> np.ndarray:

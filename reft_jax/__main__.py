@@ -1,0 +1,3 @@
+from reft_jax.main import run
+
+run()

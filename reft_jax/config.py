@@ -1,0 +1,92 @@
+"""Config validation (before anything runs) and the RunOptions/optimizer arguments derived from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import ml_collections
+
+from reft_jax.model import PRESETS, LoraConfig, RunOptions
+from reft_jax.optim import MODES
+
+METHODS = ("sft",)
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _check(ok: bool, field: str, value, why: str):
+  if not ok:
+    raise ConfigError(f"config.{field}={value!r}: {why}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first bad field."""
+  _check(c.method in METHODS, "method", c.method, f"must be one of {METHODS}")
+  m, t, d = c.model, c.train, c.data
+  _check(bool(m.hf_path) or m.arch in PRESETS, "model.arch", m.arch,
+         f"must be one of {tuple(PRESETS)} when model.hf_path is empty")
+  if m.hf_path.startswith((".", "/", "~")):  # a local path (anything else may be a hub name)
+    _check(os.path.isdir(os.path.expanduser(m.hf_path)), "model.hf_path", m.hf_path,
+           "directory does not exist")
+  try:
+    run_options(c)
+  except ValueError as e:
+    raise ConfigError(f"config.model/train: {e}") from None
+  _check(t.mode in MODES, "train.mode", t.mode, f"must be one of {MODES}")
+  if t.mode == "regex":
+    _check(bool(t.trainable_regex), "train.trainable_regex", t.trainable_regex,
+           "must be set when train.mode=regex")
+    try:
+      re.compile(t.trainable_regex)
+    except re.error as e:
+      _check(False, "train.trainable_regex", t.trainable_regex, f"invalid regex ({e})")
+  for f in ("lr", "num_steps", "batch_size", "grad_accum"):
+    _check(t[f] > 0, f"train.{f}", t[f], "must be positive")
+  _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
+  _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+  _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1/b2", (t.b1, t.b2), "must lie in [0, 1)")
+  _check(t.schedule in ("constant", "linear", "cosine"), "train.schedule", t.schedule,
+         "must be constant, linear or cosine")
+  _check(t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
+         f"must divide train.batch_size={t.batch_size}")
+  _check(d.seq_len >= 8, "data.seq_len", d.seq_len, "must be >= 8")
+  _check(d.template in ("alpaca", "chat", "none"), "data.template", d.template,
+         "must be alpaca, chat or none")
+  if d.train_path:
+    _check(os.path.exists(d.train_path), "data.train_path", d.train_path, "file not found")
+  else:
+    _check(d.builtin_examples > 0, "data.builtin_examples", d.builtin_examples, "must be positive")
+  _check(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", c.checkpoint.every_steps,
+         "must be >= 0 (0 = only at the end)")
+  _check(c.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", c.checkpoint.max_to_keep,
+         "must be >= 1")
+  for f in ("data", "fsdp", "tensor"):
+    v = c.mesh[f]
+    _check(v == -1 or v >= 1, f"mesh.{f}", v, "must be a positive size or -1 (the rest)")
+  from reft_jax.sharding import parse_rules
+
+  try:
+    parse_rules(c.mesh.rules)
+  except ValueError as e:
+    raise ConfigError(f"config.mesh.rules={c.mesh.rules!r}: {e}") from None
+
+
+def run_options(c: ml_collections.ConfigDict) -> RunOptions:
+  lora = None
+  if c.train.mode == "lora":
+    targets = tuple(s.strip() for s in c.train.lora_targets.split(",") if s.strip())
+    lora = LoraConfig(rank=c.train.lora_rank, alpha=c.train.lora_alpha, targets=targets)
+  return RunOptions(dtype=c.model.dtype, param_dtype=c.model.param_dtype,
+                    scan_layers=c.model.scan_layers, remat=c.model.remat, lora=lora)
+
+
+def dump(c: ml_collections.ConfigDict, workdir: str) -> str:
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  with open(path, "w") as f:
+    json.dump(c.to_dict(), f, indent=2, sort_keys=True)
+  return path

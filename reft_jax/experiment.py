@@ -1,0 +1,121 @@
+"""Building blocks every method's stages share: mesh, tokenizer, data, model, and a train stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import ml_collections
+from flax import nnx
+
+from reft_jax import config as config_lib
+from reft_jax import sharding as shd
+from reft_jax.checkpoint import Checkpointer
+from reft_jax.data import builtin, sft
+from reft_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
+from reft_jax.metrics import MetricWriter
+from reft_jax.model import PRESETS, Transformer, abstract_model, load_hf
+from reft_jax.model.hf import resolve_checkpoint
+from reft_jax.optim import make_optimizer
+from reft_jax.train import (flops_per_token, init_train_state, jit_step, make_train_step,
+                            split_model, train_loop, trainable_subset, with_trainable)
+
+log = logging.getLogger(__name__)
+
+
+def setup_mesh(c: ml_collections.ConfigDict):
+  return shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor), shd.parse_rules(c.mesh.rules)
+
+
+def read_examples(c: ml_collections.ConfigDict) -> list[sft.Example]:
+  d = c.data
+  if d.train_path:
+    return sft.read_jsonl(d.train_path, d.prompt_field, d.response_field, d.input_field)
+  return builtin.toy_instructions(d.builtin_examples, seed=c.seed)
+
+
+def get_tokenizer(c: ml_collections.ConfigDict, workdir: str, examples: list[sft.Example]):
+  if c.model.tokenizer:
+    return load_tokenizer(c.model.tokenizer)
+  if c.model.hf_path:
+    return load_tokenizer(resolve_checkpoint(c.model.hf_path))
+  path = os.path.join(workdir, "tokenizer")
+  if os.path.exists(os.path.join(path, "tokenizer.json")):  # reuse: a resumed run must not change it
+    return load_tokenizer(path)
+  texts = [sft.format_prompt(e, "alpaca") + " " + e.response for e in examples]
+  return build_word_tokenizer(texts, path)
+
+
+def build_model(c: ml_collections.ConfigDict, mesh, rules, tokenizer=None) -> Transformer:
+  """From a HF checkpoint (model.hf_path), or randomly initialised from `model.arch`, sharded."""
+  options = config_lib.run_options(c)
+  if c.model.hf_path:
+    return load_hf(c.model.hf_path, mesh=mesh, options=options, rules=rules, seed=c.seed)
+  cfg = PRESETS[c.model.arch]
+  if tokenizer is not None:
+    vocab = -(-len(tokenizer) // 8) * 8
+    cfg = cfg.replace(vocab_size=vocab, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+  graphdef, abstract = nnx.split(abstract_model(cfg, options))
+  shardings = shd.state_shardings(abstract, mesh, rules)
+
+  def init():
+    return nnx.to_pure_dict(nnx.state(Transformer(cfg, options, rngs=nnx.Rngs(params=c.seed))))
+
+  return nnx.merge(graphdef, jax.jit(init, out_shardings=shardings)())
+
+
+def train_stage(c: ml_collections.ConfigDict, workdir: str, stage: str, model: Transformer,
+                data: sft.TokenizedSet, loss_fn, mesh, rules, hooks=()):
+  """Trains `model` on `data` with `loss_fn`; checkpoints to workdir/<stage>/checkpoints and resumes
+  from there. Returns (trained model, metrics history, stopped_by_signal)."""
+  t = c.train
+  stage_dir = os.path.join(workdir, stage)
+  graphdef, params = split_model(model)
+  tx, schedule, labels = make_optimizer(
+      params, lr=t.lr, num_steps=t.num_steps, warmup_steps=t.warmup_steps, schedule=t.schedule,
+      weight_decay=t.weight_decay, grad_clip=t.grad_clip, b1=t.b1, b2=t.b2, mode=t.mode,
+      trainable_regex=t.trainable_regex)
+  state, state_sh = init_train_state(params, tx, mesh)
+  batch_sh = shd.batch_sharding(mesh, rules)
+  step_fn = jit_step(make_train_step(graphdef, tx, loss_fn, schedule, labels, t.grad_accum),
+                     state_sh, batch_sh, mesh)
+  ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), c.checkpoint.every_steps,
+                      c.checkpoint.max_to_keep, c.checkpoint.async_save)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    subset, meta = ckpt.restore(latest, trainable_subset(state, labels))
+    state = with_trainable(state, subset)
+    log.info("%s: resumed from step %d (data position %s)", stage, latest, meta["data_position"])
+  writer = MetricWriter(stage_dir, tensorboard=c.log.tensorboard)
+  batcher = sft.Batcher(data, t.batch_size, seed=c.seed)
+  start = time.perf_counter()
+  try:
+    state, history, stopped = train_loop(
+        state, step_fn, batcher, batch_sh, num_steps=t.num_steps, writer=writer, checkpointer=ckpt,
+        save_state=lambda s: trainable_subset(s, labels), log_every=c.log.every_steps,
+        flops_token=flops_per_token(model.cfg, data.tokens.shape[1]), peak_flops=c.log.peak_flops,
+        hooks=hooks, progress=c.log.progress)
+    if not stopped:
+      ckpt.save(t.num_steps, trainable_subset(state, labels),
+                {"step": t.num_steps, "data_position": t.num_steps})
+  finally:
+    ckpt.close()
+    writer.close()
+  if history:
+    summary = {"stage": stage, "steps": t.num_steps, "final_loss": history[-1]["loss"],
+               "wall_seconds": time.perf_counter() - start,
+               "tokens_per_sec": _median([h["tokens_per_sec"] for h in history[1:]] or [0.0]),
+               "stopped_by_signal": stopped}
+    if jax.process_index() == 0:
+      with open(os.path.join(stage_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+  return nnx.merge(graphdef, state.params), history, stopped
+
+
+def _median(xs):
+  xs = sorted(xs)
+  return xs[len(xs) // 2]

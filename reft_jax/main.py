@@ -1,0 +1,59 @@
+"""Entry point: python -m reft_jax --config=configs/default.py:tiny --workdir=DIR [--config.x=y]."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:preset]", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and results")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "call jax.distributed.initialize() (multi-host TPU/GPU)")
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  from absl import logging as absl_logging
+
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
+  import jax
+
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from reft_jax import config as config_lib
+  from reft_jax.methods import sft
+
+  c = _CONFIG.value
+  if c is None or not _WORKDIR.value:
+    raise app.UsageError("--config and --workdir are required")
+  try:
+    config_lib.validate(c)
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  config_lib.dump(c, _WORKDIR.value)
+  logging.info("jax %s on %d %s device(s); workdir %s", jax.__version__, jax.device_count(),
+               jax.devices()[0].platform, _WORKDIR.value)
+  out = {"sft": sft.run}[c.method](c, _WORKDIR.value)
+  if out["stopped"]:
+    print(f"stopped by signal; checkpoint saved in {_WORKDIR.value}. Rerun the same command to "
+          "resume.")
+  else:
+    h = out["history"]
+    print(f"done: {len(h)} steps, final loss {h[-1]['loss']:.4f}, model saved to "
+          f"{out.get('model_dir')}" if h else "done: nothing to do (already finished)")
+  return 0
+
+
+def run():
+  """Console script `reft-jax`."""
+  app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+  run()

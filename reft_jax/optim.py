@@ -1,0 +1,88 @@
+"""Optimizer: schedule, clipping, weight decay, and trainable/frozen groups via optax.multi_transform.
+
+Frozen parameters go through `optax.set_to_zero()`: they keep no optimizer state, and since their
+update no longer depends on their gradient, XLA removes that gradient's computation from the step.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import optax
+from flax import traverse_util
+
+TRAINABLE, FROZEN = "trainable", "frozen"
+MODES = ("full", "lora", "regex")
+
+
+def path_str(path: tuple) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def trainable_labels(params: dict, mode: str, regex: str = "") -> dict:
+  """A pytree like params with 'trainable'/'frozen' leaves.
+
+  full: everything; lora: only LoRA adapters; regex: parameters whose path (e.g.
+  'blocks/mlp/up/kernel') matches `regex` (re.search).
+  """
+  if mode not in MODES:
+    raise ValueError(f"train.mode={mode!r} must be one of {MODES}")
+  if mode == "regex":
+    try:
+      pattern = re.compile(regex)
+    except re.error as e:
+      raise ValueError(f"train.trainable_regex={regex!r} is not a valid regex: {e}") from None
+  flat = traverse_util.flatten_dict(params)
+
+  def label(path):
+    if mode == "full":
+      return TRAINABLE
+    if mode == "lora":
+      return TRAINABLE if path[-1] in ("lora_a", "lora_b") else FROZEN
+    return TRAINABLE if pattern.search(path_str(path)) else FROZEN
+
+  labels = {p: label(p) for p in flat}
+  if TRAINABLE not in labels.values():
+    what = {"lora": "no LoRA parameters (set train.lora_rank and targets)",
+            "regex": f"train.trainable_regex={regex!r} matches no parameter"}.get(mode, "none")
+    raise ValueError(f"nothing to train: {what}; parameter paths look like "
+                     f"{path_str(next(iter(flat)))!r}")
+  return traverse_util.unflatten_dict(labels)
+
+
+def make_schedule(lr: float, num_steps: int, warmup_steps: int = 0, kind: str = "cosine"):
+  warmup_steps = min(warmup_steps, max(num_steps - 1, 0))
+  if kind == "constant":
+    main = optax.constant_schedule(lr)
+  elif kind == "linear":
+    main = optax.linear_schedule(lr, 0.0, max(num_steps - warmup_steps, 1))
+  elif kind == "cosine":
+    main = optax.cosine_decay_schedule(lr, max(num_steps - warmup_steps, 1))
+  else:
+    raise ValueError(f"train.schedule={kind!r} must be constant, linear or cosine")
+  if warmup_steps <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), main], [warmup_steps])
+
+
+def _decay_mask(params):
+  # No weight decay on norms, biases and embeddings' norm-like vectors (standard practice).
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x.ndim >= 2 and str(p[-1].key) != "bias", params)
+
+
+def make_optimizer(params: dict, *, lr: float, num_steps: int, warmup_steps: int = 0,
+                   schedule: str = "cosine", weight_decay: float = 0.0, grad_clip: float = 1.0,
+                   b1: float = 0.9, b2: float = 0.999, mode: str = "full", trainable_regex: str = ""
+                   ) -> tuple[optax.GradientTransformation, Any, dict]:
+  """Returns (optimizer, learning-rate schedule, labels)."""
+  sched = make_schedule(lr, num_steps, warmup_steps, schedule)
+  parts = []
+  if grad_clip and grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(grad_clip))
+  parts.append(optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay, mask=_decay_mask))
+  labels = trainable_labels(params, mode, trainable_regex)
+  tx = optax.multi_transform({TRAINABLE: optax.chain(*parts), FROZEN: optax.set_to_zero()}, labels)
+  return tx, sched, labels
