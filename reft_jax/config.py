@@ -67,8 +67,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for f in ("data", "fsdp", "tensor"):
     v = c.mesh[f]
     _check(v == -1 or v >= 1, f"mesh.{f}", v, "must be a positive size or -1 (the rest)")
-  from reft_jax.sharding import parse_rules
+  import jax
 
+  from reft_jax.sharding import mesh_shape, parse_rules
+
+  try:
+    mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, jax.device_count())
+  except ValueError as e:
+    raise ConfigError(f"config.mesh: {e}") from None
   try:
     parse_rules(c.mesh.rules)
   except ValueError as e:

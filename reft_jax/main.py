@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -39,7 +41,17 @@ def main(argv) -> int:
   config_lib.dump(c, _WORKDIR.value)
   logging.info("jax %s on %d %s device(s); workdir %s", jax.__version__, jax.device_count(),
                jax.devices()[0].platform, _WORKDIR.value)
-  out = {"sft": sft.run}[c.method](c, _WORKDIR.value)
+  from reft_jax.train import NonFiniteLoss
+
+  try:
+    out = {"sft": sft.run}[c.method](c, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+    # Bad input (data file, checkpoint, ...) or a diverged run: one clear line; the traceback goes
+    # to workdir/error.log for debugging.
+    with open(os.path.join(_WORKDIR.value, "error.log"), "w") as f:
+      traceback.print_exc(file=f)
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   if out["stopped"]:
     print(f"stopped by signal; checkpoint saved in {_WORKDIR.value}. Rerun the same command to "
           "resume.")
@@ -50,9 +62,23 @@ def main(argv) -> int:
   return 0
 
 
+def _parse_flags(argv):
+  # config_flags raises KeyError/AttributeError deep inside ml_collections for an unknown key:
+  # turn every override error into one line that names the flag.
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    bad = [a for a in argv[1:] if str(e).strip("\"'") in a] or argv[1:]
+    message = f"{bad[0]}: {type(e).__name__} {e} (unknown config key or wrong type)"
+  print(f"error: bad flag {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def run():
   """Console script `reft-jax`."""
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -27,22 +27,29 @@ DEFAULT_RULES: dict[str, Any] = {
 }
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one size may be -1 and takes the remaining devices."""
-  devices = jax.devices() if devices is None else devices
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+  """Resolves one -1 to the remaining devices; errors name the sizes."""
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ValueError(f"mesh sizes data={data} fsdp={fsdp} tensor={tensor}: use positive sizes and "
                      "at most one -1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"mesh sizes {sizes}: {len(devices)} devices are not divisible by {known}")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
+    if num_devices % known:
+      raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor}: {num_devices} devices "
+                       f"are not divisible by {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
     raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
-                     f"{math.prod(sizes)} devices, but {len(devices)} are available")
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+                     f"{math.prod(sizes)} devices, but {num_devices} are available")
+  return tuple(sizes)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one size may be -1 and takes the remaining devices."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(data, fsdp, tensor, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def parse_rules(overrides: str = "") -> dict[str, Any]:

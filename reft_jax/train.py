@@ -34,13 +34,30 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:
   return graphdef, nnx.to_pure_dict(state)
 
 
+def opt_state_shardings(abstract_opt_state, params: dict, mesh):
+  """Each optimizer leaf that mirrors a parameter (Adam's mu/nu: its key path ends with the
+  parameter's path and the shapes agree) takes that parameter's sharding; the rest (counts) are
+  replicated."""
+  by_path = {k: v for k, v in traverse_util.flatten_dict(params).items()}
+
+  def one(path, leaf):
+    keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+    for i in range(len(keys)):
+      p = by_path.get(keys[i:])
+      if p is not None and p.shape == leaf.shape:
+        return p.sharding
+    return shd.replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+
+
 def init_train_state(params: dict, tx: optax.GradientTransformation, mesh) -> tuple[TrainState, Any]:
-  """Optimizer state born with the shardings of the parameters it mirrors."""
-  opt_state = jax.jit(tx.init)(params)
+  """The train state and its shardings; optimizer moments are born sharded like their params."""
+  opt_sh = opt_state_shardings(jax.eval_shape(tx.init, params), params, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
   state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), shd.replicated(mesh)), params,
                      opt_state)
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  return state, shardings
+  return state, jax.tree.map(lambda x: x.sharding, state)
 
 
 def _microbatches(batch: dict, n: int) -> dict:

@@ -72,7 +72,7 @@ def test_scan_matches_unrolled(model, data):
     np.testing.assert_allclose(np.asarray(h[layer]), np.asarray(h_ref[layer]), atol=1e-5)
 
 
-def loss_and_grad(model, ids, mask):
+def logits_loss_grad(model, ids, mask):
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
 
@@ -80,19 +80,21 @@ def loss_and_grad(model, ids, mask):
     logits = nnx.merge(graphdef, params)(ids, mask)
     logp = jax.nn.log_softmax(logits[:, :-1])
     nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    return (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
+    return (nll * mask[:, 1:]).sum() / mask[:, 1:].sum(), logits
 
-  return jax.jit(jax.value_and_grad(loss))(params)
+  (loss, logits), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return logits, loss, grad
 
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_remat_policies_match(model, data, scan):
-  ref_loss, ref_grad = loss_and_grad(with_options(model, RunOptions(scan_layers=scan)), *data)
+  ref_logits, ref_loss, ref_grad = logits_loss_grad(
+      with_options(model, RunOptions(scan_layers=scan)), *data)
   assert float(jnp.abs(ref_grad["blocks"]["mlp"]["up"]["kernel"]).max()) > 0
   for remat in ("full", "dots"):
     m = with_options(model, RunOptions(scan_layers=scan, remat=remat))
-    np.testing.assert_allclose(np.asarray(m(*data)), np.asarray(model(*data)), atol=1e-5)
-    loss, grad = loss_and_grad(m, *data)
+    logits, loss, grad = logits_loss_grad(m, *data)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
                  grad, ref_grad)
@@ -155,8 +157,8 @@ def test_sliding_window_limits_context():
 def test_abstract_presets(name, expected):
   cfg = PRESETS[name]
   model = abstract_model(cfg, RunOptions(scan_layers=True, lora=LoraConfig(rank=4)))
-  params = nnx.state(model, nnx.Param)
-  leaves = jax.tree.leaves(params)
+  base = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))  # LoRAParam is a Param subclass
+  leaves = jax.tree.leaves(nnx.state(model, base))
   assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
   count = sum(math.prod(x.shape) for x in leaves)
   assert abs(count - expected) <= 0.01 * expected, count

@@ -60,7 +60,7 @@ def save_peft_adapter(model: Transformer, path: str, base_model_name_or_path: st
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.rank,
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "target_modules": sorted({hf_io.hf_module_name((_TARGET_PARENT[t], t)).split(".")[-1]
                                   for t in lora.targets}),
