@@ -37,9 +37,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       mode="full",  # full | lora | regex
       lora_rank=8, lora_alpha=16.0, lora_targets="q,v",  # comma-separated: q,k,v,o,gate,up,down
       trainable_regex="",  # with mode=regex, e.g. "blocks/mlp/.*"
-      lr=1e-3, schedule="cosine", warmup_steps=5, weight_decay=0.0, grad_clip=1.0,
+      lr=3e-3, schedule="cosine", warmup_steps=10, weight_decay=0.0, grad_clip=1.0,
       b1=0.9, b2=0.999,
-      batch_size=8, grad_accum=1, num_steps=60,
+      batch_size=8, grad_accum=1, num_steps=200,
   ))
   c.data = ml_collections.ConfigDict(dict(
       train_path="",  # JSONL with prompt/response (and optional input); "" = built-in toy data

@@ -99,7 +99,9 @@ def make_train_step(graphdef, tx, loss_fn: Callable, schedule, labels: dict, gra
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     trainable = jax.tree.map(lambda g, l: g if l == TRAINABLE else jnp.zeros(()), grads, labels)
-    metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.global_norm(trainable),
+    metrics = {"loss": total / denom, "loss_tokens": count,
+               "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
+               "grad_norm": optax.global_norm(trainable),
                "lr": schedule(state.step), **aux}
     return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -179,6 +181,7 @@ def train_loop(state, step_fn, batcher, batch_sharding, *, num_steps: int, write
   history: list[dict] = []
   pending = None
   t_last = time.perf_counter()
+  positions_per_step = batcher.batch_size * batcher.data.tokens.shape[1]
   bar = tqdm(total=num_steps, initial=start, disable=not progress or jax.process_index() != 0,
              desc="train", mininterval=1.0)
 
@@ -188,10 +191,12 @@ def train_loop(state, step_fn, batcher, batch_sharding, *, num_steps: int, write
       raise NonFiniteLoss(f"loss became {m['loss']} at step {step}; stopping without saving "
                           "(the last checkpoint is intact). Lower train.lr or check the data.")
     m["step"] = step
-    m["tokens_per_sec"] = m["tokens"] / dt if dt > 0 else 0.0
-    m["tflops_per_sec"] = flops_token * m["tokens_per_sec"] / 1e12
+    m["tokens_per_sec"] = m["tokens"] / dt if dt > 0 else 0.0  # real (non-padding) tokens
+    # FLOPs are spent on every position, padding included.
+    flops = flops_token * positions_per_step / dt if dt > 0 else 0.0
+    m["tflops_per_sec"] = flops / 1e12
     if peak_flops:
-      m["mfu"] = flops_token * m["tokens_per_sec"] / (peak_flops * jax.device_count())
+      m["mfu"] = flops / (peak_flops * jax.device_count())
     history.append(m)
     if writer is not None and (step % log_every == 0 or step == num_steps - 1):
       writer.write(step, m)

@@ -30,7 +30,7 @@ def merge_lora(model: Transformer) -> Transformer:
       continue
     if p[-1] == "kernel" and p[:-1] + ("lora_a",) in flat:
       a, b = flat[p[:-1] + ("lora_a",)], flat[p[:-1] + ("lora_b",)]
-      delta = lora.scale * jnp.einsum("lir,lro->lio", a.reshape(a.shape[0], -1, a.shape[-1]),
+      delta = jnp.einsum("lir,lro->lio", a.reshape(a.shape[0], -1, a.shape[-1]),
                                       b.reshape(b.shape[0], b.shape[1], -1))
       v = (v.astype(jnp.float32) + delta.reshape(v.shape)).astype(v.dtype)
     merged[p] = v
@@ -60,7 +60,7 @@ def save_peft_adapter(model: Transformer, path: str, base_model_name_or_path: st
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.rank,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "target_modules": sorted({hf_io.hf_module_name((_TARGET_PARENT[t], t)).split(".")[-1]
                                   for t in lora.targets}),
