@@ -41,6 +41,21 @@ def test_cli_trains_and_writes_every_artefact(tmp_path):
   r = _cli(["--config.train.num_steps=6"], tmp_path)
   assert r.returncode == 0 and "nothing to do" in r.stdout
 
+  # The exported directory is a real HF checkpoint: LoRA fine-tune it on a JSONL file, as a user
+  # would with a downloaded model.
+  data = tmp_path / "user.jsonl"
+  data.write_text("".join(json.dumps({"prompt": f"Add one and {w}.", "response": "The answer is."})
+                          + "\n" for w in ["two", "three", "four", "five"]))
+  lora_dir = tmp_path / "lora_run"
+  r = _cli([f"--config.model.hf_path={tmp_path / 'sft' / 'model'}", f"--config.data.train_path={data}",
+            "--config.train.mode=lora", "--config.train.lora_targets=q,k,v,o,gate,up,down",
+            "--config.train.num_steps=3", "--config.train.batch_size=2"], lora_dir)
+  assert r.returncode == 0, r.stderr[-3000:]
+  adapter = json.load(open(lora_dir / "sft" / "adapter" / "adapter_config.json"))
+  assert adapter["peft_type"] == "LORA" and adapter["r"] == 8
+  assert os.path.exists(lora_dir / "sft" / "adapter" / "adapter_model.safetensors")
+  assert load_hf(str(lora_dir / "sft" / "model")).options.lora is None  # merged export
+
 
 @pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes(tmp_path):

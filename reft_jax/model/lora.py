@@ -30,7 +30,7 @@ def merge_lora(model: Transformer) -> Transformer:
       continue
     if p[-1] == "kernel" and p[:-1] + ("lora_a",) in flat:
       a, b = flat[p[:-1] + ("lora_a",)], flat[p[:-1] + ("lora_b",)]
-      delta = jnp.einsum("lir,lro->lio", a.reshape(a.shape[0], -1, a.shape[-1]),
+      delta = lora.scale * jnp.einsum("lir,lro->lio", a.reshape(a.shape[0], -1, a.shape[-1]),
                                       b.reshape(b.shape[0], b.shape[1], -1))
       v = (v.astype(jnp.float32) + delta.reshape(v.shape)).astype(v.dtype)
     merged[p] = v

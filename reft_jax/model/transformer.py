@@ -289,7 +289,7 @@ class Transformer(nnx.Module):
       return nnx.merge(graphdef, state)(x, positions_BT, mask)
 
     policy = REMAT_POLICIES[self.options.remat]
-    if self.options.remat != "none":
+    if self.options.remat == "xx":
       block_fn = jax.checkpoint(block_fn, policy=policy)
 
     hidden = {0: x} if 0 in hidden_layers else {}
