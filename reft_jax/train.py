@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import signal
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import flax
 import jax

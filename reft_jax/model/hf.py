@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -175,18 +175,24 @@ def load_hf(path: str, dtype: str = "float32", mesh=None, *, options: RunOptions
         raise ValueError(f"{path}: tensor {n!r} has shape {got}, expected {want_hf} for "
                          f"{cfg.family} config ({'.'.join(p)})")
 
+    full = None
+
     def load(index, p=p, names=names, shape=shape, want=want):
-      if p[0] == "blocks":
-        rows = range(cfg.num_layers)[index[0]] if index else range(cfg.num_layers)
-        arr = np.stack([from_hf_layout(p, reader.get(names[i]), shape[1:]) for i in rows])
-        return arr[(slice(None), *index[1:])].astype(want) if index else arr.astype(want)
-      arr = from_hf_layout(p, reader.get(names[0]), shape)
-      return arr[index].astype(want) if index else arr.astype(want)
+      # Every device's callback slices one host copy of the (stacked) tensor, built once.
+      nonlocal full
+      if full is None:
+        if p[0] == "blocks":
+          full = np.stack([from_hf_layout(p, reader.get(n), shape[1:]) for n in names])
+        else:
+          full = from_hf_layout(p, reader.get(names[0]), shape)
+        full = full.astype(want)
+      return full[index]
 
     if sharding is not None:
       values[p] = jax.make_array_from_callback(shape, sharding, load)
     else:
       values[p] = jnp.asarray(load(()))
+    del full
   extra = [k for k in reader.where if k not in expected and not k.endswith(_IGNORED_SUFFIXES)
            and not (cfg.tie_embeddings and k == "lm_head.weight")]
   if extra:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -289,7 +289,7 @@ class Transformer(nnx.Module):
       return nnx.merge(graphdef, state)(x, positions_BT, mask)
 
     policy = REMAT_POLICIES[self.options.remat]
-    if self.options.remat == "xx":
+    if self.options.remat != "none":
       block_fn = jax.checkpoint(block_fn, policy=policy)
 
     hidden = {0: x} if 0 in hidden_layers else {}
