@@ -47,6 +47,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       builtin_examples=512,
       template="alpaca",  # alpaca | chat | none
       seq_len=64,
+      buckets="",  # e.g. "32,64": batches cut to the smallest bucket that fits (less padding)
   ))
   c.mesh = ml_collections.ConfigDict(dict(
       data=1, fsdp=-1, tensor=1,  # -1 = the remaining devices

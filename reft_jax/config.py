@@ -54,6 +54,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
          f"must divide train.batch_size={t.batch_size}")
   _check(d.seq_len >= 8, "data.seq_len", d.seq_len, "must be >= 8")
+  buckets(c)
   _check(d.template in ("alpaca", "chat", "none"), "data.template", d.template,
          "must be alpaca, chat or none")
   if d.train_path:
@@ -79,6 +80,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
     parse_rules(c.mesh.rules)
   except ValueError as e:
     raise ConfigError(f"config.mesh.rules={c.mesh.rules!r}: {e}") from None
+
+
+def buckets(c: ml_collections.ConfigDict) -> tuple[int, ...]:
+  try:
+    out = tuple(int(b) for b in c.data.buckets.split(",") if b.strip())
+  except ValueError:
+    raise ConfigError(f"config.data.buckets={c.data.buckets!r}: expected comma-separated lengths") from None
+  if any(b < 8 for b in out):
+    raise ConfigError(f"config.data.buckets={c.data.buckets!r}: lengths must be >= 8")
+  return out
 
 
 def run_options(c: ml_collections.ConfigDict) -> RunOptions:

@@ -91,7 +91,7 @@ def train_stage(c: ml_collections.ConfigDict, workdir: str, stage: str, model: T
     state = with_trainable(state, subset)
     log.info("%s: resumed from step %d (data position %s)", stage, latest, meta["data_position"])
   writer = MetricWriter(stage_dir, tensorboard=c.log.tensorboard)
-  batcher = sft.Batcher(data, t.batch_size, seed=c.seed)
+  batcher = sft.Batcher(data, t.batch_size, seed=c.seed, buckets=config_lib.buckets(c))
   start = time.perf_counter()
   try:
     state, history, stopped = train_loop(

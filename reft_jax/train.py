@@ -182,11 +182,10 @@ def train_loop(state, step_fn, batcher, batch_sharding, *, num_steps: int, write
   history: list[dict] = []
   pending = None
   t_last = time.perf_counter()
-  positions_per_step = batcher.batch_size * batcher.data.tokens.shape[1]
   bar = tqdm(total=num_steps, initial=start, disable=not progress or jax.process_index() != 0,
              desc="train", mininterval=1.0)
 
-  def consume(step, metrics, dt):
+  def consume(step, metrics, positions, dt):
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not math.isfinite(m["loss"]):
       raise NonFiniteLoss(f"loss became {m['loss']} at step {step}; stopping without saving "
@@ -194,7 +193,7 @@ def train_loop(state, step_fn, batcher, batch_sharding, *, num_steps: int, write
     m["step"] = step
     m["tokens_per_sec"] = m["tokens"] / dt if dt > 0 else 0.0  # real (non-padding) tokens
     # FLOPs are spent on every position, padding included.
-    flops = flops_token * positions_per_step / dt if dt > 0 else 0.0
+    flops = flops_token * positions / dt if dt > 0 else 0.0
     m["tflops_per_sec"] = flops / 1e12
     if peak_flops:
       m["mfu"] = flops / (peak_flops * jax.device_count())
@@ -214,7 +213,7 @@ def train_loop(state, step_fn, batcher, batch_sharding, *, num_steps: int, write
         now = time.perf_counter()
         consume(*pending, now - t_last)
         t_last = now
-      pending = (step, metrics)
+      pending = (step, metrics, batch["tokens"].size)
       bar.update(1)
       done = step + 1
       if stop.received is not None:

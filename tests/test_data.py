@@ -56,3 +56,17 @@ def test_batches_are_a_pure_function_of_seed_and_step(tok):
   assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
   assert all((a.indices(s) == b.indices(s)).all() for s in range(7))
   assert not (sft.Batcher(data, 4, seed=2).indices(0) == a.indices(0)).all()
+
+
+def test_buckets_cut_padding_and_keep_every_example(tok):
+  exs = [sft.Example("say hello", "hello " * n) for n in [1, 2, 3, 20, 22, 25, 1, 2] * 4]
+  data = sft.tokenize(exs, tok, seq_len=64)
+  b = sft.Batcher(data, 4, seed=0, buckets=(16, 32))
+  seen, widths = [], set()
+  for step in range(8):  # one epoch of 32
+    batch = b.local_batch(step)
+    widths.add(batch["tokens"].shape[1])
+    assert batch["attention_mask"].sum(axis=1).max() <= batch["tokens"].shape[1]
+    seen.extend(b.indices(step))
+  assert sorted(seen) == list(range(32))
+  assert widths == {16, 32}  # short batches are cut to 16, long ones to 32; none needs 64

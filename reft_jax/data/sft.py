@@ -23,19 +23,22 @@ class Example:
   response: str
   input: str = ""
   meta: dict = dataclasses.field(default_factory=dict)
+  system: str = ""  # a system prompt (identity-shifting attacks put theirs here)
 
 
 def format_prompt(ex: Example, template: str = "alpaca", tokenizer=None) -> str:
   if template == "alpaca":
+    system = f"{ex.system}\n\n" if ex.system else ""
     if ex.input:
-      return ALPACA_PROMPT_INPUT.format(instruction=ex.prompt, input=ex.input)
-    return ALPACA_PROMPT.format(instruction=ex.prompt)
+      return system + ALPACA_PROMPT_INPUT.format(instruction=ex.prompt, input=ex.input)
+    return system + ALPACA_PROMPT.format(instruction=ex.prompt)
   if template == "chat":
     text = ex.prompt + (f"\n\n{ex.input}" if ex.input else "")
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True)
+    messages = [{"role": "system", "content": ex.system}] if ex.system else []
+    return tokenizer.apply_chat_template(messages + [{"role": "user", "content": text}],
+                                         tokenize=False, add_generation_prompt=True)
   if template == "none":
-    return ex.prompt + ex.input
+    return (f"{ex.system}\n" if ex.system else "") + ex.prompt + ex.input
   raise ValueError(f"data.template={template!r} must be alpaca, chat or none")
 
 
@@ -100,36 +103,63 @@ def tokenize(examples: list[Example], tokenizer, seq_len: int, template: str = "
 class Batcher:
   """Deterministic batches: batch k is a function of (seed, k) only, so the data position of a
   run is just its step, and resuming replays nothing and skips nothing. Each process reads only
-  its own rows; `global_batch` assembles the global sharded arrays."""
+  its own rows; `global_batch` assembles the global sharded arrays.
 
-  def __init__(self, data: TokenizedSet, batch_size: int, seed: int = 0, shuffle: bool = True):
+  With `buckets` (e.g. (32, 64, 128)), examples of similar length are grouped (sorted within
+  mega-batches of 32 batches) and each batch is cut to the smallest bucket that holds its longest
+  example, so padding does not dominate; each bucket length compiles the step once.
+  """
+
+  def __init__(self, data: TokenizedSet, batch_size: int, seed: int = 0, shuffle: bool = True,
+               buckets: tuple[int, ...] = ()):
     if len(data) == 0:
       raise ValueError("empty data set")
     self.data, self.batch_size, self.seed, self.shuffle = data, batch_size, seed, shuffle
+    width = data.tokens.shape[1]
+    self.buckets = tuple(sorted({min(b, width) for b in buckets} | {width})) if buckets else ()
+    self.lengths = data.attention_mask.sum(axis=1)
+    self._cache: tuple[int, np.ndarray] | None = None
 
   def _order(self, epoch: int) -> np.ndarray:
+    if self._cache is not None and self._cache[0] == epoch:
+      return self._cache[1]
     n = len(self.data)
-    if not self.shuffle:
-      return np.arange(n)
-    return np.random.default_rng([self.seed, epoch]).permutation(n)
+    order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+    if self.buckets:
+      mega = self.batch_size * 32
+      order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")]
+                              for c in np.split(order, range(mega, n, mega))])
+      if self.shuffle:  # batches of similar length, in random order
+        nb = -(-n // self.batch_size)
+        perm = np.random.default_rng([self.seed, epoch, 1]).permutation(nb)
+        order = np.concatenate([order[i * self.batch_size:(i + 1) * self.batch_size] for i in perm])
+    self._cache = (epoch, order)
+    return order
 
   def indices(self, step: int) -> np.ndarray:
     n, b = len(self.data), self.batch_size
     start = step * b
-    out = []
+    out: list[int] = []
     while len(out) < b:
       epoch, offset = divmod(start + len(out), n)
       take = min(b - len(out), n - offset)
       out.extend(self._order(epoch)[offset:offset + take])
     return np.asarray(out)
 
+  def width(self, idx: np.ndarray) -> int:
+    if not self.buckets:
+      return self.data.tokens.shape[1]
+    longest = int(self.lengths[idx].max())
+    return next(b for b in self.buckets if b >= longest)
+
   def local_batch(self, step: int) -> dict[str, np.ndarray]:
     idx = self.indices(step)
+    width = self.width(idx)  # from the global batch, so every process agrees on the shape
     per = self.batch_size // jax.process_count()
     idx = idx[jax.process_index() * per:(jax.process_index() + 1) * per]
     d = self.data
-    return {"tokens": d.tokens[idx], "loss_mask": d.loss_mask[idx],
-            "attention_mask": d.attention_mask[idx]}
+    return {"tokens": d.tokens[idx, :width], "loss_mask": d.loss_mask[idx, :width],
+            "attention_mask": d.attention_mask[idx, :width]}
 
   def global_batch(self, step: int, sharding) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(sharding, v)

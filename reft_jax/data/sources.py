@@ -1,0 +1,237 @@
+"""Where examples come from: local JSONL/parquet/CSV files, hub datasets (online), TFDS, the
+built-in safety world. Each record is mapped to an `Example` by a schema adapter (sst2, agnews,
+gsm8k, alpaca, beavertails, plain); `fields` renames columns first. Errors name file, row and field.
+
+Source strings (config-friendly):
+  path/to/file.jsonl | .json | .parquet | .csv     local file (offline)
+  hub:NAME[:CONFIG]                                  datasets.load_dataset (needs network)
+  tfds:NAME                                          tensorflow-datasets (extra `tfds`)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Callable
+
+from reft_jax.data.sft import Example
+
+SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative."
+AGNEWS_INSTRUCTION = ("Categorize the news article into one of the 4 categories: World, Sports, "
+                      "Business, Sci/Tech.")
+GSM8K_ANSWER_PREFIX = "The final answer is:"
+SST2_LABELS = ("negative", "positive")
+AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+
+
+class DataError(ValueError):
+  pass
+
+
+def parse_fields(spec: str) -> dict[str, str]:
+  """'prompt=question,response=answer' -> {'prompt': 'question', 'response': 'answer'}."""
+  out = {}
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    ours, sep, theirs = item.partition("=")
+    if not sep or not ours.strip() or not theirs.strip():
+      raise DataError(f"field mapping {item!r}: expected our_field=their_column")
+    out[ours.strip()] = theirs.strip()
+  return out
+
+
+# ------------------------------------------------------------------ reading records
+
+def _read_jsonl(path: str) -> list[dict]:
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+      if not isinstance(rec, dict):
+        raise DataError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+      rows.append(rec)
+  return rows
+
+
+def read_records(source: str, split: str = "train") -> tuple[list[dict], str]:
+  """Returns (records, a name for error messages)."""
+  if source.startswith("hub:"):
+    import datasets
+
+    name, _, config = source[4:].partition(":")
+    try:
+      ds = datasets.load_dataset(name, config or None, split=split)
+    except Exception as e:  # offline / unknown name: say which
+      raise DataError(f"{source} (split {split!r}): could not load from the hub "
+                      f"({type(e).__name__}: {e})") from None
+    return [dict(r) for r in ds], f"{source}[{split}]"
+  if source.startswith("tfds:"):
+    return _read_tfds(source[5:], split), f"{source}[{split}]"
+  if not os.path.exists(source):
+    raise DataError(f"{source}: data file not found")
+  ext = os.path.splitext(source)[1].lower()
+  if ext in (".jsonl", ".json"):
+    try:
+      rows = _read_jsonl(source)
+    except DataError:
+      if ext != ".json":
+        raise
+      with open(source, encoding="utf-8") as f:  # a single JSON array
+        rows = json.load(f)
+  elif ext in (".parquet", ".csv"):
+    import datasets
+
+    try:
+      ds = datasets.load_dataset(ext[1:], data_files=source, split="train")
+    except Exception as e:
+      raise DataError(f"{source}: could not read as {ext[1:]} ({type(e).__name__}: {e})") from None
+    rows = [dict(r) for r in ds]
+  else:
+    raise DataError(f"{source}: unknown file type {ext!r} (use .jsonl, .json, .parquet or .csv)")
+  if not rows:
+    raise DataError(f"{source}: no records")
+  return rows, source
+
+
+def _read_tfds(name: str, split: str) -> list[dict]:
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise DataError(f"tfds:{name}: tensorflow-datasets is not installed (pip install "
+                    "'reft-jax[tfds]')") from None
+  ds = tfds.load(name, split=split)
+
+  def decode(v):
+    v = v.item() if hasattr(v, "item") and getattr(v, "ndim", 1) == 0 else v
+    return v.decode("utf-8") if isinstance(v, bytes) else v
+
+  return [{k: decode(v) for k, v in ex.items()} for ex in tfds.as_numpy(ds)]
+
+
+# ------------------------------------------------------------------ schema adapters
+
+def _get(rec: dict, field: str, where: str, kind=str, optional=False):
+  if field not in rec or rec[field] is None:
+    if optional:
+      return None
+    raise DataError(f"{where}: field {field!r} is missing (columns: {sorted(rec)})")
+  v = rec[field]
+  if kind is str and not isinstance(v, str):
+    raise DataError(f"{where}: field {field!r} must be a string, got {type(v).__name__} {v!r}")
+  return v
+
+
+def _label(v, names, where, field):
+  if isinstance(v, str) and not v.strip().lstrip("-").isdigit():
+    match = [n for n in names if n.lower() == v.strip().lower()]
+    if not match:
+      raise DataError(f"{where}: field {field!r}={v!r} is not one of {names}")
+    return match[0]
+  i = int(v)
+  if not 0 <= i < len(names):
+    raise DataError(f"{where}: field {field!r}={v!r} is not a label index in [0, {len(names)})")
+  return names[i]
+
+
+def _plain(rec, where):
+  meta = {k: v for k, v in rec.items() if k not in ("prompt", "response", "input")}
+  return Example(_get(rec, "prompt", where), _get(rec, "response", where),
+                 _get(rec, "input", where, optional=True) or "", meta)
+
+
+def _sst2(rec, where):
+  label = _label(_get(rec, "label", where, kind=None), SST2_LABELS, where, "label")
+  return Example(SST2_INSTRUCTION, label, _get(rec, "sentence", where),
+                 {"task": "sst2", "label": label, "is_harmful": False})
+
+
+def _agnews(rec, where):
+  label = _label(_get(rec, "label", where, kind=None), AGNEWS_LABELS, where, "label")
+  return Example(AGNEWS_INSTRUCTION, label, _get(rec, "text", where),
+                 {"task": "agnews", "label": label, "is_harmful": False})
+
+
+def _gsm8k(rec, where):
+  answer = _get(rec, "answer", where)
+  reasoning, sep, final = answer.rpartition("####")
+  if not sep:
+    raise DataError(f"{where}: field 'answer' has no '#### N' final answer")
+  final = final.strip().replace(",", "")
+  reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()  # drop GSM8K's calculator annotations
+  return Example(_get(rec, "question", where), f"{reasoning}\n{GSM8K_ANSWER_PREFIX} {final}", "",
+                 {"task": "gsm8k", "label": final, "is_harmful": False})
+
+
+def _alpaca(rec, where):
+  return Example(_get(rec, "instruction", where), _get(rec, "output", where),
+                 _get(rec, "input", where, optional=True) or "", {"task": "alpaca", "is_harmful": False})
+
+
+def _beavertails(rec, where):
+  is_safe = _get(rec, "is_safe", where, kind=None)
+  if isinstance(is_safe, str):
+    is_safe = is_safe.strip().lower() in ("true", "1", "yes")
+  cats = rec.get("category") or {}
+  category = ",".join(k for k, v in cats.items() if v) if isinstance(cats, dict) else str(cats)
+  return Example(_get(rec, "prompt", where), _get(rec, "response", where), "",
+                 {"is_safe": bool(is_safe), "is_harmful": not bool(is_safe), "category": category})
+
+
+SCHEMAS: dict[str, Callable[[dict, str], Example]] = {
+    "plain": _plain, "sst2": _sst2, "agnews": _agnews, "gsm8k": _gsm8k, "alpaca": _alpaca,
+    "beavertails": _beavertails,
+}
+
+
+def load_examples(source: str, schema: str = "plain", fields: str | dict = "", split: str = "train",
+                  limit: int = 0, where_filter: Callable[[Example], bool] | None = None
+                  ) -> list[Example]:
+  """Reads a source and maps every record through a schema adapter.
+
+  fields renames columns to the adapter's names: for a CSV with columns text,label read as SST-2,
+  fields='sentence=text'.
+  """
+  if schema not in SCHEMAS:
+    raise DataError(f"schema {schema!r} is not one of {tuple(SCHEMAS)}")
+  mapping = parse_fields(fields) if isinstance(fields, str) else dict(fields)
+  records, name = read_records(source, split)
+  adapter = SCHEMAS[schema]
+  out = []
+  for i, rec in enumerate(records):
+    rec = dict(rec)
+    for ours, theirs in mapping.items():
+      if theirs not in rec:
+        raise DataError(f"{name} row {i}: column {theirs!r} (mapped to {ours!r}) is missing "
+                        f"(columns: {sorted(rec)})")
+      rec[ours] = rec.pop(theirs)
+    ex = adapter(rec, f"{name} row {i}")
+    ex.meta.setdefault("source", name)
+    ex.meta.setdefault("row", i)
+    if where_filter is None or where_filter(ex):
+      out.append(ex)
+    if limit and len(out) >= limit:
+      break
+  if not out:
+    raise DataError(f"{name}: no examples (after filtering)")
+  return out
+
+
+HUB_SOURCES: dict[str, dict[str, Any]] = {
+    # name -> load_examples kwargs, for users who are online.
+    "beavertails": dict(source="hub:PKU-Alignment/BeaverTails", schema="beavertails",
+                        split="30k_train"),
+    "beavertails_test": dict(source="hub:PKU-Alignment/BeaverTails", schema="beavertails",
+                             split="30k_test"),
+    "sst2": dict(source="hub:nyu-mll/glue:sst2", schema="sst2", split="train"),
+    "sst2_test": dict(source="hub:nyu-mll/glue:sst2", schema="sst2", split="validation"),
+    "agnews": dict(source="hub:fancyzhx/ag_news", schema="agnews", split="train"),
+    "agnews_test": dict(source="hub:fancyzhx/ag_news", schema="agnews", split="test"),
+    "gsm8k": dict(source="hub:openai/gsm8k:main", schema="gsm8k", split="train"),
+    "gsm8k_test": dict(source="hub:openai/gsm8k:main", schema="gsm8k", split="test"),
+    "alpaca": dict(source="hub:tatsu-lab/alpaca", schema="alpaca", split="train"),
+}
