@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from reft_jax.data.sft import Example
 

@@ -164,12 +164,19 @@ class Attention(nnx.Module):
     self.softcap = cfg.attn_logit_softcap
     self.cfg = cfg  # static; rope frequencies are recomputed at trace time (a numpy constant)
 
-  def __call__(self, x_BTD, positions_BT, mask_BTS):
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, cache_index=None):
+    """With cache=(k [B,S,KV,D], v), the new keys/values are written at slot cache_index and the
+    queries attend over all S slots (mask_BTS covers slots); returns (out, updated cache)."""
     inv_freq = rope_frequencies(self.cfg)
     q = apply_rope(self.q(x_BTD), positions_BT, inv_freq)
     k = apply_rope(self.k(x_BTD), positions_BT, inv_freq)
     v = self.v(x_BTD)
-    b, t, kv, hd = k.shape
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
+      cache = (k, v)
+    b, t = x_BTD.shape[:2]
+    kv, hd = k.shape[2:]
     q = q.reshape(b, t, kv, self.groups, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
     if self.softcap:
@@ -178,7 +185,7 @@ class Attention(nnx.Module):
     scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, kv * self.groups, hd)
-    return self.o(out)
+    return self.o(out), cache
 
 
 class MLP(nnx.Module):
@@ -220,11 +227,11 @@ class Block(nnx.Module):
       self.post_attn_norm = RMSNorm(cfg.hidden_size, **norm)
       self.post_mlp_norm = RMSNorm(cfg.hidden_size, **norm)
 
-  def __call__(self, x, positions, mask):
-    h = self.attn(self.attn_norm(x), positions, mask)
+  def __call__(self, x, positions, mask, cache=None, cache_index=None):
+    h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index)
     x = x + (self.post_attn_norm(h) if self.sandwich else h)
     h = self.mlp(self.mlp_norm(x))
-    return x + (self.post_mlp_norm(h) if self.sandwich else h)
+    return x + (self.post_mlp_norm(h) if self.sandwich else h), cache
 
 
 def positions_from_mask(attention_mask_BT):
@@ -259,40 +266,71 @@ class Transformer(nnx.Module):
     hidden_layers use transformers' indexing: 0 = embeddings, l = output of block l (pre final
     norm). With stop_after=l only the first l blocks run and no logits are computed.
     """
+    b, t = tokens_BT.shape
+    if attention_mask_BT is None:
+      attention_mask_BT = jnp.ones((b, t), jnp.int32)
+    if positions_BT is None:
+      positions_BT = positions_from_mask(attention_mask_BT)
+    x, hidden, _ = self._blocks(self._embed(tokens_BT), positions_BT, attention_mask_BT, jnp.arange(t),
+                                hidden_layers=hidden_layers, stop_after=stop_after)
+    return (None if stop_after is not None else self._logits(x)), hidden
+
+  def forward_cached(self, tokens_BT, positions_BT, kv_mask_BS, cache, cache_index):
+    """One prefill or decode step against a KV cache (see init_cache): the tokens occupy slots
+    [cache_index, cache_index + T); kv_mask_BS marks the slots that hold real tokens.
+    Returns (logits [B,T,V], updated cache)."""
+    slots = cache_index + jnp.arange(tokens_BT.shape[1])
+    x, _, cache = self._blocks(self._embed(tokens_BT), positions_BT, kv_mask_BS, slots,
+                               cache=cache, cache_index=cache_index)
+    return self._logits(x), cache
+
+  def init_cache(self, batch: int, length: int, dtype=None) -> dict:
+    """Zeroed KV cache {k, v}: [layers, batch, length, kv_heads, head_dim]."""
+    cfg = self.cfg
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype or self.dtype), "v": jnp.zeros(shape, dtype or self.dtype)}
+
+  def _embed(self, tokens_BT):
+    x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.dtype)
+    if self.cfg.scale_embeddings:
+      x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), self.dtype)
+    return x
+
+  def _logits(self, x):
+    x = self.final_norm(x)
+    if self.lm_head is None:
+      logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(self.dtype))
+    else:
+      logits = self.lm_head(x)
+    cap = self.cfg.final_logit_softcap
+    return jnp.tanh(logits / cap) * cap if cap else logits
+
+  def _blocks(self, x, positions_BT, kv_mask_BS, query_slots_T, *, hidden_layers=(), stop_after=None,
+              cache=None, cache_index=None):
+    """Runs blocks [0, stop_after) over x; queries sit at query_slots_T, keys at slots 0..S-1."""
     cfg = self.cfg
     L = cfg.num_layers
     stop = L if stop_after is None else stop_after
     if not 0 <= stop <= L or any(not 0 <= l <= stop for l in hidden_layers):
       raise ValueError(f"hidden_layers={hidden_layers} / stop_after={stop_after} must lie in "
                        f"[0, {L}] with every hidden layer <= stop_after")
-    b, t = tokens_BT.shape
-    if attention_mask_BT is None:
-      attention_mask_BT = jnp.ones((b, t), jnp.int32)
-    if positions_BT is None:
-      positions_BT = positions_from_mask(attention_mask_BT)
-    idx = jnp.arange(t)
-    causal_TS = idx[:, None] >= idx[None, :]
-    full_BTS = causal_TS[None] & (attention_mask_BT[:, None, :] > 0)
+    key_slots = jnp.arange(kv_mask_BS.shape[1])
+    delta_TS = query_slots_T[:, None] - key_slots[None, :]
+    full_BTS = (delta_TS >= 0)[None] & (kv_mask_BS[:, None, :] > 0)
     windows = np.asarray(cfg.windows)
-    sliding_BTS = full_BTS
-    if windows.any():
-      sliding_BTS = full_BTS & ((idx[:, None] - idx[None, :]) < int(windows.max()))[None]
-
-    x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.dtype)
-    if cfg.scale_embeddings:
-      x = x * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
+    sliding_BTS = full_BTS & (delta_TS < int(windows.max()))[None] if windows.any() else full_BTS
 
     graphdef, block_state = nnx.split(self.blocks)
 
-    def block_fn(state, x, is_sliding):
+    def block_fn(state, x, is_sliding, layer_cache):
       mask = jnp.where(is_sliding, sliding_BTS, full_BTS)
-      return nnx.merge(graphdef, state)(x, positions_BT, mask)
+      return nnx.merge(graphdef, state)(x, positions_BT, mask, layer_cache, cache_index)
 
-    policy = REMAT_POLICIES[self.options.remat]
     if self.options.remat != "none":
-      block_fn = jax.checkpoint(block_fn, policy=policy)
+      block_fn = jax.checkpoint(block_fn, policy=REMAT_POLICIES[self.options.remat])
 
     hidden = {0: x} if 0 in hidden_layers else {}
+    new_k, new_v = [], []
     bounds = sorted({l for l in hidden_layers if l > 0} | {stop})
     start = 0
     for end in bounds:
@@ -300,24 +338,29 @@ class Transformer(nnx.Module):
         continue
       if self.options.scan_layers:
         seg = jax.tree.map(lambda p: p[start:end], block_state)
-        x, _ = jax.lax.scan(lambda h, xs: (block_fn(xs[0], h, xs[1]), None), x,
-                            (seg, jnp.asarray(windows[start:end] > 0)))
+        seg_cache = None if cache is None else (cache["k"][start:end], cache["v"][start:end])
+
+        def body(h, xs):
+          h, c = block_fn(xs[0], h, xs[1], xs[2])
+          return h, c
+
+        x, seg_out = jax.lax.scan(body, x, (seg, jnp.asarray(windows[start:end] > 0), seg_cache))
+        if cache is not None:
+          new_k.append(seg_out[0])
+          new_v.append(seg_out[1])
       else:
         for i in range(start, end):
-          x = block_fn(jax.tree.map(lambda p: p[i], block_state), x, bool(windows[i]))
+          layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
+          x, c = block_fn(jax.tree.map(lambda p: p[i], block_state), x, bool(windows[i]), layer_cache)
+          if cache is not None:
+            new_k.append(c[0][None])
+            new_v.append(c[1][None])
       hidden[end] = x
       start = end
     hidden = {l: hidden[l] for l in hidden_layers}
-    if stop_after is not None:
-      return None, hidden
-    x = self.final_norm(x)
-    if self.lm_head is None:
-      logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(self.dtype))
-    else:
-      logits = self.lm_head(x)
-    if cfg.final_logit_softcap:
-      logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
-    return logits, hidden
+    if cache is not None:
+      cache = {"k": jnp.concatenate(new_k), "v": jnp.concatenate(new_v)}
+    return x, hidden, cache
 
 
 def init_model(cfg: ModelConfig, options: RunOptions = RunOptions(), seed: int = 0) -> Transformer:
