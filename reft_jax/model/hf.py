@@ -138,7 +138,8 @@ def read_hf_config(path: str) -> ModelConfig:
 
 
 def load_hf(path: str, dtype: str = "float32", mesh=None, *, options: RunOptions | None = None,
-            rules=None, seed: int = 0) -> Transformer:
+            rules=None, seed: int = 0, config: ModelConfig | None = None,
+            other_tensors: tuple[str, ...] = ()) -> Transformer:
   """Loads a local HF checkpoint directory; each array goes straight to its target sharding.
 
   With a mesh, every device receives only its own slice (`jax.make_array_from_callback`), so this
@@ -146,7 +147,7 @@ def load_hf(path: str, dtype: str = "float32", mesh=None, *, options: RunOptions
   initialised.
   """
   path = resolve_checkpoint(path)
-  cfg = read_hf_config(path)
+  cfg = config or read_hf_config(path)
   options = options or RunOptions(dtype=dtype, param_dtype=dtype)
   graphdef, abs_state = nnx.split(abstract_model(cfg, options))
   reader = _Reader(path)
@@ -193,7 +194,8 @@ def load_hf(path: str, dtype: str = "float32", mesh=None, *, options: RunOptions
     else:
       values[p] = jnp.asarray(load(()))
     del full
-  extra = [k for k in reader.where if k not in expected and not k.endswith(_IGNORED_SUFFIXES)
+  extra = [k for k in reader.where if k not in expected and k not in other_tensors
+           and not k.endswith(_IGNORED_SUFFIXES)
            and not (cfg.tie_embeddings and k == "lm_head.weight")]
   if extra:
     log.warning("%s: ignoring %d tensors not used by the %s model, e.g. %s", path, len(extra),
@@ -201,6 +203,20 @@ def load_hf(path: str, dtype: str = "float32", mesh=None, *, options: RunOptions
   if options.lora is not None:
     values.update(_fresh_lora(cfg, options, mesh, rules, seed))
   return nnx.merge(graphdef, traverse_util.unflatten_dict(values))
+
+
+def load_score_model(path: str, dtype: str = "float32", mesh=None, rules=None):
+  """A `*ForSequenceClassification` checkpoint (backbone + `score` head, e.g. a moderation model):
+  returns (backbone model, score weight [hidden, num_labels])."""
+  path = resolve_checkpoint(path)
+  reader = _Reader(path)
+  if "score.weight" not in reader.where:
+    raise ValueError(f"{path}: tensor 'score.weight' is missing: not a sequence-classification "
+                     "checkpoint")
+  # No LM head in such checkpoints: build the backbone with tied embeddings (the head is unused).
+  model = load_hf(path, dtype, mesh, rules=rules, other_tensors=("score.weight",),
+                  config=read_hf_config(path).replace(tie_embeddings=True))
+  return model, jnp.asarray(reader.get("score.weight").T, jnp.dtype(dtype))
 
 
 def _fresh_lora(cfg, options, mesh, rules, seed) -> dict:
