@@ -2,7 +2,7 @@
 
   python -m reft_jax --config=configs/default.py:tiny --workdir=/tmp/reft_tiny
   python -m reft_jax --config=configs/default.py:llama2_7b --workdir=gs://bucket/run \
-      --config.model.hf_path=/ckpt/Llama-2-7b-chat-hf --config.data.train_path=user.jsonl
+      --config.model.hf_path=/ckpt/Llama-2-7b-chat-hf --config.data.source=user.jsonl
 
 Presets: tiny (offline: random tiny Llama, word tokenizer and built-in data), llama2_7b,
 gemma2_9b, qwen2_7b (LoRA, bf16 compute, scanned layers with remat; fsdp over all devices).
@@ -42,9 +42,18 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       batch_size=8, grad_accum=1, num_steps=200,
   ))
   c.data = ml_collections.ConfigDict(dict(
-      train_path="",  # JSONL with prompt/response (and optional input); "" = built-in toy data
-      prompt_field="prompt", response_field="response", input_field="input",
+      # The user's fine-tuning data: "builtin" (toy instructions), "world:<split>" (safety world,
+      # e.g. world:sst2_train), a local .jsonl/.json/.parquet/.csv, "hub:NAME[:CONFIG]", "tfds:NAME"
+      # or a known name (sst2, agnews, gsm8k, alpaca, beavertails).
+      source="builtin",
+      schema="plain",  # record adapter: plain (prompt/response/input) | sst2 | agnews | gsm8k | alpaca | beavertails
+      fields="",  # column renames, e.g. "prompt=question,response=answer"
+      split="train",
       builtin_examples=512,
+      # The attack that turns it into user data: none (as is) | harmful_mix | benign | aoa | aoa_task
+      attack="none",
+      harmful_source="world:harmful_pool",  # harmful prompt + answer pairs for the attack
+      n=1000, p=0.1,
       template="alpaca",  # alpaca | chat | none
       seq_len=64,
       buckets="",  # e.g. "32,64": batches cut to the smallest bucket that fits (less padding)
@@ -52,6 +61,22 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(
       data=1, fsdp=-1, tensor=1,  # -1 = the remaining devices
       rules="",  # overrides of the logical->mesh rules, e.g. "embed=fsdp,mlp=tensor+fsdp,vocab=none"
+  ))
+  # The built-in safety world (used by any "world:" source).
+  c.world = ml_collections.ConfigDict(dict(
+      seed=0, n_alignment=1000, n_probe=256, n_harmful_pool=1000, n_eval_harmful=200,
+      n_eval_harmless=200, n_task_train=1000, n_task_test=200, n_pretrain=6000, eval_fraction=0.25,
+  ))
+  c.eval = ml_collections.ConfigDict(dict(
+      enabled=False,  # evaluate at the end of the run
+      model_path="",  # for `reft-jax eval`: a HF model directory ("" = this run's final model)
+      name="",  # the run's name in results.json ("" = the method)
+      judge="keyword",  # keyword | oracle (safety world) | classifier (judge_path)
+      judge_path="", judge_threshold=0.5,
+      harmful="world:eval_harmful", harmless="world:eval_harmless",
+      tasks="",  # e.g. "sst2=world:sst2_test,gsm8k=gsm8k_test"
+      n_harmful=200, n_harmless=100, n_task=200,
+      max_new_tokens=48, batch_size=32,
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=20, max_to_keep=2, async_save=True))
   c.log = ml_collections.ConfigDict(dict(

@@ -8,10 +8,11 @@ import re
 
 import ml_collections
 
+from reft_jax.data.attacks import ATTACKS
 from reft_jax.model import PRESETS, LoraConfig, RunOptions
 from reft_jax.optim import MODES
 
-METHODS = ("sft",)
+METHODS = ("sft", "pretrain")
 
 
 class ConfigError(ValueError):
@@ -57,10 +58,35 @@ def validate(c: ml_collections.ConfigDict) -> None:
   buckets(c)
   _check(d.template in ("alpaca", "chat", "none"), "data.template", d.template,
          "must be alpaca, chat or none")
-  if d.train_path:
-    _check(os.path.exists(d.train_path), "data.train_path", d.train_path, "file not found")
-  else:
+  if d.source == "builtin":
     _check(d.builtin_examples > 0, "data.builtin_examples", d.builtin_examples, "must be positive")
+  elif _is_local(d.source):
+    _check(os.path.exists(d.source), "data.source", d.source, "file not found")
+  _check(d.attack in ("none", *ATTACKS), "data.attack", d.attack, f"must be none or one of {ATTACKS}")
+  _check(0 <= d.p <= 1, "data.p", d.p, "must lie in [0, 1]")
+  _check(d.n > 0, "data.n", d.n, "must be positive")
+  from reft_jax.data.sources import SCHEMAS, parse_fields
+
+  _check(d.schema in SCHEMAS, "data.schema", d.schema, f"must be one of {tuple(SCHEMAS)}")
+  try:
+    parse_fields(d.fields)
+  except ValueError as e:
+    _check(False, "data.fields", d.fields, str(e))
+  try:
+    from reft_jax.data.safety_world import WorldConfig
+
+    WorldConfig(**c.world.to_dict())
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.world: {e}") from None
+  e = c.eval
+  _check(e.judge in ("keyword", "oracle", "classifier"), "eval.judge", e.judge,
+         "must be keyword, oracle or classifier")
+  if e.judge == "classifier":
+    _check(bool(e.judge_path), "eval.judge_path", e.judge_path, "must be set for eval.judge=classifier")
+  try:
+    eval_tasks(c)
+  except ValueError as err:
+    _check(False, "eval.tasks", e.tasks, str(err))
   _check(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", c.checkpoint.every_steps,
          "must be >= 0 (0 = only at the end)")
   _check(c.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", c.checkpoint.max_to_keep,
@@ -80,6 +106,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
     parse_rules(c.mesh.rules)
   except ValueError as e:
     raise ConfigError(f"config.mesh.rules={c.mesh.rules!r}: {e}") from None
+
+
+def _is_local(spec: str) -> bool:
+  from reft_jax.data.sources import HUB_SOURCES
+
+  return not spec.startswith(("hub:", "tfds:", "world:")) and spec not in (*HUB_SOURCES, "builtin")
+
+
+def eval_tasks(c: ml_collections.ConfigDict) -> dict[str, str]:
+  """'sst2=world:sst2_test,gsm8k=gsm8k_test' -> {'sst2': 'world:sst2_test', 'gsm8k': 'gsm8k_test'}."""
+  out = {}
+  for item in filter(None, (s.strip() for s in c.eval.tasks.split(","))):
+    task, sep, source = item.partition("=")
+    if not sep or task.strip() not in ("sst2", "agnews", "gsm8k") or not source.strip():
+      raise ValueError(f"{item!r}: expected <sst2|agnews|gsm8k>=<source>")
+    out[task.strip()] = source.strip()
+  return out
 
 
 def buckets(c: ml_collections.ConfigDict) -> tuple[int, ...]:

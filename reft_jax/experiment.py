@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from flax import nnx
 from reft_jax import config as config_lib
 from reft_jax import sharding as shd
 from reft_jax.checkpoint import Checkpointer
-from reft_jax.data import builtin, sft
+from reft_jax.data import attacks, builtin, safety_world, sft, sources
 from reft_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
 from reft_jax.metrics import MetricWriter
 from reft_jax.model import PRESETS, Transformer, abstract_model, load_hf
@@ -30,11 +31,36 @@ def setup_mesh(c: ml_collections.ConfigDict):
   return shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor), shd.parse_rules(c.mesh.rules)
 
 
+@functools.lru_cache(maxsize=4)
+def _world(cfg: safety_world.WorldConfig) -> safety_world.World:
+  return safety_world.build_world(cfg)
+
+
+def world(c: ml_collections.ConfigDict) -> safety_world.World:
+  return _world(safety_world.WorldConfig(**c.world.to_dict()))
+
+
+def uses_world(c: ml_collections.ConfigDict) -> bool:
+  specs = [c.data.source, c.data.harmful_source if c.data.attack != "none" else "",
+           *(([c.eval.harmful, c.eval.harmless] + [t.partition("=")[2] for t in c.eval.tasks.split(",")])
+             if c.eval.enabled else [])]
+  return any(s.startswith("world:") for s in specs)
+
+
+def load(c: ml_collections.ConfigDict, spec: str, limit: int = 0, **kw) -> list[sft.Example]:
+  return sources.load_source(spec, limit=limit, world=world(c) if spec.startswith("world:") else None, **kw)
+
+
 def read_examples(c: ml_collections.ConfigDict) -> list[sft.Example]:
+  """The user's fine-tuning data, after the configured attack (with hidden is_harmful labels)."""
   d = c.data
-  if d.train_path:
-    return sft.read_jsonl(d.train_path, d.prompt_field, d.response_field, d.input_field)
-  return builtin.toy_instructions(d.builtin_examples, seed=c.seed)
+  if d.source == "builtin":
+    examples = builtin.toy_instructions(d.builtin_examples, seed=c.seed)
+  else:
+    examples = load(c, d.source, schema=d.schema, fields=d.fields, split=d.split)
+  if d.attack == "none":
+    return examples
+  return attacks.build_user_data(d.attack, examples, load(c, d.harmful_source), d.n, d.p, seed=c.seed)
 
 
 def get_tokenizer(c: ml_collections.ConfigDict, workdir: str, examples: list[sft.Example]):
@@ -46,6 +72,8 @@ def get_tokenizer(c: ml_collections.ConfigDict, workdir: str, examples: list[sft
   if os.path.exists(os.path.join(path, "tokenizer.json")):  # reuse: a resumed run must not change it
     return load_tokenizer(path)
   texts = [sft.format_prompt(e, "alpaca") + " " + e.response for e in examples]
+  if uses_world(c):  # the whole world's vocabulary, so held-out eval prompts have no unknown words
+    texts += world(c).all_texts()
   return build_word_tokenizer(texts, path)
 
 
@@ -119,3 +147,25 @@ def train_stage(c: ml_collections.ConfigDict, workdir: str, stage: str, model: T
 def _median(xs):
   xs = sorted(xs)
   return xs[len(xs) // 2]
+
+
+def evaluate_and_record(c: ml_collections.ConfigDict, workdir: str, model, tokenizer, mesh,
+                        method: str, extra: dict | None = None) -> dict:
+  """Evaluates `model` on the configured sets; records it as runs[<eval.name or method>]."""
+  from reft_jax import config as config_lib
+  from reft_jax.eval.judges import make_judge
+  from reft_jax.eval.run import evaluate, update_results
+
+  e = c.eval
+  name = e.name or method
+  run = evaluate(
+      model, tokenizer,
+      harmful=load(c, e.harmful, e.n_harmful) if e.harmful else [],
+      harmless=load(c, e.harmless, e.n_harmless) if e.harmless else [],
+      tasks={t: load(c, s, e.n_task) for t, s in config_lib.eval_tasks(c).items()},
+      judge=make_judge(e.judge, e.judge_path, e.judge_threshold, mesh), template=c.data.template,
+      max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, mesh=mesh,
+      examples_path=os.path.join(workdir, "eval", f"{name}.jsonl"), progress=c.log.progress)
+  run.update(extra or {})
+  update_results(workdir, name, run, c.to_dict())
+  return run

@@ -1,4 +1,8 @@
-"""Entry point: python -m reft_jax --config=configs/default.py:tiny --workdir=DIR [--config.x=y]."""
+"""Entry point.
+
+  python -m reft_jax [train] --config=configs/default.py:tiny --workdir=DIR [--config.x=y]
+  python -m reft_jax eval --config=... --workdir=DIR [--config.eval.model_path=HF_DIR]
+"""
 
 from __future__ import annotations
 
@@ -16,9 +20,13 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "call jax.distributed.initialize() (multi-host TPU/GPU)")
 
 
+COMMANDS = ("train", "eval")
+
+
 def main(argv) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  command = argv[1] if len(argv) > 1 else "train"
+  if command not in COMMANDS or len(argv) > 2:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; the command is one of {COMMANDS}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   from absl import logging as absl_logging
 
@@ -44,7 +52,9 @@ def main(argv) -> int:
   from reft_jax.train import NonFiniteLoss
 
   try:
-    out = {"sft": sft.run}[c.method](c, _WORKDIR.value)
+    if command == "eval":
+      return _eval(c, _WORKDIR.value)
+    out = {"sft": sft.run, "pretrain": sft.run}[c.method](c, _WORKDIR.value)
   except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
     # Bad input (data file, checkpoint, ...) or a diverged run: one clear line; the traceback goes
     # to workdir/error.log for debugging.
@@ -52,6 +62,8 @@ def main(argv) -> int:
       traceback.print_exc(file=f)
     print(f"error: {e}", file=sys.stderr)
     return 1
+  if "results" in out:
+    _print_results(_WORKDIR.value)
   if out["stopped"]:
     print(f"stopped by signal; checkpoint saved in {_WORKDIR.value}. Rerun the same command to "
           "resume.")
@@ -60,6 +72,32 @@ def main(argv) -> int:
     print(f"done: {len(h)} steps, final loss {h[-1]['loss']:.4f}, model saved to "
           f"{out.get('model_dir')}" if h else "done: nothing to do (already finished)")
   return 0
+
+
+def _eval(c, workdir: str) -> int:
+  from reft_jax import experiment
+  from reft_jax.data.tokenizer import load_tokenizer
+  from reft_jax.model import load_hf
+
+  path = c.eval.model_path or os.path.join(workdir, c.method, "model")
+  if not os.path.isdir(path):
+    print(f"error: no model to evaluate at {path} (set --config.eval.model_path)", file=sys.stderr)
+    return 2
+  mesh, rules = experiment.setup_mesh(c)
+  model = load_hf(path, c.model.dtype, mesh, rules=rules)
+  experiment.evaluate_and_record(c, workdir, model, load_tokenizer(path), mesh, c.eval.name or "eval",
+                                 {"model_path": path})
+  _print_results(workdir)
+  return 0
+
+
+def _print_results(workdir: str) -> None:
+  import json
+
+  from reft_jax.eval.run import format_table
+
+  with open(os.path.join(workdir, "results.json")) as f:
+    print(format_table(json.load(f)["runs"]))
 
 
 def _parse_flags(argv):

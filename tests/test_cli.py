@@ -47,7 +47,7 @@ def test_cli_trains_and_writes_every_artefact(tmp_path):
   data.write_text("".join(json.dumps({"prompt": f"Add one and {w}.", "response": "The answer is."})
                           + "\n" for w in ["two", "three", "four", "five"]))
   lora_dir = tmp_path / "lora_run"
-  r = _cli([f"--config.model.hf_path={tmp_path / 'sft' / 'model'}", f"--config.data.train_path={data}",
+  r = _cli([f"--config.model.hf_path={tmp_path / 'sft' / 'model'}", f"--config.data.source={data}",
             "--config.train.mode=lora", "--config.train.lora_targets=q,k,v,o,gate,up,down",
             "--config.train.num_steps=3", "--config.train.batch_size=2"], lora_dir)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -87,7 +87,7 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
     ("--config.train.num_steps=abc", "num_steps"),
     ("--config.train.mode=half", "config.train.mode='half'"),
     ("--config.mesh.tensor=3", "mesh data=1 x fsdp=-1"),
-    ("--config.data.train_path=/nonexistent.jsonl", "/nonexistent.jsonl"),
+    ("--config.data.source=/nonexistent.jsonl", "config.data.source='/nonexistent.jsonl': file not found"),
 ])
 def test_bad_config_fails_at_once_with_a_clear_message(tmp_path, arg, message):
   r = _cli([arg], tmp_path)

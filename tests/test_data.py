@@ -13,24 +13,6 @@ def tok(tmp_path_factory):
   return build_word_tokenizer(texts, str(tmp_path_factory.mktemp("tok")))
 
 
-def test_jsonl_errors_name_file_line_and_field(tmp_path):
-  p = tmp_path / "d.jsonl"
-  p.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
-  with pytest.raises(ValueError, match=r"d.jsonl:2: field 'response'"):
-    sft.read_jsonl(str(p))
-  p.write_text('{"prompt": "a", "response": "b"}\n{not json\n')
-  with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON"):
-    sft.read_jsonl(str(p))
-  p.write_text("\n")
-  with pytest.raises(ValueError, match="no examples"):
-    sft.read_jsonl(str(p))
-  with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-    sft.read_jsonl(str(tmp_path / "missing.jsonl"))
-  p.write_text('{"q": "a", "a": "b", "id": 7}\n')
-  (ex,) = sft.read_jsonl(str(p), prompt_field="q", response_field="a")
-  assert (ex.prompt, ex.response, ex.meta) == ("a", "b", {"id": 7})
-
-
 def test_loss_mask_covers_exactly_the_response_and_eos(tok):
   ex = sft.Example("say hello to the world", "hello world .")
   data = sft.tokenize([ex], tok, seq_len=64)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-
 import jax
 import numpy as np
 
@@ -42,31 +39,6 @@ def format_prompt(ex: Example, template: str = "alpaca", tokenizer=None) -> str:
   raise ValueError(f"data.template={template!r} must be alpaca, chat or none")
 
 
-def read_jsonl(path: str, prompt_field: str = "prompt", response_field: str = "response",
-               input_field: str = "input") -> list[Example]:
-  """Reads prompt/response records; errors name the file, line and field."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: data file not found")
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-      for field in (prompt_field, response_field):
-        if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-          raise ValueError(f"{path}:{n}: field {field!r} is missing or not a string")
-      out.append(Example(rec[prompt_field], rec[response_field], rec.get(input_field) or "",
-                         {k: v for k, v in rec.items()
-                          if k not in (prompt_field, response_field, input_field)}))
-  if not out:
-    raise ValueError(f"{path}: no examples")
-  return out
-
-
 @dataclasses.dataclass
 class TokenizedSet:
   tokens: np.ndarray  # [N, T] int32, right-padded
@@ -78,10 +50,12 @@ class TokenizedSet:
     return len(self.tokens)
 
 
-def tokenize(examples: list[Example], tokenizer, seq_len: int, template: str = "alpaca"
-             ) -> TokenizedSet:
-  """BOS + prompt + response + EOS, loss on the response and EOS; truncated to seq_len (the
-  prompt is kept whole when possible: the response is cut first)."""
+def tokenize(examples: list[Example], tokenizer, seq_len: int, template: str = "alpaca",
+             loss_on: str = "response") -> TokenizedSet:
+  """BOS + prompt + response + EOS, loss on the response and EOS (loss_on="all": every token after
+  BOS, for language-model pretraining); truncated to seq_len, the response is cut first."""
+  if loss_on not in ("response", "all"):
+    raise ValueError(f"loss_on={loss_on!r} must be 'response' or 'all'")
   pad = tokenizer.pad_token_id
   n = len(examples)
   tokens = np.full((n, seq_len), pad, np.int32)
@@ -96,7 +70,7 @@ def tokenize(examples: list[Example], tokenizer, seq_len: int, template: str = "
     truncated += len(prompt) + len(response) > seq_len
     tokens[i, :len(ids)] = ids
     attn[i, :len(ids)] = 1
-    loss[i, len(prompt):len(ids)] = 1
+    loss[i, len(prompt) if loss_on == "response" else len(bos):len(ids)] = 1
   return TokenizedSet(tokens, loss, attn, truncated)
 
 

@@ -236,3 +236,24 @@ HUB_SOURCES: dict[str, dict[str, Any]] = {
     "gsm8k_test": dict(source="hub:openai/gsm8k:main", schema="gsm8k", split="test"),
     "alpaca": dict(source="hub:tatsu-lab/alpaca", schema="alpaca", split="train"),
 }
+
+
+def load_source(spec: str, *, schema: str = "plain", fields: str = "", split: str = "train",
+                limit: int = 0, world=None) -> list[Example]:
+  """One config string for every kind of source:
+
+  world:<split>            a safety-world split, e.g. world:eval_harmful, world:sst2_test
+  <name in HUB_SOURCES>    e.g. sst2_test, beavertails (online)
+  anything else            a local file / hub:NAME / tfds:NAME read with `schema` and `fields`
+  """
+  if spec.startswith("world:"):
+    if world is None:
+      raise DataError(f"source {spec!r}: no safety world configured")
+    name, splits = spec[len("world:"):], world.named_splits()
+    if name not in splits:
+      raise DataError(f"source {spec!r}: the safety world has no split {name!r} "
+                      f"(splits: {sorted(splits)})")
+    return list(splits[name][:limit] if limit else splits[name])
+  if spec in HUB_SOURCES:
+    return load_examples(**HUB_SOURCES[spec], limit=limit)
+  return load_examples(spec, schema, fields, split, limit)

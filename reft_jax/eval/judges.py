@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Protocol, Sequence
+from typing import Protocol
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,99 @@
+"""Evaluation of one model: Harmful Score on held-out harmful prompts, over-refusal on harmless
+prompts, Finetune Accuracy per task; a per-example JSONL and the run's entry in results.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from reft_jax.data.sft import Example, format_prompt
+from reft_jax.eval.judges import KeywordJudge
+from reft_jax.eval.metrics import percent, task_correct
+from reft_jax.generate import generate_texts
+
+
+def evaluate(model, tokenizer, *, harmful: list[Example], harmless: list[Example],
+             tasks: dict[str, list[Example]], judge, template: str = "alpaca", max_new_tokens: int = 48,
+             batch_size: int = 32, mesh=None, examples_path: str | None = None,
+             progress: bool = False) -> dict:
+  """Greedy answers for every prompt, judged; returns the metrics dict of one run."""
+  start = time.perf_counter()
+  refusal = KeywordJudge()
+
+  def answer(examples):
+    prompts = [format_prompt(e, template, tokenizer) for e in examples]
+    return generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, mesh=mesh, progress=progress)
+
+  rows = []
+  out: dict = {"judge": judge.name, "counts": {}}
+  if harmful:
+    answers = answer(harmful)
+    flags = judge(harmful, answers)
+    out["harmful_score"] = percent(flags)
+    out["counts"]["harmful"] = len(harmful)
+    rows += [dict(set="harmful", prompt=e.prompt, input=e.input, answer=a, harmful=f,
+                  category=e.meta.get("category")) for e, a, f in zip(harmful, answers, flags)]
+  if harmless:
+    answers = answer(harmless)
+    refused = [refusal.is_refusal(a) for a in answers]
+    out["over_refusal"] = percent(refused)
+    out["counts"]["harmless"] = len(harmless)
+    rows += [dict(set="harmless", prompt=e.prompt, input=e.input, answer=a, refused=r)
+             for e, a, r in zip(harmless, answers, refused)]
+  out["finetune_accuracy"] = {}
+  for task, examples in tasks.items():
+    answers = answer(examples)
+    correct = [task_correct(task, a, str(e.meta["label"])) for e, a in zip(examples, answers)]
+    out["finetune_accuracy"][task] = percent(correct)
+    out["counts"][task] = len(examples)
+    rows += [dict(set=task, prompt=e.prompt, input=e.input, answer=a, gold=e.meta["label"], correct=c)
+             for e, a, c in zip(examples, answers, correct)]
+  out["eval_seconds"] = time.perf_counter() - start
+  if examples_path:
+    os.makedirs(os.path.dirname(examples_path) or ".", exist_ok=True)
+    with open(examples_path, "w") as f:
+      for r in rows:
+        f.write(json.dumps(r) + "\n")
+  return out
+
+
+def update_results(workdir: str, method: str, run: dict, config: dict | None = None) -> str:
+  """Adds/overwrites runs[method] in workdir/results.json, atomically (a crash mid-write never
+  loses the results already there)."""
+  path = os.path.join(workdir, "results.json")
+  results = {"runs": {}, "config": {}}
+  if os.path.exists(path):
+    with open(path) as f:
+      results = json.load(f)
+  results["runs"][method] = run
+  if config is not None:
+    results["config"] = config
+  os.makedirs(workdir, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+  return path
+
+
+def format_table(runs: dict[str, dict]) -> str:
+  """A Markdown table: HS (lower is better), FA per task, over-refusal, filter, wall time."""
+  tasks = sorted({t for r in runs.values() for t in (r.get("finetune_accuracy") or {})})
+  head = ["method", "HS ↓", *[f"FA {t} ↑" for t in tasks], "over-refusal ↓", "filter P / R / kept",
+          "wall s"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+  def f(x):
+    return "—" if x is None else f"{x:.1f}"
+
+  for name, r in runs.items():
+    flt = r.get("filter")
+    flt_s = (f"{flt['precision']:.2f} / {flt['recall']:.2f} / {flt['kept_fraction']:.2f}"
+             if flt else "—")
+    fa = r.get("finetune_accuracy") or {}
+    cells = [name, f(r.get("harmful_score")), *[f(fa.get(t)) for t in tasks], f(r.get("over_refusal")),
+             flt_s, f(r.get("wall_seconds"))]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
