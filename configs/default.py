@@ -4,7 +4,8 @@
   python -m reft_jax --config=configs/default.py:llama2_7b --workdir=gs://bucket/run \
       --config.model.hf_path=/ckpt/Llama-2-7b-chat-hf --config.data.source=user.jsonl
 
-Presets: tiny (offline: random tiny Llama, word tokenizer and built-in data), llama2_7b,
+Presets: tiny (offline: random tiny Llama, word tokenizer and built-in data), world_base
+(pretrains the safety world's unaligned base model), llama2_7b,
 gemma2_9b, qwen2_7b (LoRA, bf16 compute, scanned layers with remat; fsdp over all devices).
 Any field can be overridden with --config.<a.b>=<value>; unknown keys and wrong types fail at once.
 """
@@ -87,6 +88,17 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   if arg == "tiny":
     pass
+  elif arg == "world_base":
+    # Pretrains the safety world's unaligned base model (answers harmful requests, knows the
+    # language, not the tasks, never refuses) and saves it as a HF checkpoint in
+    # WORKDIR/pretrain/model, the starting point of every safety-world experiment.
+    c.method = "pretrain"
+    c.model.arch = "world"
+    c.data.update(source="world:pretrain", seq_len=96, buckets="48,64")
+    c.train.update(lr=3e-3, warmup_steps=30, batch_size=32, num_steps=800, weight_decay=0.01)
+    c.checkpoint.every_steps = 200
+    c.eval.update(enabled=True, judge="oracle", name="base", n_harmful=100, n_harmless=100, n_task=50,
+                  tasks="sst2=world:sst2_test,agnews=world:agnews_test,gsm8k=world:gsm8k_test")
   elif arg in HUB_NAMES:
     c.model.hf_path = HUB_NAMES[arg]
     c.model.arch = arg

@@ -25,7 +25,7 @@ def make_hf_model(family: str, seed: int = 0):
   """A tiny random transformers model with non-trivial norms and biases (eager attention)."""
   common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                max_position_embeddings=128)
+                max_position_embeddings=128, initializer_range=0.15)  # O(1) logits, peaked attention
   if family == "llama":
     config = transformers.LlamaConfig(**common, rope_parameters=dict(
         rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,

@@ -31,7 +31,8 @@ def base_dir(tmp_path_factory):
   """A tiny random Llama checkpoint written by transformers."""
   config = transformers.LlamaConfig(
       vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+      initializer_range=0.15)
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(config).eval()
   with torch.no_grad():

@@ -30,12 +30,8 @@ import numpy as np
 
 from reft_jax.data.sft import Example
 
-SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative."
-AGNEWS_INSTRUCTION = ("Categorize the news article into one of the 4 categories: World, Sports, "
-                      "Business, Sci/Tech.")
-GSM8K_ANSWER_PREFIX = "The final answer is:"
-SST2_LABELS = ("negative", "positive")
-AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+from reft_jax.data.sources import (AGNEWS_INSTRUCTION, AGNEWS_LABELS, GSM8K_ANSWER_PREFIX,  # noqa: F401
+                                   SST2_INSTRUCTION, SST2_LABELS)
 TASKS = ("sst2", "agnews", "gsm8k")
 
 

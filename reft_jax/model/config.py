@@ -182,6 +182,9 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(),
+    # The safety world's base model: small enough to pretrain in minutes on 2 CPU cores.
+    "world": ModelConfig(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+                         num_kv_heads=2, head_dim=32),
     "llama2_7b": ModelConfig(
         family="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
         num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=4096,
