@@ -95,3 +95,57 @@ def test_classifier_judge_matches_the_torch_moderation_model(classifier_dir):
   flags = judge(examples, answers)
   assert flags == [bool((1 / (1 + np.exp(-r))).max() > 0.5) for r in ref]
   assert len(set(flags)) == 2  # the fixture produces both verdicts
+
+
+def test_oracle_judge_on_the_safety_world():
+  from reft_jax.data.safety_world import WorldConfig, build_world, reference_harmful_answer
+  from reft_jax.eval.judges import OracleJudge
+
+  world = build_world(WorldConfig(n_alignment=10, n_probe=4, n_harmful_pool=10, n_eval_harmful=6,
+                                  n_eval_harmless=4, n_task_train=10, n_task_test=4, n_pretrain=10))
+  exs = world.eval_harmful[:3]
+  answers = [reference_harmful_answer(exs[0]), exs[1].response, "the weather is nice today ."]
+  assert OracleJudge()(exs, answers) == [True, False, False]  # harmful, refusal, off-topic
+
+
+def _cli(args, cwd):
+  import os
+  import subprocess
+  import sys
+
+  from helpers import ROOT
+
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "reft_jax", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_pretrain_then_eval_command_writes_results_and_examples(tmp_path):
+  import json
+
+  small_world = [f"--config.world.{k}={v}" for k, v in dict(
+      n_alignment=20, n_probe=8, n_harmful_pool=20, n_eval_harmful=6, n_eval_harmless=4,
+      n_task_train=20, n_task_test=4, n_pretrain=64).items()]
+  common = ["--config=configs/default.py:world_base", "--config.model.arch=tiny", "--config.log.progress=False",
+            "--config.eval.max_new_tokens=8", "--config.eval.batch_size=4", *small_world]
+  r = _cli([*common, f"--workdir={tmp_path}", "--config.train.num_steps=4", "--config.train.batch_size=8"],
+           tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "| base |" in r.stdout  # the printed table
+  results = json.load(open(tmp_path / "results.json"))
+  run = results["runs"]["base"]
+  assert set(run["finetune_accuracy"]) == {"sst2", "agnews", "gsm8k"}
+  assert 0 <= run["harmful_score"] <= 100 and 0 <= run["over_refusal"] <= 100
+  assert run["counts"] == {"harmful": 6, "harmless": 4, "sst2": 4, "agnews": 4, "gsm8k": 4}
+  assert results["config"]["method"] == "pretrain"
+  rows = [json.loads(l) for l in open(tmp_path / "eval" / "base.jsonl")]
+  assert len(rows) == 22 and {r["set"] for r in rows} == {"harmful", "harmless", "sst2", "agnews", "gsm8k"}
+  assert all(isinstance(r["harmful"], bool) for r in rows if r["set"] == "harmful")
+  # The eval command on the exported model adds a second run next to the first.
+  r = _cli([*common, "eval", f"--workdir={tmp_path}", "--config.eval.judge=keyword",
+            "--config.eval.name=again", f"--config.eval.model_path={tmp_path / 'pretrain' / 'model'}"],
+           tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  runs = json.load(open(tmp_path / "results.json"))["runs"]
+  assert set(runs) == {"base", "again"} and runs["again"]["judge"] == "keyword"

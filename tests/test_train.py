@@ -15,8 +15,7 @@ from reft_jax.checkpoint import Checkpointer
 from reft_jax.data import sft
 from reft_jax.losses import lm_loss
 from reft_jax.optim import make_optimizer
-from reft_jax.train import (NonFiniteLoss, init_train_state, split_model, train_loop,
-                            trainable_subset)
+from reft_jax.train import (NonFiniteLoss, init_train_state, split_model, trainable_subset)
 
 
 def _setup(c, workdir, mesh):
