@@ -63,7 +63,8 @@ def test_schema_adapters(tmp_path):
   gsm = _write_jsonl(tmp_path / "g.jsonl", [{"question": "2+3?", "answer": "2+3=<<2+3=5>>5\n#### 5"}])
   (ex,) = load_examples(gsm, schema="gsm8k")
   assert ex.response == "2+3=5\nThe final answer is: 5" and ex.meta["label"] == "5"
-  ag = _write_jsonl(tmp_path / "a.jsonl", [{"text": "stocks fall", "label": 2}, {"text": "x", "label": "Sports"}])
+  ag = _write_jsonl(tmp_path / "a.jsonl",
+                    [{"text": "stocks fall", "label": 2}, {"text": "x", "label": "Sports"}])
   assert [e.response for e in load_examples(ag, schema="agnews")] == ["Business", "Sports"]
   bad = _write_jsonl(tmp_path / "b.jsonl", [{"text": "x", "label": 9}])
   with pytest.raises(DataError, match=r"b.jsonl row 0: field 'label'=9 is not a label index"):
