@@ -128,7 +128,8 @@ def test_pretrain_then_eval_command_writes_results_and_examples(tmp_path):
       n_alignment=20, n_probe=8, n_harmful_pool=20, n_eval_harmful=6, n_eval_harmless=4,
       n_task_train=20, n_task_test=4, n_pretrain=64).items()]
   common = ["--config=configs/default.py:world_base", "--config.model.arch=tiny",
-            "--config.log.progress=False", "--config.eval.max_new_tokens=8", "--config.eval.batch_size=4", *small_world]
+            "--config.log.progress=False", "--config.eval.max_new_tokens=8",
+            "--config.eval.batch_size=4", *small_world]
   r = _cli([*common, f"--workdir={tmp_path}", "--config.train.num_steps=4", "--config.train.batch_size=8"],
            tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
