@@ -21,8 +21,8 @@ from reft_jax.metrics import MetricWriter
 from reft_jax.model import PRESETS, Transformer, abstract_model, load_hf
 from reft_jax.model.hf import resolve_checkpoint
 from reft_jax.optim import make_optimizer
-from reft_jax.train import (flops_per_token, init_train_state, jit_step, make_train_step,
-                            split_model, train_loop, trainable_subset, with_trainable)
+from reft_jax.train import (batch_shardings, flops_per_token, init_train_state, jit_step,
+                            make_train_step, split_model, train_loop, trainable_subset, with_trainable)
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +97,38 @@ def build_model(c: ml_collections.ConfigDict, mesh, rules, tokenizer=None) -> Tr
 
 
 def train_stage(c: ml_collections.ConfigDict, workdir: str, stage: str, model: Transformer,
-                data: sft.TokenizedSet, loss_fn, mesh, rules, hooks=()):
-  """Trains `model` on `data` with `loss_fn`; checkpoints to workdir/<stage>/checkpoints and resumes
-  from there. Returns (trained model, metrics history, stopped_by_signal)."""
-  t = c.train
+                data: sft.TokenizedSet | sft.MixedBatcher, loss_fn, mesh, rules, hooks=(), *,
+                train_cfg: ml_collections.ConfigDict | None = None, frozen: Transformer | None = None,
+                extras: dict | None = None, update_extras=None, before_step=None):
+  """Trains `model` with `loss_fn` on `data` (one TokenizedSet, or a MixedBatcher of several);
+  checkpoints to workdir/<stage>/checkpoints and resumes from there.
+
+  train_cfg: the optimisation sub-config (default c.train). frozen: a model passed into every step
+  as ctx.frozen (the teacher): sharded like the student, never donated, never optimised, never
+  checkpointed. extras/update_extras/before_step: method state (see train.make_train_step).
+  Returns (trained model, metrics history, stopped_by_signal, final TrainState.extras).
+  """
+  t = train_cfg or c.train
   stage_dir = os.path.join(workdir, stage)
   graphdef, params = split_model(model)
   tx, schedule, labels = make_optimizer(
       params, lr=t.lr, num_steps=t.num_steps, warmup_steps=t.warmup_steps, schedule=t.schedule,
       weight_decay=t.weight_decay, grad_clip=t.grad_clip, b1=t.b1, b2=t.b2, mode=t.mode,
       trainable_regex=t.trainable_regex)
-  state, state_sh = init_train_state(params, tx, mesh)
-  batch_sh = shd.batch_sharding(mesh, rules)
-  step_fn = jit_step(make_train_step(graphdef, tx, loss_fn, schedule, labels, t.grad_accum),
-                     state_sh, batch_sh, mesh)
+  state, state_sh = init_train_state(params, tx, mesh, extras)
+  if isinstance(data, sft.TokenizedSet):
+    batcher = sft.Batcher(data, t.batch_size, seed=c.seed, buckets=config_lib.buckets(c))
+    seq_len = data.tokens.shape[1]
+  else:
+    batcher, seq_len = data, max(b.data.tokens.shape[1] for b in data.parts.values())
+  batch_sh = batch_shardings(batcher.local_batch(0), mesh, rules)
+  frozen_graphdef, frozen_params, frozen_sh = None, None, None
+  if frozen is not None:
+    frozen_graphdef, frozen_params = split_model(frozen)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen_params)
+  jitted = jit_step(make_train_step(graphdef, tx, loss_fn, schedule, labels, t.grad_accum,
+                                    frozen_graphdef, update_extras), state_sh, batch_sh, mesh, frozen_sh)
+  step_fn = jitted if frozen is None else (lambda s, b: jitted(s, b, frozen_params))
   ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), c.checkpoint.every_steps,
                       c.checkpoint.max_to_keep, c.checkpoint.async_save)
   latest = ckpt.latest_step()
@@ -119,14 +137,13 @@ def train_stage(c: ml_collections.ConfigDict, workdir: str, stage: str, model: T
     state = with_trainable(state, subset)
     log.info("%s: resumed from step %d (data position %s)", stage, latest, meta["data_position"])
   writer = MetricWriter(stage_dir, tensorboard=c.log.tensorboard)
-  batcher = sft.Batcher(data, t.batch_size, seed=c.seed, buckets=config_lib.buckets(c))
   start = time.perf_counter()
   try:
     state, history, stopped = train_loop(
         state, step_fn, batcher, batch_sh, num_steps=t.num_steps, writer=writer, checkpointer=ckpt,
         save_state=lambda s: trainable_subset(s, labels), log_every=c.log.every_steps,
-        flops_token=flops_per_token(model.cfg, data.tokens.shape[1]), peak_flops=c.log.peak_flops,
-        hooks=hooks, progress=c.log.progress)
+        flops_token=flops_per_token(model.cfg, seq_len), peak_flops=c.log.peak_flops,
+        hooks=hooks, progress=c.log.progress, before_step=before_step)
     if not stopped:
       ckpt.save(t.num_steps, trainable_subset(state, labels),
                 {"step": t.num_steps, "data_position": t.num_steps})
@@ -141,7 +158,7 @@ def train_stage(c: ml_collections.ConfigDict, workdir: str, stage: str, model: T
     if jax.process_index() == 0:
       with open(os.path.join(stage_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-  return nnx.merge(graphdef, state.params), history, stopped
+  return nnx.merge(graphdef, state.params), history, stopped, state.extras
 
 
 def _median(xs):

@@ -19,7 +19,7 @@ def masked_cross_entropy(logits_BTV, targets_BT, weights_BT):
   return jnp.sum(nll * weights_BT), jnp.sum(weights_BT)
 
 
-def lm_loss(model, batch):
+def lm_loss(model, batch, ctx=None):
   """Causal LM loss on response tokens only: returns (sum, count, aux metrics)."""
   logits = model(batch["tokens"], batch["attention_mask"])
   targets, weights = next_token_targets(batch["tokens"], batch["loss_mask"])

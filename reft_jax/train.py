@@ -28,6 +28,14 @@ class TrainState:
   step: jax.Array
   params: dict  # pure nested dict of arrays (nnx.to_pure_dict of the model's state)
   opt_state: Any
+  extras: dict = flax.struct.field(default_factory=dict)  # method state, e.g. the refusal direction
+
+
+@flax.struct.dataclass
+class Context:
+  """What a loss sees besides the model and the batch."""
+  extras: dict  # TrainState.extras (constants inside the step)
+  frozen: Any = None  # a frozen model passed into the step (the teacher), or None
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:
@@ -52,12 +60,15 @@ def opt_state_shardings(abstract_opt_state, params: dict, mesh):
   return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
-def init_train_state(params: dict, tx: optax.GradientTransformation, mesh) -> tuple[TrainState, Any]:
-  """The train state and its shardings; optimizer moments are born sharded like their params."""
+def init_train_state(params: dict, tx: optax.GradientTransformation, mesh, extras: dict | None = None
+                     ) -> tuple[TrainState, Any]:
+  """The train state and its shardings; optimizer moments are born sharded like their params,
+  extras (small method state) are replicated."""
   opt_sh = opt_state_shardings(jax.eval_shape(tx.init, params), params, mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-  state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), shd.replicated(mesh)), params,
-                     opt_state)
+  rep = shd.replicated(mesh)
+  state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), rep), params, opt_state,
+                     jax.device_put(dict(extras or {}), rep))
   return state, jax.tree.map(lambda x: x.sharding, state)
 
 
@@ -71,46 +82,70 @@ def _microbatches(batch: dict, n: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def make_train_step(graphdef, tx, loss_fn: Callable, schedule, labels: dict, grad_accum: int = 1):
-  """Builds the pure step; call `jit_step` on it to compile with shardings and donation."""
+def make_train_step(graphdef, tx, loss_fn: Callable, schedule, labels: dict, grad_accum: int = 1,
+                    frozen_graphdef=None, update_extras: Callable | None = None):
+  """Builds the pure step `(state, batch[, frozen_params]) -> (state, metrics)`; `jit_step` compiles
+  it with shardings and donation.
 
-  def loss_sum(params, batch):
-    total, count, aux = loss_fn(nnx.merge(graphdef, params), batch)
+  loss_fn(model, batch, ctx: Context) -> (sum, count, aux): the step minimises sum / count over
+  the whole batch (micro-batches included). aux values are averaged over micro-batches and logged;
+  update_extras(extras, aux) -> (extras, aux) may turn some of them into new method state (e.g. an
+  EMA of the refusal direction). frozen_params (with frozen_graphdef) are merged into ctx.frozen:
+  forward only, never differentiated, never donated.
+  """
+
+  def loss_sum(params, batch, extras, frozen_params):
+    frozen = None if frozen_graphdef is None else nnx.merge(frozen_graphdef, frozen_params)
+    total, count, aux = loss_fn(nnx.merge(graphdef, params), batch, Context(extras, frozen))
     return total, (count, aux)
 
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
-  def train_step(state: TrainState, batch: dict):
+  def train_step(state: TrainState, batch: dict, frozen_params=None):
     if grad_accum == 1:
-      (total, (count, aux)), grads = grad_fn(state.params, batch)
+      (total, (count, aux)), grads = grad_fn(state.params, batch, state.extras, frozen_params)
     else:
       def body(carry, mb):
-        (t, (c, a)), g = grad_fn(state.params, mb)
+        (t, (c, a)), g = grad_fn(state.params, mb, state.extras, frozen_params)
         acc_t, acc_c, acc_g, acc_a = carry
         return (acc_t + t, acc_c + c, jax.tree.map(jnp.add, acc_g, g),
                 jax.tree.map(jnp.add, acc_a, a)), None
 
       mbs = _microbatches(batch, grad_accum)
-      (_, (_, aux0)), _ = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], mbs))
+      (_, (_, aux0)), _ = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], mbs),
+                                         state.extras, frozen_params)
       zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params),
                jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux0))
       (total, count, grads, aux), _ = jax.lax.scan(body, zeros, mbs)
+      aux = jax.tree.map(lambda a: a / grad_accum, aux)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)  # mean over all response tokens of the batch
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    extras = state.extras
+    if update_extras is not None:
+      extras, aux = update_extras(extras, aux)
     trainable = jax.tree.map(lambda g, l: g if l == TRAINABLE else jnp.zeros(()), grads, labels)
+    masks = [x for k, x in traverse_util.flatten_dict(batch).items() if k[-1] == "attention_mask"]
     metrics = {"loss": total / denom, "loss_tokens": count,
-               "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
+               "tokens": sum(jnp.sum(m) for m in masks).astype(jnp.float32),
                "grad_norm": optax.global_norm(trainable),
                "lr": schedule(state.step), **aux}
-    return TrainState(state.step + 1, params, opt_state), metrics
+    return TrainState(state.step + 1, params, opt_state, extras), metrics
 
   return train_step
 
 
-def jit_step(step_fn, state_shardings, batch_sharding, mesh):
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+def batch_shardings(batch: dict, mesh, rules=None):
+  """Every batch leaf is split along its first (example) axis over the data-parallel mesh axes."""
+  return jax.tree.map(lambda x: shd.batch_sharding(mesh, rules, np.ndim(x)), batch)
+
+
+def jit_step(step_fn, state_shardings, batch_sharding, mesh, frozen_shardings=None):
+  if frozen_shardings is None:
+    return jax.jit(lambda s, b: step_fn(s, b), in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, frozen_shardings),
                  out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
 
 
@@ -123,13 +158,14 @@ def trainable_subset(state: TrainState, labels: dict) -> dict:
   flat_l = traverse_util.flatten_dict(labels)
   params = {k: v for k, v in flat_p.items() if flat_l[k] == TRAINABLE}
   return {"step": state.step, "params": traverse_util.unflatten_dict(params),
-          "opt_state": state.opt_state}
+          "opt_state": state.opt_state, "extras": state.extras}
 
 
 def with_trainable(state: TrainState, subset: dict) -> TrainState:
   flat = traverse_util.flatten_dict(state.params)
   flat.update(traverse_util.flatten_dict(subset["params"]))
-  return TrainState(subset["step"], traverse_util.unflatten_dict(flat), subset["opt_state"])
+  return TrainState(subset["step"], traverse_util.unflatten_dict(flat), subset["opt_state"],
+                    subset["extras"])
 
 
 # ---------------------------------------------------------------- the loop
@@ -170,11 +206,12 @@ def flops_per_token(model_cfg, seq_len: int) -> float:
 
 def train_loop(state, step_fn, batcher, batch_sharding, *, num_steps: int, writer=None,
                checkpointer=None, save_state=None, log_every: int = 1, flops_token: float = 0.0,
-               peak_flops: float = 0.0, hooks=(), progress: bool = True):
+               peak_flops: float = 0.0, hooks=(), progress: bool = True, before_step=None):
   """Runs steps state.step .. num_steps-1.
 
   Metrics of step t are fetched after step t+1 is dispatched, so the host never stalls the device.
-  Returns (state, history, stopped_by_signal). `save_state(state)` gives the tree to checkpoint.
+  Returns (state, history, stopped_by_signal). `save_state(state)` gives the tree to checkpoint;
+  `before_step(step, state) -> state` may refresh method state (e.g. re-estimate a direction).
   """
   from tqdm.auto import tqdm
 
@@ -208,12 +245,15 @@ def train_loop(state, step_fn, batcher, batch_sharding, *, num_steps: int, write
   with StopSignal() as stop:
     for step in range(start, num_steps):
       batch = batcher.global_batch(step, batch_sharding)
+      if before_step is not None:
+        state = before_step(step, state)
       state, metrics = step_fn(state, batch)
       if pending is not None:
         now = time.perf_counter()
         consume(*pending, now - t_last)
         t_last = now
-      pending = (step, metrics, batch["tokens"].size)
+      pending = (step, metrics, sum(x.size for k, x in traverse_util.flatten_dict(batch).items()
+                                    if k[-1] == "tokens"))
       bar.update(1)
       done = step + 1
       if stop.received is not None:

@@ -28,7 +28,7 @@ def _setup(c, workdir, mesh):
 
 def _train(c, workdir, mesh, hooks=()):
   model, data, rules = _setup(c, workdir, mesh)
-  return experiment.train_stage(c, str(workdir), "sft", model, data, lm_loss, mesh, rules, hooks)
+  return experiment.train_stage(c, str(workdir), "sft", model, data, lm_loss, mesh, rules, hooks)[:3]
 
 
 def _flat(model):
@@ -88,7 +88,7 @@ def test_frozen_parameters_do_not_move(tmp_path, mode, regex, trained):
                      "train.lora_targets": "q,v,up"})
   model, data, rules = _setup(c, tmp_path, mesh_of())
   before = _flat(model)
-  after_model, _, _ = experiment.train_stage(c, str(tmp_path), "sft", model, data, lm_loss,
+  after_model, *_ = experiment.train_stage(c, str(tmp_path), "sft", model, data, lm_loss,
                                              mesh_of(), rules)
   after = _flat(after_model)
   moved = {k for k in before if not np.array_equal(before[k], after[k])}

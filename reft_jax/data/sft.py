@@ -45,9 +45,15 @@ class TokenizedSet:
   loss_mask: np.ndarray  # [N, T] 1 on response tokens (and EOS)
   attention_mask: np.ndarray  # [N, T]
   num_truncated: int
+  last_prompt: np.ndarray | None = None  # [N] index of the last prompt token (refusal features)
+  # Per-example arrays that batches carry too, e.g. is_harmful [N] or teacher top-k [N, T, k].
+  fields: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def __len__(self):
     return len(self.tokens)
+
+  def with_fields(self, **fields: np.ndarray) -> "TokenizedSet":
+    return dataclasses.replace(self, fields={**self.fields, **fields})
 
 
 def tokenize(examples: list[Example], tokenizer, seq_len: int, template: str = "alpaca",
@@ -62,16 +68,19 @@ def tokenize(examples: list[Example], tokenizer, seq_len: int, template: str = "
   loss = np.zeros((n, seq_len), np.int32)
   attn = np.zeros((n, seq_len), np.int32)
   truncated = 0
+  last_prompt = np.zeros((n,), np.int32)
   bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
   for i, ex in enumerate(examples):
     prompt = bos + tokenizer.encode(format_prompt(ex, template, tokenizer), add_special_tokens=False)
     response = tokenizer.encode(ex.response, add_special_tokens=False) + [tokenizer.eos_token_id]
     ids = (prompt + response)[:seq_len]
     truncated += len(prompt) + len(response) > seq_len
+    last_prompt[i] = min(len(prompt), seq_len) - 1
     tokens[i, :len(ids)] = ids
     attn[i, :len(ids)] = 1
     loss[i, len(prompt) if loss_on == "response" else len(bos):len(ids)] = 1
-  return TokenizedSet(tokens, loss, attn, truncated)
+  is_harmful = np.asarray([bool(e.meta.get("is_harmful", False)) for e in examples], np.int32)
+  return TokenizedSet(tokens, loss, attn, truncated, last_prompt, {"is_harmful": is_harmful})
 
 
 class Batcher:
@@ -132,9 +141,36 @@ class Batcher:
     per = self.batch_size // jax.process_count()
     idx = idx[jax.process_index() * per:(jax.process_index() + 1) * per]
     d = self.data
-    return {"tokens": d.tokens[idx, :width], "loss_mask": d.loss_mask[idx, :width],
-            "attention_mask": d.attention_mask[idx, :width]}
+    out = {"tokens": d.tokens[idx, :width], "loss_mask": d.loss_mask[idx, :width],
+           "attention_mask": d.attention_mask[idx, :width]}
+    if d.last_prompt is not None:
+      out["last_prompt"] = np.minimum(d.last_prompt[idx], width - 1)
+    full = d.tokens.shape[1]
+    for k, v in d.fields.items():  # per-token fields are cut to the batch width like the tokens
+      out[k] = v[idx, :width] if v.ndim >= 2 and v.shape[1] == full else v[idx]
+    return out
 
-  def global_batch(self, step: int, sharding) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(sharding, v)
-            for k, v in self.local_batch(step).items()}
+  def global_batch(self, step: int, shardings) -> dict[str, jax.Array]:
+    return global_arrays(self.local_batch(step), shardings)
+
+
+def global_arrays(local: dict, shardings) -> dict:
+  """Process-local rows -> global arrays; `shardings` is one sharding or a matching tree."""
+  if not isinstance(shardings, dict):
+    shardings = jax.tree.map(lambda _: shardings, local)
+  return jax.tree.map(jax.make_array_from_process_local_data, shardings, local)
+
+
+class MixedBatcher:
+  """Several data sets per step, e.g. {"user": ..., "align": ...} for a distillation step; batch k
+  is {name: batcher_name's batch k}."""
+
+  def __init__(self, parts: dict[str, Batcher]):
+    self.parts = parts
+    self.batch_size = sum(b.batch_size for b in parts.values())
+
+  def local_batch(self, step: int) -> dict:
+    return {k: b.local_batch(step) for k, b in self.parts.items()}
+
+  def global_batch(self, step: int, shardings) -> dict:
+    return global_arrays(self.local_batch(step), shardings)

@@ -26,8 +26,8 @@ def run(c, workdir: str, hooks=()) -> dict:
     log.warning("%d of %d examples were truncated to data.seq_len=%d", data.num_truncated,
                 len(data), c.data.seq_len)
   model = experiment.build_model(c, mesh, rules, tokenizer)
-  model, history, stopped = experiment.train_stage(c, workdir, stage, model, data, lm_loss, mesh,
-                                                   rules, hooks)
+  model, history, stopped, _ = experiment.train_stage(c, workdir, stage, model, data, lm_loss, mesh,
+                                                      rules, hooks)
   out = {"stopped": stopped, "history": history}
   if stopped:
     return out
