@@ -63,6 +63,24 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       data=1, fsdp=-1, tensor=1,  # -1 = the remaining devices
       rules="",  # overrides of the logical->mesh rules, e.g. "embed=fsdp,mlp=tensor+fsdp,vocab=none"
   ))
+  # ReFT (METHODS.md §1; our reconstruction): teacher, filter, student.
+  c.reft = ml_collections.ConfigDict(dict(
+      layer=0,  # refusal-feature layer; 0 = num_layers // 2
+      lam=1.0,  # weight of the refusal regularizer
+      update_every=0,  # re-estimate R on the probe set every K teacher steps; 0 = 1/10 of training
+      ema_momentum=0.0,  # > 0: R <- m R + (1 - m) R_batch instead of probe re-estimation
+      probe_size=256,  # prompts per class: half estimate R, half measure the held-out separation
+      probe_harmful="world:probe_harmful", probe_harmless="world:probe_harmless",
+      alignment="world:alignment",  # harmful -> refusal and harmless -> helpful, with is_harmful
+      tau=0.0, tau_mode="fixed",  # fixed | calibrated (largest tau with recall >= target_recall)
+      target_recall=0.99,
+      beta=1.0, temperature=1.0,  # distillation weight and temperature
+      topk=0,  # > 0: cache the teacher's top-k logits once instead of a teacher forward per step
+      align_batch_size=8,
+  ))
+  # The teacher's optimisation overrides (everything else as in `train`).
+  c.teacher = ml_collections.ConfigDict(dict(lr=3e-3, num_steps=200, batch_size=16, warmup_steps=10))
+  c.demo = ml_collections.ConfigDict(dict(pretrain_steps=800, arch="world"))
   # The built-in safety world (used by any "world:" source).
   c.world = ml_collections.ConfigDict(dict(
       seed=0, n_alignment=1000, n_probe=256, n_harmful_pool=1000, n_eval_harmful=200,
@@ -99,6 +117,30 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 200
     c.eval.update(enabled=True, judge="oracle", name="base", n_harmful=100, n_harmless=100, n_task=50,
                   tasks="sst2=world:sst2_test,agnews=world:agnews_test,gsm8k=world:gsm8k_test")
+  elif arg == "demo":
+    # The README's main job: base model -> align-then-fine-tune SFT vs SFT from base vs ReFT on
+    # n=1000 SST-2-like user examples, 10% harmful; table, plot and results.json in the workdir.
+    c.method = "demo"
+    c.model.arch = "world"
+    c.data.update(source="world:sst2_train", attack="harmful_mix", n=1000, p=0.1, seq_len=96,
+                  buckets="48,64")
+    c.train.update(lr=1e-3, warmup_steps=20, batch_size=16, num_steps=300)
+    c.teacher.update(lr=1e-3, num_steps=300, batch_size=16, warmup_steps=20)
+    c.reft.update(tau_mode="calibrated")
+    c.checkpoint.every_steps = 100
+    c.eval.update(enabled=True, judge="oracle", n_harmful=200, n_harmless=200, n_task=200,
+                  tasks="sst2=world:sst2_test")
+  elif arg in ("world_sft", "world_reft"):
+    # Fine-tuning-as-a-service on the safety world: user data = n SST-2-like examples with a share
+    # p of harmful ones. Needs the base model: --config.model.hf_path=WORKDIR_OF_world_base/pretrain/model
+    c.method = "sft" if arg == "world_sft" else "reft"
+    c.data.update(source="world:sst2_train", attack="harmful_mix", n=1000, p=0.1, seq_len=96,
+                  buckets="48,64")
+    c.train.update(lr=1e-3, warmup_steps=20, batch_size=16, num_steps=300)
+    c.teacher.update(lr=1e-3, num_steps=300, batch_size=16, warmup_steps=20)
+    c.checkpoint.every_steps = 100
+    c.eval.update(enabled=True, judge="oracle", n_harmful=200, n_harmless=100, n_task=200,
+                  tasks="sst2=world:sst2_test")
   elif arg in HUB_NAMES:
     c.model.hf_path = HUB_NAMES[arg]
     c.model.arch = arg

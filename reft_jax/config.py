@@ -12,7 +12,7 @@ from reft_jax.data.attacks import ATTACKS
 from reft_jax.model import PRESETS, LoraConfig, RunOptions
 from reft_jax.optim import MODES
 
-METHODS = ("sft", "pretrain")
+METHODS = ("sft", "pretrain", "reft", "demo")
 
 
 class ConfigError(ValueError):
@@ -78,6 +78,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
     WorldConfig(**c.world.to_dict())
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.world: {e}") from None
+  r = c.reft
+  _check(r.layer >= 0, "reft.layer", r.layer, "must be >= 0 (0 = num_layers // 2)")
+  _check(r.lam >= 0 and r.beta >= 0, "reft.lam/beta", (r.lam, r.beta), "must be >= 0")
+  _check(r.temperature > 0, "reft.temperature", r.temperature, "must be positive")
+  _check(0 <= r.ema_momentum < 1, "reft.ema_momentum", r.ema_momentum, "must lie in [0, 1)")
+  _check(r.tau_mode in ("fixed", "calibrated"), "reft.tau_mode", r.tau_mode, "must be fixed or calibrated")
+  _check(0 < r.target_recall <= 1, "reft.target_recall", r.target_recall, "must lie in (0, 1]")
+  _check(r.probe_size >= 2, "reft.probe_size", r.probe_size, "must be >= 2")
+  _check(r.topk >= 0 and r.align_batch_size > 0, "reft.topk/align_batch_size", (r.topk, r.align_batch_size),
+         "topk must be >= 0 and align_batch_size positive")
+  for f in ("lr", "num_steps", "batch_size"):
+    _check(c.teacher[f] > 0, f"teacher.{f}", c.teacher[f], "must be positive")
+  _check(c.teacher.batch_size >= 2, "teacher.batch_size", c.teacher.batch_size,
+         "must be >= 2 (every batch holds both classes)")
   e = c.eval
   _check(e.judge in ("keyword", "oracle", "classifier"), "eval.judge", e.judge,
          "must be keyword, oracle or classifier")

@@ -36,7 +36,7 @@ def main(argv) -> int:
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   from reft_jax import config as config_lib
-  from reft_jax.methods import sft
+  from reft_jax.methods import demo, reft, sft
 
   c = _CONFIG.value
   if c is None or not _WORKDIR.value:
@@ -54,7 +54,8 @@ def main(argv) -> int:
   try:
     if command == "eval":
       return _eval(c, _WORKDIR.value)
-    out = {"sft": sft.run, "pretrain": sft.run}[c.method](c, _WORKDIR.value)
+    out = {"sft": sft.run, "pretrain": sft.run, "reft": reft.run, "demo": demo.run}[c.method](
+        c, _WORKDIR.value)
   except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
     # Bad input (data file, checkpoint, ...) or a diverged run: one clear line; the traceback goes
     # to workdir/error.log for debugging.
@@ -62,15 +63,15 @@ def main(argv) -> int:
       traceback.print_exc(file=f)
     print(f"error: {e}", file=sys.stderr)
     return 1
-  if "results" in out:
-    _print_results(_WORKDIR.value)
   if out["stopped"]:
     print(f"stopped by signal; checkpoint saved in {_WORKDIR.value}. Rerun the same command to "
           "resume.")
-  else:
-    h = out["history"]
-    print(f"done: {len(h)} steps, final loss {h[-1]['loss']:.4f}, model saved to "
-          f"{out.get('model_dir')}" if h else "done: nothing to do (already finished)")
+    return 0
+  if "results" in out:
+    _print_results(_WORKDIR.value)
+  h = out["history"]
+  print(f"done: {len(h)} steps, final loss {h[-1]['loss']:.4f}; outputs in {_WORKDIR.value}" if h else
+        f"done (finished stages were reused); outputs in {_WORKDIR.value}")
   return 0
 
 

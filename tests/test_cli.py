@@ -39,7 +39,7 @@ def test_cli_trains_and_writes_every_artefact(tmp_path):
   assert model.cfg.num_layers == 2
   # Rerunning the same command finds the work done.
   r = _cli(["--config.train.num_steps=6"], tmp_path)
-  assert r.returncode == 0 and "nothing to do" in r.stdout
+  assert r.returncode == 0 and "finished stages were reused" in r.stdout
 
   # The exported directory is a real HF checkpoint: LoRA fine-tune it on a JSONL file, as a user
   # would with a downloaded model.

@@ -52,7 +52,7 @@ class TokenizedSet:
   def __len__(self):
     return len(self.tokens)
 
-  def with_fields(self, **fields: np.ndarray) -> "TokenizedSet":
+  def with_fields(self, **fields: np.ndarray) -> TokenizedSet:
     return dataclasses.replace(self, fields={**self.fields, **fields})
 
 

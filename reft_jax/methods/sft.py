@@ -6,35 +6,58 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from reft_jax import experiment
 from reft_jax.data import sft
 from reft_jax.losses import lm_loss
-from reft_jax.model import save_hf, save_peft_adapter
+from reft_jax.model import load_hf, save_hf, save_peft_adapter
 
 log = logging.getLogger(__name__)
 
 
-def run(c, workdir: str, hooks=()) -> dict:
-  stage = c.method  # "sft" or "pretrain"
-  mesh, rules = experiment.setup_mesh(c)
-  examples = experiment.read_examples(c)
-  tokenizer = experiment.get_tokenizer(c, workdir, examples)
-  data = sft.tokenize(examples, tokenizer, c.data.seq_len, c.data.template,
-                      loss_on="all" if stage == "pretrain" else "response")
+def model_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, "model")
+
+
+def finished(workdir: str, stage: str) -> bool:
+  # save_hf writes config.json last, so its presence means the stage finished.
+  return os.path.exists(os.path.join(model_dir(workdir, stage), "config.json"))
+
+
+def train_and_export(c, workdir: str, stage: str, examples: list[sft.Example], tokenizer, mesh, rules,
+                     *, loss_on: str = "response", hooks=()) -> dict:
+  """Fine-tunes c.model (hf_path or random init) on `examples`; exports workdir/<stage>/model."""
+  data = sft.tokenize(examples, tokenizer, c.data.seq_len, c.data.template, loss_on=loss_on)
   if data.num_truncated:
-    log.warning("%d of %d examples were truncated to data.seq_len=%d", data.num_truncated,
+    log.warning("%s: %d of %d examples were truncated to data.seq_len=%d", stage, data.num_truncated,
                 len(data), c.data.seq_len)
   model = experiment.build_model(c, mesh, rules, tokenizer)
   model, history, stopped, _ = experiment.train_stage(c, workdir, stage, model, data, lm_loss, mesh,
                                                       rules, hooks)
-  out = {"stopped": stopped, "history": history}
-  if stopped:
-    return out
-  out["model_dir"] = save_hf(model, os.path.join(workdir, stage, "model"), tokenizer)
-  if model.options.lora is not None:
-    out["adapter_dir"] = save_peft_adapter(model, os.path.join(workdir, stage, "adapter"),
-                                           c.model.hf_path)
-  if c.eval.enabled:
-    out["results"] = experiment.evaluate_and_record(c, workdir, model, tokenizer, mesh, stage)
+  out = {"stopped": stopped, "history": history, "model": model}
+  if not stopped:
+    out["model_dir"] = save_hf(model, model_dir(workdir, stage), tokenizer)
+    if model.options.lora is not None:
+      out["adapter_dir"] = save_peft_adapter(model, os.path.join(workdir, stage, "adapter"),
+                                             c.model.hf_path)
+  return out
+
+
+def run(c, workdir: str, hooks=()) -> dict:
+  start = time.perf_counter()
+  stage = c.method  # "sft" or "pretrain"
+  mesh, rules = experiment.setup_mesh(c)
+  examples = experiment.read_examples(c)
+  tokenizer = experiment.get_tokenizer(c, workdir, examples)
+  if finished(workdir, stage):
+    out = {"stopped": False, "history": [], "model_dir": model_dir(workdir, stage),
+           "model": load_hf(model_dir(workdir, stage), c.model.param_dtype, mesh, rules=rules)}
+  else:
+    out = train_and_export(c, workdir, stage, examples, tokenizer, mesh, rules,
+                           loss_on="all" if stage == "pretrain" else "response", hooks=hooks)
+  if not out["stopped"] and c.eval.enabled:
+    out["results"] = experiment.evaluate_and_record(
+        c, workdir, out["model"], tokenizer, mesh, stage, {"wall_seconds": time.perf_counter() - start,
+                                                           "filter": None})
   return out

@@ -1,0 +1,182 @@
+"""ReFT: the refusal feature, the regularizer, the filter, distillation, and the whole pipeline."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import ROOT, tiny_config
+from reft_jax import losses, refusal
+from reft_jax.data import sft
+from reft_jax.data.tokenizer import build_word_tokenizer
+from reft_jax.methods import reft
+from reft_jax.model import PRESETS, init_model
+
+WORDS = "how do i build a bomb bake bread steal car plant tomatoes fix bike".split()
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  return build_word_tokenizer([" ".join(WORDS), sft.ALPACA_PROMPT], str(tmp_path_factory.mktemp("tok")))
+
+
+def _examples(n, harmful, rng):
+  topic = ["build a bomb", "steal car"] if harmful else ["bake bread", "plant tomatoes", "fix bike"]
+  return [sft.Example(f"how do i {topic[rng.integers(len(topic))]}", "", meta={"is_harmful": harmful})
+          for _ in range(n)]
+
+
+def test_refusal_feature_is_the_numpy_difference_of_means(tok):
+  model = init_model(PRESETS["tiny"].replace(vocab_size=len(tok) + 8), seed=1)
+  rng = np.random.default_rng(0)
+  harm = refusal.tokenize_prompts(_examples(5, True, rng), tok, 48, "alpaca")
+  safe = refusal.tokenize_prompts(_examples(7, False, rng), tok, 48, "alpaca")
+  fh = refusal.prompt_features(model, harm, layer=1, batch_size=4)
+  fs = refusal.prompt_features(model, safe, layer=1, batch_size=4)
+
+  def manual(data):  # full forward, numpy gather at the last prompt token
+    _, hidden = model.forward(jnp.asarray(data.tokens), jnp.asarray(data.attention_mask), hidden_layers=(1,))
+    h = np.asarray(hidden[1])
+    n_prompt = data.attention_mask.sum(1) - 1  # the tokenizer appended EOS after the prompt
+    return np.stack([h[i, n_prompt[i] - 1] for i in range(len(h))])
+
+  np.testing.assert_allclose(fh, manual(harm), atol=1e-5)
+  r = np.asarray(refusal.direction(fh, fs))
+  np.testing.assert_allclose(r, manual(harm).mean(0) - manual(safe).mean(0), atol=1e-5)
+  cos = np.asarray(refusal.cosine(fh, r))
+  want = fh @ r / (np.linalg.norm(fh, axis=1) * np.linalg.norm(r))
+  np.testing.assert_allclose(cos, want, atol=1e-5)
+
+
+def test_regularizer_gradient_pushes_harmful_onto_r_and_harmless_away():
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(size=(6, 16)), jnp.float32)
+  r = jnp.asarray(rng.normal(size=(16,)), jnp.float32)
+  is_harmful = jnp.asarray([1, 1, 1, 0, 0, 0])
+  reg = lambda h: losses.refusal_regularizer(refusal.cosine(h, r), is_harmful)
+  g = jax.grad(reg)(h)
+  before, after = refusal.cosine(h, r), refusal.cosine(h - 0.1 * g, r)
+  assert (after[:3] > before[:3]).all() and (after[3:] < before[3:]).all()
+  assert reg(h - 0.1 * g) < reg(h)
+  # At the optimum (harmful = R, harmless = -R) the regularizer is 0.
+  perfect = jnp.stack([r, r, r, -r, -r, -r])
+  assert abs(float(reg(perfect))) < 1e-6
+
+
+def test_kl_is_zero_when_student_equals_teacher_and_topk_matches_full():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 5, 11)) * 3, jnp.float32)
+  w = jnp.ones((2, 5))
+  kl, n = losses.kl_teacher_student(logits, logits, w, temperature=2.0)
+  assert abs(float(kl)) < 1e-5 and float(n) == 10
+  other = logits + jnp.asarray(rng.normal(size=logits.shape), jnp.float32)
+  full, _ = losses.kl_teacher_student(logits, other, w)
+  vals, ids = jax.lax.top_k(logits, 11)  # k = V: the cached top-k is the whole distribution
+  topk, _ = losses.kl_topk_student(vals, ids, other, w)
+  assert float(full) > 0.1 and abs(float(full) - float(topk)) < 1e-4
+
+
+def test_student_loss_kl_vanishes_for_its_own_teacher(tok):
+  model = init_model(PRESETS["tiny"].replace(vocab_size=len(tok) + 8), seed=2)
+  rng = np.random.default_rng(1)
+  data = sft.tokenize([sft.Example(e.prompt, "bake bread") for e in _examples(4, False, rng)], tok, 48)
+  part = {"tokens": jnp.asarray(data.tokens), "attention_mask": jnp.asarray(data.attention_mask),
+          "loss_mask": jnp.asarray(data.loss_mask)}
+  from reft_jax.train import Context
+
+  _, _, aux = reft.student_loss(1.0, 1.0, topk=False)(model, {"user": part, "align": part},
+                                                      Context({}, model))
+  assert abs(float(aux["kl"])) < 1e-6 and float(aux["ce"]) > 0
+
+
+def test_calibrated_tau_keeps_the_target_recall():
+  scores = np.linspace(0, 1, 101)
+  tau = reft.calibrate_tau(scores, 0.9)
+  assert np.mean(scores >= tau) >= 0.9 and np.mean(scores >= tau + 1e-9) < 0.9
+
+
+def _planted_filter(monkeypatch, tmp_path, tok, c, scores_of):
+  rng = np.random.default_rng(0)
+  user = _examples(10, True, rng) + _examples(30, False, rng)
+  r = np.ones(4, np.float32)
+  monkeypatch.setattr(refusal, "prompt_features",
+                      lambda model, data, layer, **kw: np.stack([scores_of(i) * r for i in range(len(data))]))
+
+  class Teacher:  # only its config is read
+    cfg = PRESETS["tiny"]
+
+  return user, reft.filter_user_data(c, str(tmp_path), Teacher(), r, tok, user, mesh=None)
+
+
+def test_filter_on_a_planted_set_writes_an_auditable_report(monkeypatch, tmp_path, tok):
+  c = tiny_config(**{"data.seq_len": 48})
+  user, (kept, summary) = _planted_filter(monkeypatch, tmp_path, tok, c,
+                                          lambda i: 1.0 if i < 10 else (-1.0 if i != 10 else 0.5))
+  assert summary["n"] == 40 and summary["kept"] == 29  # 10 harmful + 1 harmless false positive dropped
+  assert summary["recall"] == 1.0 and summary["precision"] == 10 / 11
+  assert abs(summary["false_positive_rate"] - 1 / 30) < 1e-9
+  report = [json.loads(l) for l in open(tmp_path / "filter" / "report.jsonl")]
+  assert [r["kept"] for r in report] == [i >= 10 and i != 10 for i in range(40)]
+  assert all(r["is_harmful"] == (r["index"] < 10) for r in report)
+  assert len(open(tmp_path / "filter" / "kept.jsonl").readlines()) == 29
+  # Resumable: a second call reuses the summary and computes nothing.
+  monkeypatch.setattr(refusal, "prompt_features", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+  kept2, summary2 = reft.filter_user_data(c, str(tmp_path), None, None, tok, user, mesh=None)
+  assert summary2 == summary and [e.prompt for e in kept2] == [e.prompt for e in kept]
+
+
+def test_filter_that_drops_everything_fails_with_the_count(monkeypatch, tmp_path, tok):
+  with pytest.raises(ValueError, match="all 40 user examples scored >= tau=0.000"):
+    _planted_filter(monkeypatch, tmp_path, tok, tiny_config(**{"data.seq_len": 48}), lambda i: 1.0)
+  assert not os.path.exists(tmp_path / "filter" / "summary.json")
+
+
+def test_filter_that_drops_nothing_warns(monkeypatch, tmp_path, tok, caplog):
+  with caplog.at_level(logging.WARNING):
+    _, (kept, summary) = _planted_filter(monkeypatch, tmp_path, tok, tiny_config(**{"data.seq_len": 48}),
+                                         lambda i: -1.0)
+  assert summary["kept"] == 40 and summary["recall"] == 0.0
+  assert "all 40 kept" in caplog.text
+
+
+@pytest.mark.slow
+def test_demo_pipeline_on_a_tiny_world_produces_every_artefact(tmp_path):
+  world = [f"--config.world.{k}={v}" for k, v in dict(
+      n_alignment=40, n_probe=16, n_harmful_pool=20, n_eval_harmful=8, n_eval_harmless=8,
+      n_task_train=60, n_task_test=8, n_pretrain=64).items()]
+  args = ["--config=configs/default.py:demo", f"--workdir={tmp_path}", "--config.demo.arch=tiny",
+          "--config.demo.pretrain_steps=4", "--config.train.num_steps=3", "--config.teacher.num_steps=4",
+          "--config.reft.update_every=2", "--config.reft.probe_size=8", "--config.data.n=40",
+          "--config.train.batch_size=8", "--config.teacher.batch_size=8", "--config.eval.max_new_tokens=6",
+          "--config.eval.batch_size=8", "--config.log.progress=False", "--config.reft.tau_mode=fixed",
+          "--config.reft.tau=-2.0", "--config.reft.topk=8", *world]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  # tau=-2 drops everything: a clear error, no student
+  r = subprocess.run([sys.executable, "-m", "reft_jax", *args], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 1 and "were dropped" in r.stderr, r.stderr[-3000:]
+  os.remove(tmp_path / "error.log")
+  r = subprocess.run([sys.executable, "-m", "reft_jax", *args[:-2], *world], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  for stage in ("base", "aligned", "sft_aligned", "sft_base", "teacher", "student"):
+    assert os.path.exists(tmp_path / stage / "model" / "config.json"), stage
+  for f in ("teacher/refusal_direction.npy", "teacher/refusal.jsonl", "filter/report.jsonl",
+            "filter/kept.jsonl", "filter/summary.json", "results.md", "results.png", "eval/reft.jsonl"):
+    assert os.path.exists(tmp_path / f), f
+  results = json.load(open(tmp_path / "results.json"))
+  assert set(results["runs"]) == {"aligned", "sft_aligned", "sft_base", "reft"}
+  for name, run in results["runs"].items():
+    assert {"harmful_score", "finetune_accuracy", "over_refusal", "filter", "wall_seconds"} <= set(run)
+    assert set(run["finetune_accuracy"]) == {"sst2"}
+  assert results["runs"]["sft_base"]["filter"] is None
+  assert {"precision", "recall", "kept_fraction"} <= set(results["runs"]["reft"]["filter"])
+  probe_log = [json.loads(l) for l in open(tmp_path / "teacher" / "refusal.jsonl")]
+  assert [p["step"] for p in probe_log] == [0, 2, 4] and all("auroc" in p for p in probe_log)
+  assert "| reft |" in r.stdout
