@@ -154,15 +154,14 @@ def test_demo_pipeline_on_a_tiny_world_produces_every_artefact(tmp_path):
           "--config.demo.pretrain_steps=4", "--config.train.num_steps=3", "--config.teacher.num_steps=4",
           "--config.reft.update_every=2", "--config.reft.probe_size=8", "--config.data.n=40",
           "--config.train.batch_size=8", "--config.teacher.batch_size=8", "--config.eval.max_new_tokens=6",
-          "--config.eval.batch_size=8", "--config.log.progress=False", "--config.reft.tau_mode=fixed",
-          "--config.reft.tau=-2.0", "--config.reft.topk=8", *world]
+          "--config.eval.batch_size=8", "--config.log.progress=False", "--config.reft.topk=8", *world]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   # tau=-2 drops everything: a clear error, no student
-  r = subprocess.run([sys.executable, "-m", "reft_jax", *args], cwd=ROOT, env=env, capture_output=True,
-                     text=True, timeout=600)
+  r = subprocess.run([sys.executable, "-m", "reft_jax", *args, "--config.reft.tau_mode=fixed",
+                      "--config.reft.tau=-2.0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 1 and "were dropped" in r.stderr, r.stderr[-3000:]
   os.remove(tmp_path / "error.log")
-  r = subprocess.run([sys.executable, "-m", "reft_jax", *args[:-2], *world], cwd=ROOT, env=env,
+  r = subprocess.run([sys.executable, "-m", "reft_jax", *args], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   for stage in ("base", "aligned", "sft_aligned", "sft_base", "teacher", "student"):
@@ -172,7 +171,7 @@ def test_demo_pipeline_on_a_tiny_world_produces_every_artefact(tmp_path):
     assert os.path.exists(tmp_path / f), f
   results = json.load(open(tmp_path / "results.json"))
   assert set(results["runs"]) == {"aligned", "sft_aligned", "sft_base", "reft"}
-  for name, run in results["runs"].items():
+  for run in results["runs"].values():
     assert {"harmful_score", "finetune_accuracy", "over_refusal", "filter", "wall_seconds"} <= set(run)
     assert set(run["finetune_accuracy"]) == {"sst2"}
   assert results["runs"]["sft_base"]["filter"] is None
