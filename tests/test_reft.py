@@ -158,7 +158,8 @@ def test_demo_pipeline_on_a_tiny_world_produces_every_artefact(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   # tau=-2 drops everything: a clear error, no student
   r = subprocess.run([sys.executable, "-m", "reft_jax", *args, "--config.reft.tau_mode=fixed",
-                      "--config.reft.tau=-2.0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                      "--config.reft.tau=-2.0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                     timeout=600)
   assert r.returncode == 1 and "were dropped" in r.stderr, r.stderr[-3000:]
   os.remove(tmp_path / "error.log")
   r = subprocess.run([sys.executable, "-m", "reft_jax", *args], cwd=ROOT, env=env,
