@@ -27,10 +27,16 @@ def main(argv) -> int:
   command = argv[1] if len(argv) > 1 else "train"
   if command not in COMMANDS or len(argv) > 2:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; the command is one of {COMMANDS}")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   from absl import logging as absl_logging
 
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
+  # Our own INFO lines get their own handler (absl's root handler now drops INFO).
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+  ours = logging.getLogger("reft_jax")
+  ours.setLevel(logging.INFO)
+  ours.addHandler(handler)
+  ours.propagate = False
   import jax
 
   if _DISTRIBUTED.value:
@@ -47,7 +53,7 @@ def main(argv) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   config_lib.dump(c, _WORKDIR.value)
-  logging.info("jax %s on %d %s device(s); workdir %s", jax.__version__, jax.device_count(),
+  ours.info("jax %s on %d %s device(s); workdir %s", jax.__version__, jax.device_count(),
                jax.devices()[0].platform, _WORKDIR.value)
   from reft_jax.train import NonFiniteLoss
 
