@@ -80,7 +80,16 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   ))
   # The teacher's optimisation overrides (everything else as in `train`).
   c.teacher = ml_collections.ConfigDict(dict(lr=3e-3, num_steps=200, batch_size=16, warmup_steps=10))
-  c.demo = ml_collections.ConfigDict(dict(pretrain_steps=800, arch="world"))
+  # Baselines (METHODS.md §2-5; defaults as published, all overridable).
+  c.vaccine = ml_collections.ConfigDict(dict(rho=2.0))
+  c.booster = ml_collections.ConfigDict(dict(lam=5.0, alpha=0.1))
+  c.lisa = ml_collections.ConfigDict(dict(k_align=100, k_user=900, rho=1.0, proximal_warmup=0.1))
+  c.mimic = ml_collections.ConfigDict(dict(ratio=0.05))
+  c.demo = ml_collections.ConfigDict(dict(pretrain_steps=800, arch="world",
+                                          methods="sft_aligned,sft_base,reft"))
+  # The sweep: methods x p (x seeds) on shared base/aligned/teacher models.
+  c.sweep = ml_collections.ConfigDict(dict(methods="sft_aligned,sft_base,vaccine,lisa,booster,mimic,reft",
+                                           p="0,0.05,0.1,0.2,0.3", seeds="0"))
   # The built-in safety world (used by any "world:" source).
   c.world = ml_collections.ConfigDict(dict(
       seed=0, n_alignment=1000, n_probe=256, n_harmful_pool=1000, n_eval_harmful=200,
@@ -117,10 +126,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 200
     c.eval.update(enabled=True, judge="oracle", name="base", n_harmful=100, n_harmless=100, n_task=50,
                   tasks="sst2=world:sst2_test,agnews=world:agnews_test,gsm8k=world:gsm8k_test")
-  elif arg == "demo":
-    # The README's main job: base model -> align-then-fine-tune SFT vs SFT from base vs ReFT on
-    # n=1000 SST-2-like user examples, 10% harmful; table, plot and results.json in the workdir.
-    c.method = "demo"
+  elif arg in ("demo", "sweep"):
+    # demo (the README's main job): base model -> align-then-fine-tune SFT vs SFT from base vs ReFT
+    # on n=1000 SST-2-like user examples, 10% harmful; table, plot and results.json in the workdir.
+    # sweep: every method x p in sweep.p (x sweep.seeds); sweep.md/.csv/.png.
+    c.method = arg
     c.model.arch = "world"
     c.data.update(source="world:sst2_train", attack="harmful_mix", n=1000, p=0.1, seq_len=96,
                   buckets="48,64")

@@ -12,7 +12,7 @@ from reft_jax.data.attacks import ATTACKS
 from reft_jax.model import PRESETS, LoraConfig, RunOptions
 from reft_jax.optim import MODES
 
-METHODS = ("sft", "pretrain", "reft", "demo")
+METHODS = ("sft", "pretrain", "reft", "demo", "sweep")
 
 
 class ConfigError(ValueError):
@@ -92,6 +92,24 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.teacher[f] > 0, f"teacher.{f}", c.teacher[f], "must be positive")
   _check(c.teacher.batch_size >= 2, "teacher.batch_size", c.teacher.batch_size,
          "must be >= 2 (every batch holds both classes)")
+  from reft_jax.methods.suite import METHODS as SUITE
+
+  for field in ("demo.methods", "sweep.methods"):
+    names = [m.strip() for m in c[field.split(".")[0]].methods.split(",") if m.strip()]
+    bad = [m for m in names if m not in SUITE]
+    _check(bool(names) and not bad, field, c[field.split(".")[0]].methods, f"each must be one of {SUITE}")
+  try:
+    ps = [float(p) for p in c.sweep.p.split(",") if p.strip()]
+    [int(s) for s in c.sweep.seeds.split(",") if s.strip()]
+  except ValueError:
+    _check(False, "sweep.p/seeds", (c.sweep.p, c.sweep.seeds), "must be comma-separated numbers")
+  _check(all(0 <= p <= 1 for p in ps), "sweep.p", c.sweep.p, "ratios must lie in [0, 1]")
+  _check(c.vaccine.rho >= 0, "vaccine.rho", c.vaccine.rho, "must be >= 0")
+  _check(c.booster.lam >= 0 and c.booster.alpha >= 0, "booster.lam/alpha", (c.booster.lam, c.booster.alpha),
+         "must be >= 0")
+  _check(c.lisa.k_align >= 0 and c.lisa.k_user >= 0 and c.lisa.k_align + c.lisa.k_user > 0,
+         "lisa.k_align/k_user", (c.lisa.k_align, c.lisa.k_user), "must be >= 0 and not both 0")
+  _check(0 <= c.mimic.ratio <= 1, "mimic.ratio", c.mimic.ratio, "must lie in [0, 1]")
   e = c.eval
   _check(e.judge in ("keyword", "oracle", "classifier"), "eval.judge", e.judge,
          "must be keyword, oracle or classifier")

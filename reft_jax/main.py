@@ -60,8 +60,8 @@ def main(argv) -> int:
   try:
     if command == "eval":
       return _eval(c, _WORKDIR.value)
-    out = {"sft": sft.run, "pretrain": sft.run, "reft": reft.run, "demo": demo.run}[c.method](
-        c, _WORKDIR.value)
+    out = {"sft": sft.run, "pretrain": sft.run, "reft": reft.run, "demo": demo.run_demo,
+           "sweep": demo.run_sweep}[c.method](c, _WORKDIR.value)
   except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
     # Bad input (data file, checkpoint, ...) or a diverged run: one clear line; the traceback goes
     # to workdir/error.log for debugging.

@@ -67,8 +67,14 @@ def init_train_state(params: dict, tx: optax.GradientTransformation, mesh, extra
   opt_sh = opt_state_shardings(jax.eval_shape(tx.init, params), params, mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
   rep = shd.replicated(mesh)
+
+  def place(x):  # keep extras already sharded on this mesh (e.g. a weight snapshot), replicate the rest;
+    # always a fresh buffer, so a snapshot never aliases the (donated) parameters
+    sh = getattr(x, "sharding", None)
+    return jnp.copy(x) if isinstance(sh, shd.NamedSharding) and sh.mesh == mesh else jax.device_put(x, rep)
+
   state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), rep), params, opt_state,
-                     jax.device_put(dict(extras or {}), rep))
+                     jax.tree.map(place, dict(extras or {})))
   return state, jax.tree.map(lambda x: x.sharding, state)
 
 

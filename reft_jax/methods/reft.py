@@ -287,31 +287,34 @@ def train_student(c, workdir, base, teacher, tokenizer, kept: list[sft.Example],
 
 # ------------------------------------------------------------------ the pipeline
 
-def run(c, workdir: str, hooks=()) -> dict:
+def run(c, workdir: str, hooks=(), teacher_dir: str | None = None) -> dict:
+  """teacher_dir: where the teacher stage lives (default: workdir). The teacher does not depend on
+  the user data, so a sweep over p shares one."""
   import time
 
   start = time.perf_counter()
   mesh, rules = experiment.setup_mesh(c)
   user = experiment.read_examples(c)
   tokenizer = experiment.get_tokenizer(c, workdir, user)
-  stage_model = lambda stage: load_hf(os.path.join(workdir, stage, "model"), c.model.param_dtype, mesh,
-                                      rules=rules)
+  teacher_dir = teacher_dir or workdir
+  stage_model = lambda root, stage: load_hf(os.path.join(root, stage, "model"), c.model.param_dtype, mesh,
+                                            rules=rules)
 
-  if not done(workdir, "teacher"):
+  if not done(teacher_dir, "teacher"):
     base = experiment.build_model(c, mesh, rules, tokenizer)
-    _, _, stopped = train_teacher(c, workdir, base, tokenizer, mesh, rules)
+    _, _, stopped = train_teacher(c, teacher_dir, base, tokenizer, mesh, rules)
     if stopped:
       return {"stopped": True, "history": []}
   # The frozen teacher: its exported (LoRA-merged) weights, sharded on the same mesh as the student.
-  teacher = stage_model("teacher")
-  r = np.load(os.path.join(workdir, "teacher", "refusal_direction.npy"))
+  teacher = stage_model(teacher_dir, "teacher")
+  r = np.load(os.path.join(teacher_dir, "teacher", "refusal_direction.npy"))
 
   kept, summary = filter_user_data(c, workdir, teacher, r, tokenizer, user, mesh)
   log.info("filter: kept %d of %d (precision %s, recall %s, tau %.3f)", summary["kept"], summary["n"],
            summary["precision"], summary["recall"], summary["tau"])
 
   if done(workdir, "student"):
-    student = stage_model("student")
+    student = stage_model(workdir, "student")
   else:
     student, stopped = train_student(c, workdir, experiment.build_model(c, mesh, rules, tokenizer),
                                      teacher, tokenizer, kept, mesh, rules)

@@ -227,9 +227,12 @@ class Block(nnx.Module):
       self.post_attn_norm = RMSNorm(cfg.hidden_size, **norm)
       self.post_mlp_norm = RMSNorm(cfg.hidden_size, **norm)
 
-  def __call__(self, x, positions, mask, cache=None, cache_index=None):
+  def __call__(self, x, positions, mask, cache=None, cache_index=None, attn_delta=None):
     h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index)
-    x = x + (self.post_attn_norm(h) if self.sandwich else h)
+    h = self.post_attn_norm(h) if self.sandwich else h
+    if attn_delta is not None:  # a perturbation of the attention output (Vaccine)
+      h = h + attn_delta.astype(h.dtype)
+    x = x + h
     h = self.mlp(self.mlp_norm(x))
     return x + (self.post_mlp_norm(h) if self.sandwich else h), cache
 
@@ -260,11 +263,13 @@ class Transformer(nnx.Module):
     return logits
 
   def forward(self, tokens_BT, attention_mask_BT=None, positions_BT=None, *,
-              hidden_layers: tuple[int, ...] = (), stop_after: int | None = None):
+              hidden_layers: tuple[int, ...] = (), stop_after: int | None = None, attn_delta_LBTD=None):
     """Returns (logits or None, {l: residual stream after l blocks [B,T,D]}).
 
     hidden_layers use transformers' indexing: 0 = embeddings, l = output of block l (pre final
     norm). With stop_after=l only the first l blocks run and no logits are computed.
+    attn_delta_LBTD is added to every block's attention output before the residual add; its
+    gradient is the gradient w.r.t. the attention outputs.
     """
     b, t = tokens_BT.shape
     if attention_mask_BT is None:
@@ -272,7 +277,8 @@ class Transformer(nnx.Module):
     if positions_BT is None:
       positions_BT = positions_from_mask(attention_mask_BT)
     x, hidden, _ = self._blocks(self._embed(tokens_BT), positions_BT, attention_mask_BT, jnp.arange(t),
-                                hidden_layers=hidden_layers, stop_after=stop_after)
+                                hidden_layers=hidden_layers, stop_after=stop_after,
+                                attn_delta=attn_delta_LBTD)
     return (None if stop_after is not None else self._logits(x)), hidden
 
   def forward_cached(self, tokens_BT, positions_BT, kv_mask_BS, cache, cache_index):
@@ -306,7 +312,7 @@ class Transformer(nnx.Module):
     return jnp.tanh(logits / cap) * cap if cap else logits
 
   def _blocks(self, x, positions_BT, kv_mask_BS, query_slots_T, *, hidden_layers=(), stop_after=None,
-              cache=None, cache_index=None):
+              cache=None, cache_index=None, attn_delta=None):
     """Runs blocks [0, stop_after) over x; queries sit at query_slots_T, keys at slots 0..S-1."""
     cfg = self.cfg
     L = cfg.num_layers
@@ -322,9 +328,9 @@ class Transformer(nnx.Module):
 
     graphdef, block_state = nnx.split(self.blocks)
 
-    def block_fn(state, x, is_sliding, layer_cache):
+    def block_fn(state, x, is_sliding, layer_cache, delta):
       mask = jnp.where(is_sliding, sliding_BTS, full_BTS)
-      return nnx.merge(graphdef, state)(x, positions_BT, mask, layer_cache, cache_index)
+      return nnx.merge(graphdef, state)(x, positions_BT, mask, layer_cache, cache_index, delta)
 
     if self.options.remat != "none":
       block_fn = jax.checkpoint(block_fn, policy=REMAT_POLICIES[self.options.remat])
@@ -339,19 +345,23 @@ class Transformer(nnx.Module):
       if self.options.scan_layers:
         seg = jax.tree.map(lambda p: p[start:end], block_state)
         seg_cache = None if cache is None else (cache["k"][start:end], cache["v"][start:end])
+        seg_delta = None if attn_delta is None else attn_delta[start:end]
 
         def body(h, xs):
-          h, c = block_fn(xs[0], h, xs[1], xs[2])
+          h, c = block_fn(xs[0], h, xs[1], xs[2], xs[3])
           return h, c
 
-        x, seg_out = jax.lax.scan(body, x, (seg, jnp.asarray(windows[start:end] > 0), seg_cache))
+        x, seg_out = jax.lax.scan(body, x, (seg, jnp.asarray(windows[start:end] > 0), seg_cache,
+                                            seg_delta))
         if cache is not None:
           new_k.append(seg_out[0])
           new_v.append(seg_out[1])
       else:
         for i in range(start, end):
           layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
-          x, c = block_fn(jax.tree.map(lambda p: p[i], block_state), x, bool(windows[i]), layer_cache)
+          delta = None if attn_delta is None else attn_delta[i]
+          x, c = block_fn(jax.tree.map(lambda p: p[i], block_state), x, bool(windows[i]), layer_cache,
+                          delta)
           if cache is not None:
             new_k.append(c[0][None])
             new_v.append(c[1][None])

@@ -1,0 +1,161 @@
+"""Every method of the comparison as (alignment stage, fine-tuning stage) on shared models, used by
+the demo and the sweep. Shared stages (base, aligned models, the ReFT teacher) live in `shared_dir`
+and are reused across cells (p, seed); per-cell stages live in the cell's workdir.
+
+  sft_base     base --SFT(user)-->
+  sft_aligned  base --SFT(align)--> aligned --SFT(user)-->
+  vaccine      base --Vaccine(align)--> --SFT(user)-->
+  booster      base --Booster(align, harmful)--> --SFT(user)-->
+  lisa         aligned --Lisa(user, align)-->
+  mimic        aligned --SFT(user + safety data in the user's format)-->
+  reft         base --teacher(align)--> filter(user) --> base --SFT(kept) + KL(teacher, align)-->
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+
+from reft_jax import experiment
+from reft_jax.data import attacks, sft
+from reft_jax.losses import lm_loss
+from reft_jax.methods import baselines, reft
+from reft_jax.model import save_hf
+
+METHODS = ("sft_base", "sft_aligned", "vaccine", "booster", "lisa", "mimic", "reft")
+
+
+def with_updates(c, **updates):
+  """A copy of the config with dotted-key updates."""
+  c = c.copy_and_resolve_references()
+  for key, value in updates.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def model_dir(root: str, stage: str) -> str:
+  return os.path.join(root, stage, "model")
+
+
+def finished(root: str, stage: str) -> bool:
+  # save_hf writes config.json last, so its presence means the stage finished.
+  return os.path.exists(os.path.join(model_dir(root, stage), "config.json"))
+
+
+class Stopped(Exception):
+  """A stage was interrupted by SIGTERM/SIGINT (its checkpoint is saved)."""
+
+
+@dataclasses.dataclass
+class Env:
+  c: object
+  mesh: object
+  rules: object
+  tokenizer: object
+  base_path: str
+  shared_dir: str
+
+
+def _tok(env, examples):
+  return sft.tokenize(examples, env.tokenizer, env.c.data.seq_len, env.c.data.template)
+
+
+def train(env: Env, root: str, stage: str, init_path: str, data, loss_fn=lm_loss, **kw) -> str:
+  """One training stage from the model at init_path; exports root/<stage>/model (skipped if there)."""
+  if not finished(root, stage):
+    c = with_updates(env.c, **{"model.hf_path": init_path})
+    model = experiment.build_model(c, env.mesh, env.rules, env.tokenizer)
+    model, _, stopped, _ = experiment.train_stage(c, root, stage, model, data, loss_fn, env.mesh,
+                                                  env.rules, **kw)
+    if stopped:
+      raise Stopped(stage)
+    save_hf(model, model_dir(root, stage), env.tokenizer)
+  return model_dir(root, stage)
+
+
+def alignment(env: Env) -> list:
+  return experiment.load(env.c, env.c.reft.alignment)
+
+
+def aligned(env: Env, how: str = "sft") -> str:
+  """The base model aligned on the alignment data by sft, vaccine or booster (shared)."""
+  c = env.c
+  stage = "aligned" if how == "sft" else f"aligned_{how}"
+  align = _tok(env, alignment(env))
+  if how == "sft":
+    return train(env, env.shared_dir, stage, env.base_path, align)
+  if how == "vaccine":
+    return train(env, env.shared_dir, stage, env.base_path, align, baselines.vaccine_loss(c.vaccine.rho))
+  harmful = _tok(env, experiment.load(c, c.data.harmful_source))
+  data = sft.MixedBatcher({"align": sft.Batcher(align, c.train.batch_size, seed=c.seed),
+                           "harmful": sft.Batcher(harmful, c.train.batch_size, seed=c.seed + 3)})
+  return train(env, env.shared_dir, stage, env.base_path, data,
+               baselines.booster_loss(c.booster.lam, c.booster.alpha))
+
+
+def lisa(env: Env, root: str, user) -> str:
+  c = env.c
+  start = aligned(env)
+  data = sft.MixedBatcher({"user": sft.Batcher(_tok(env, user), c.train.batch_size, seed=c.seed),
+                           "align": sft.Batcher(_tok(env, alignment(env)), c.train.batch_size,
+                                                seed=c.seed + 5)})
+  phase_of = baselines.lisa_schedule(c.lisa.k_align, c.lisa.k_user)
+  warmup = int(c.lisa.proximal_warmup * c.train.num_steps)
+  trainable = lambda params: params  # full fine-tuning: every parameter is anchored
+
+  def before_step(step, state):
+    phase = phase_of(step)
+    extras = dict(state.extras)
+    if step == 0 or phase != int(extras["align_phase"]):  # entering a state: snapshot the weights
+      extras["anchor"] = jax.tree.map(lambda p: jnp.array(p, jnp.float32), trainable(state.params))
+    extras["align_phase"] = jnp.asarray(phase, jnp.int32)
+    extras["prox_on"] = jnp.asarray(float(step >= warmup), jnp.float32)
+    return state.replace(extras=extras)
+
+  model = experiment.build_model(with_updates(c, **{"model.hf_path": start}), env.mesh, env.rules,
+                                 env.tokenizer)
+  params = experiment.split_model(model)[1]
+  extras = {"anchor": jax.tree.map(lambda p: p.astype(jnp.float32), params),
+            "align_phase": jnp.asarray(0, jnp.int32), "prox_on": jnp.asarray(0.0, jnp.float32)}
+  return train(env, root, "lisa", start, data, baselines.lisa_loss(c.lisa.rho), extras=extras,
+               before_step=before_step)
+
+
+def mimic(env: Env, root: str, user) -> str:
+  c = env.c
+  refusals = [e for e in alignment(env) if e.meta.get("is_harmful")]
+  safety = attacks.mimic_safety(refusals, user, c.mimic.ratio, seed=c.seed)
+  return train(env, root, "mimic", aligned(env), _tok(env, user + safety))
+
+
+def run_method(name: str, env: Env, root: str, user) -> tuple[str, dict]:
+  """Trains `name` on the user data; returns (final model dir, extra result fields)."""
+  if name == "sft_base":
+    return train(env, root, "sft_base", env.base_path, _tok(env, user)), {}
+  if name == "sft_aligned":
+    return train(env, root, "sft_aligned", aligned(env), _tok(env, user)), {}
+  if name in ("vaccine", "booster"):
+    return train(env, root, name, aligned(env, name), _tok(env, user)), {}
+  if name == "lisa":
+    return lisa(env, root, user), {}
+  if name == "mimic":
+    return mimic(env, root, user), {}
+  if name == "reft":
+    c = with_updates(env.c, **{"model.hf_path": env.base_path, "eval.enabled": False})
+    out = reft.run(c, root, teacher_dir=env.shared_dir)
+    if out["stopped"]:
+      raise Stopped("reft")
+    import json
+
+    with open(os.path.join(root, "filter", "summary.json")) as f:
+      flt = json.load(f)
+    keys = ("precision", "recall", "kept_fraction", "tau", "false_positive_rate")
+    return out["model_dir"], {"filter": {k: flt[k] for k in keys}}
+  raise ValueError(f"method {name!r} is not one of {METHODS}")

@@ -1,0 +1,171 @@
+"""Baselines: sanity equivalences with SFT, their extra gradients against references, and a sweep."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx, traverse_util
+
+from helpers import ROOT, mesh_of, tiny_config
+from reft_jax import experiment
+from reft_jax.data import sft
+from reft_jax.losses import lm_loss
+from reft_jax.methods import baselines
+from reft_jax.train import Context
+
+
+def _setup(tmp_path, **overrides):
+  c = tiny_config(**{"train.num_steps": 3, "train.lr": 3e-3, **overrides})
+  examples = experiment.read_examples(c)
+  tok = experiment.get_tokenizer(c, str(tmp_path), examples)
+  data = sft.tokenize(examples, tok, c.data.seq_len, c.data.template)
+  mesh, rules = mesh_of(), experiment.shd.parse_rules("")
+  return c, data, lambda: experiment.build_model(c, mesh, rules, tok), mesh, rules
+
+
+def _params(model):
+  return {"/".join(k): np.asarray(v) for k, v in
+          traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model))).items()}
+
+
+def _assert_same(m1, m2, atol=1e-6):
+  p1, p2 = _params(m1), _params(m2)
+  for k in p1:
+    np.testing.assert_allclose(p1[k], p2[k], atol=atol, err_msg=k)
+
+
+def _train(c, root, name, model, data, loss, mesh, rules, **kw):
+  return experiment.train_stage(c, str(root / name), name, model, data, loss, mesh, rules, **kw)[0]
+
+
+def test_vaccine_with_rho_zero_is_sft(tmp_path):
+  c, data, build, mesh, rules = _setup(tmp_path)
+  sft_model = _train(c, tmp_path, "sft", build(), data, lm_loss, mesh, rules)
+  vac = _train(c, tmp_path, "vac", build(), data, baselines.vaccine_loss(0.0), mesh, rules)
+  _assert_same(sft_model, vac)
+  moved = _train(c, tmp_path, "vac2", build(), data, baselines.vaccine_loss(2.0), mesh, rules)
+  assert not np.allclose(_params(moved)["embed"], _params(sft_model)["embed"], atol=1e-6)
+
+
+def test_booster_with_lambda_zero_is_sft_on_the_alignment_data(tmp_path):
+  c, data, build, mesh, rules = _setup(tmp_path)
+  sft_model = _train(c, tmp_path, "sft", build(), data, lm_loss, mesh, rules)
+  mixed = sft.MixedBatcher({"align": sft.Batcher(data, c.train.batch_size, seed=c.seed),
+                            "harmful": sft.Batcher(data, c.train.batch_size, seed=c.seed + 3)})
+  boo = _train(c, tmp_path, "boo", build(), mixed, baselines.booster_loss(0.0, 0.1), mesh, rules)
+  _assert_same(sft_model, boo)
+
+
+def test_lisa_with_rho_zero_and_no_alignment_steps_is_sft(tmp_path):
+  c, data, build, mesh, rules = _setup(tmp_path)
+  sft_model = _train(c, tmp_path, "sft", build(), data, lm_loss, mesh, rules)
+  mixed = sft.MixedBatcher({"user": sft.Batcher(data, c.train.batch_size, seed=c.seed),
+                            "align": sft.Batcher(data, c.train.batch_size, seed=c.seed + 5)})
+  model = build()
+  params = experiment.split_model(model)[1]
+  extras = {"anchor": params, "align_phase": jnp.asarray(0, jnp.int32), "prox_on": jnp.asarray(1.0)}
+  lisa = _train(c, tmp_path, "lisa", model, mixed, baselines.lisa_loss(0.0), mesh, rules, extras=extras)
+  _assert_same(sft_model, lisa)
+
+
+def test_lisa_proximal_term_and_schedule():
+  phase = baselines.lisa_schedule(2, 3)
+  assert [phase(s) for s in range(10)] == [1, 1, 0, 0, 0, 1, 1, 0, 0, 0]
+  assert [baselines.lisa_schedule(0, 5)(s) for s in range(3)] == [0, 0, 0]
+
+
+def _tiny_batch(c, data, n=4):
+  return {k: jnp.asarray(v[:n]) for k, v in dict(
+      tokens=data.tokens, loss_mask=data.loss_mask, attention_mask=data.attention_mask).items()}
+
+
+def test_vaccine_perturbation_gradient_matches_finite_differences(tmp_path):
+  c, data, build, _, _ = _setup(tmp_path)
+  model = build()
+  batch = _tiny_batch(c, data)
+  cfg = model.cfg
+  delta0 = jnp.zeros((cfg.num_layers, 4, c.data.seq_len, cfg.hidden_size), jnp.float32)
+
+  def mean_loss(delta):
+    s, n = baselines._ce(model, batch, attn_delta_LBTD=delta)
+    return s / n
+
+  g = jax.grad(mean_loss)(delta0)
+  idx = (1, 0, 5, 3)  # layer 1, example 0, position 5, feature 3
+  h = 1e-2
+  e = jnp.zeros_like(delta0).at[idx].set(h)
+  fd = (mean_loss(delta0 + e) - mean_loss(delta0 - e)) / (2 * h)
+  np.testing.assert_allclose(float(g[idx]), float(fd), rtol=2e-2, atol=1e-6)
+  # The loss's parameter gradient is that of the loss under eps = rho g / ||g|| (a constant).
+  rho = 2.0
+  eps = rho * g / jnp.sqrt(jnp.sum(g * g))
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  want = jax.grad(lambda p: baselines._ce(nnx.merge(graphdef, p), batch, attn_delta_LBTD=eps)[0])(params)
+  got = jax.grad(lambda p: baselines.vaccine_loss(rho)(nnx.merge(graphdef, p), batch)[0])(params)
+  np.testing.assert_allclose(optax.global_norm(jax.tree.map(jnp.subtract, got, want)), 0.0, atol=1e-5)
+
+
+def test_booster_gradient_is_grad_f_plus_lambda_grad_h_difference(tmp_path):
+  c, data, build, _, _ = _setup(tmp_path)
+  model = build()
+  batch = {"align": _tiny_batch(c, data), "harmful": {k: v[::-1] for k, v in _tiny_batch(c, data).items()}}
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  lam, alpha = 5.0, 0.1
+
+  def f(p):
+    s, n = baselines._ce(nnx.merge(graphdef, p), batch["align"])
+    return s / n
+
+  def h(p):
+    s, n = baselines._ce(nnx.merge(graphdef, p), batch["harmful"])
+    return s / n
+
+  g_f, g_h = jax.grad(f)(params), jax.grad(h)(params)
+  norm = optax.global_norm(g_h)
+  shifted = jax.tree.map(lambda p, g: p - alpha * g / norm, params, g_h)
+  g_h2 = jax.grad(h)(shifted)
+  want = jax.tree.map(lambda a, b, c: a + lam * (b - c), g_f, g_h, g_h2)
+
+  def booster_mean(p):
+    total, count, _ = baselines.booster_loss(lam, alpha)(nnx.merge(graphdef, p), batch, Context({}))
+    return total / count
+
+  got = jax.grad(booster_mean)(params)
+  err = optax.global_norm(jax.tree.map(jnp.subtract, got, want))
+  assert float(err) < 1e-4 * float(optax.global_norm(want))
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_method_and_writes_the_table(tmp_path):
+  world = [f"--config.world.{k}={v}" for k, v in dict(
+      n_alignment=40, n_probe=16, n_harmful_pool=20, n_eval_harmful=8, n_eval_harmless=8,
+      n_task_train=60, n_task_test=8, n_pretrain=64).items()]
+  args = ["--config=configs/default.py:sweep", f"--workdir={tmp_path}", "--config.demo.arch=tiny",
+          "--config.demo.pretrain_steps=3", "--config.train.num_steps=2", "--config.teacher.num_steps=2",
+          "--config.reft.probe_size=8", "--config.data.n=20", "--config.train.batch_size=4",
+          "--config.teacher.batch_size=4", "--config.eval.max_new_tokens=4", "--config.eval.batch_size=8",
+          "--config.eval.n_harmless=4", "--config.log.progress=False", "--config.sweep.p=0,0.2",
+          "--config.lisa.k_align=1", "--config.lisa.k_user=1", "--config.data.buckets=", *world]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-m", "reft_jax", *args], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  runs = json.load(open(tmp_path / "results.json"))["runs"]
+  methods = ["sft_aligned", "sft_base", "vaccine", "lisa", "booster", "mimic", "reft"]
+  assert {(v["method"], v["p"]) for v in runs.values()} == {(m, p) for m in methods for p in (0.0, 0.2)}
+  table = open(tmp_path / "sweep.md").read()
+  assert all(f"| {m} |" in table for m in methods) and "p=0.2 HS↓ / FA↑" in table
+  rows = list(open(tmp_path / "sweep.csv"))
+  assert len(rows) == 1 + 2 * len(methods)
+  assert os.path.exists(tmp_path / "sweep.png")
+  # shared stages trained once: one teacher, one aligned model per alignment method
+  assert sorted(d for d in os.listdir(tmp_path) if d.startswith(("aligned", "teacher"))) == [
+      "aligned", "aligned_booster", "aligned_vaccine", "teacher"]
