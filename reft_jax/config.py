@@ -143,7 +143,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 def _is_local(spec: str) -> bool:
   from reft_jax.data.sources import HUB_SOURCES
 
-  return not spec.startswith(("hub:", "tfds:", "world:")) and spec not in (*HUB_SOURCES, "builtin")
+  return not spec.startswith(("hub:", "tfds:", "world:", "asset:")) and spec not in (*HUB_SOURCES, "builtin")
 
 
 def eval_tasks(c: ml_collections.ConfigDict) -> dict[str, str]:

@@ -153,7 +153,8 @@ def test_sweep_runs_every_method_and_writes_the_table(tmp_path):
           "--config.reft.probe_size=8", "--config.data.n=20", "--config.train.batch_size=4",
           "--config.teacher.batch_size=4", "--config.eval.max_new_tokens=4", "--config.eval.batch_size=8",
           "--config.eval.n_harmless=4", "--config.log.progress=False", "--config.sweep.p=0,0.2",
-          "--config.lisa.k_align=1", "--config.lisa.k_user=1", "--config.data.buckets=", *world]
+          "--config.lisa.k_align=1", "--config.lisa.k_user=1", "--config.data.buckets=",
+          "--config.reft.tau_mode=fixed", "--config.reft.tau=1.5", *world]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-m", "reft_jax", *args], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=900)

