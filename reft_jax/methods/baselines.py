@@ -67,7 +67,8 @@ def booster_loss(lam: float, alpha: float):
     g_norm = optax.global_norm(g_h)
     step = jax.tree.map(lambda g: -alpha * g / (g_norm + 1e-12), g_h)
     h_now = h_mean(params)
-    h_after = h_mean(jax.tree.map(jnp.add, params, step))  # the shift is a constant: its gradient is grad h(w')
+    # The shift is a constant, so this term's gradient is grad h(w').
+    h_after = h_mean(jax.tree.map(jnp.add, params, step))
     f_n = jnp.maximum(f_n, 1)
     total = f_sum + lam * (h_now - h_after) * f_n
     return total, f_n, {"harmful_loss": h_now, "harmful_loss_after_step": h_after}

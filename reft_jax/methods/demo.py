@@ -134,7 +134,8 @@ def sweep_table(runs: dict, methods: list[str], ps: list[float]) -> dict:
     if "method" not in r:
       continue
     fa = list((r.get("finetune_accuracy") or {}).values())
-    cells.setdefault((r["method"], float(r["p"])), []).append((r["harmful_score"], np.mean(fa) if fa else np.nan))
+    fa_mean = np.mean(fa) if fa else np.nan
+    cells.setdefault((r["method"], float(r["p"])), []).append((r["harmful_score"], fa_mean))
 
   def fmt(xs):
     xs = np.asarray(xs, float)
