@@ -85,6 +85,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.booster = ml_collections.ConfigDict(dict(lam=5.0, alpha=0.1))
   c.lisa = ml_collections.ConfigDict(dict(k_align=100, k_user=900, rho=1.0, proximal_warmup=0.1))
   c.mimic = ml_collections.ConfigDict(dict(ratio=0.05))
+  c.restore = ml_collections.ConfigDict(dict(rate=0.002, steps=20, max_drop=5.0, rollback_frac=0.2))
   c.demo = ml_collections.ConfigDict(dict(pretrain_steps=800, arch="world",
                                           methods="sft_aligned,sft_base,reft"))
   # The sweep: methods x p (x seeds) on shared base/aligned/teacher models.

@@ -84,8 +84,9 @@ def generate_texts(model: Transformer, tokenizer, prompts: list[str], *, max_new
 
   from reft_jax import sharding as shd
 
-  bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-  encoded = [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+  from reft_jax.data.sft import encode_prompt
+
+  encoded = [encode_prompt(tokenizer, p) for p in prompts]
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   out: list[str] = []
   for start in tqdm(range(0, len(encoded), batch_size), disable=not progress, desc="generate"):

@@ -154,13 +154,14 @@ def test_sweep_runs_every_method_and_writes_the_table(tmp_path):
           "--config.teacher.batch_size=4", "--config.eval.max_new_tokens=4", "--config.eval.batch_size=8",
           "--config.eval.n_harmless=4", "--config.log.progress=False", "--config.sweep.p=0,0.2",
           "--config.lisa.k_align=1", "--config.lisa.k_user=1", "--config.data.buckets=",
-          "--config.reft.tau_mode=fixed", "--config.reft.tau=1.5", *world]
+          "--config.reft.tau_mode=fixed", "--config.reft.tau=1.5", "--config.restore.steps=2",
+          "--config.sweep.methods=sft_aligned,sft_base,vaccine,lisa,booster,mimic,restore,reft", *world]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-m", "reft_jax", *args], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   runs = json.load(open(tmp_path / "results.json"))["runs"]
-  methods = ["sft_aligned", "sft_base", "vaccine", "lisa", "booster", "mimic", "reft"]
+  methods = ["sft_aligned", "sft_base", "vaccine", "lisa", "booster", "mimic", "restore", "reft"]
   assert {(v["method"], v["p"]) for v in runs.values()} == {(m, p) for m in methods for p in (0.0, 0.2)}
   table = open(tmp_path / "sweep.md").read()
   assert all(f"| {m} |" in table for m in methods) and "p=0.2 HS↓ / FA↑" in table
@@ -170,3 +171,51 @@ def test_sweep_runs_every_method_and_writes_the_table(tmp_path):
   # shared stages trained once: one teacher, one aligned model per alignment method
   assert sorted(d for d in os.listdir(tmp_path) if d.startswith(("aligned", "teacher"))) == [
       "aligned", "aligned_booster", "aligned_vaccine", "teacher"]
+
+
+def _restore_setup():
+  from reft_jax.model import PRESETS, init_model
+
+  cfg = PRESETS["tiny"].replace(num_layers=3)
+  aligned = init_model(cfg, seed=0)
+  graphdef, state = nnx.split(aligned)
+  noisy = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
+                       nnx.to_pure_dict(state))
+  finetuned = nnx.merge(graphdef, noisy)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(4, cfg.vocab_size, size=(8, 12)).astype(np.int32)
+  harmful = sft.TokenizedSet(tokens, np.zeros_like(tokens), np.ones_like(tokens), 0,
+                             np.full((8,), 11, np.int32))
+  return aligned, finetuned, harmful
+
+
+def test_restoration_with_rate_one_recovers_the_aligned_weights_in_edited_layers():
+  from reft_jax.methods.restore import RestoreConfig, restore_safety
+
+  aligned, finetuned, harmful = _restore_setup()
+  model, report = restore_safety(aligned, finetuned, harmful, RestoreConfig(rate=1.0, steps=1))
+  assert report["edited_layers"] == 2  # floor(2/3 * 3)
+  a, f, r = _params(aligned), _params(finetuned), _params(model)
+  for k in a:
+    if k.startswith("blocks/"):
+      np.testing.assert_array_equal(r[k][:2], a[k][:2], err_msg=k)  # edited layers: aligned
+      np.testing.assert_array_equal(r[k][2:], f[k][2:], err_msg=k)  # the rest: fine-tuned
+    else:
+      np.testing.assert_array_equal(r[k], f[k], err_msg=k)
+
+
+def test_restoration_moves_the_safety_feature_back_and_rolls_back_for_the_task():
+  from reft_jax.methods.restore import RestoreConfig, restore_safety
+
+  aligned, finetuned, harmful = _restore_setup()
+  model, report = restore_safety(aligned, finetuned, harmful, RestoreConfig(rate=0.01, steps=5))
+  h = report["history"]
+  assert h[-1]["neg_cos"] < h[0]["neg_cos"] and h[-1]["restored"] == 5 * h[0]["restored"]
+  # A task metric that drops with every restored weight forces rollbacks of 20% at a time.
+  task = {k: jnp.asarray(v) for k, v in dict(tokens=harmful.tokens, attention_mask=harmful.attention_mask,
+                                             loss_mask=np.ones_like(harmful.tokens)).items()}
+  f_params = _params(finetuned)
+  metric = lambda m: 100.0 - sum(float(np.sum(_params(m)[k] != f_params[k])) for k in f_params)
+  _, report = restore_safety(aligned, finetuned, harmful, RestoreConfig(rate=0.01, steps=2, max_rollbacks=2),
+                             task_metric=metric, task_data=task)
+  assert report["rollbacks"] >= 1 and report["task_after"] > 100.0 - report["history"][-1]["restored"]

@@ -56,6 +56,14 @@ class TokenizedSet:
     return dataclasses.replace(self, fields={**self.fields, **fields})
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+  """BOS + the prompt's tokens, without a second BOS when the text (e.g. a chat template) already
+  starts with it."""
+  ids = tokenizer.encode(text, add_special_tokens=False)
+  bos = tokenizer.bos_token_id
+  return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
+
+
 def tokenize(examples: list[Example], tokenizer, seq_len: int, template: str = "alpaca",
              loss_on: str = "response") -> TokenizedSet:
   """BOS + prompt + response + EOS, loss on the response and EOS (loss_on="all": every token after
@@ -69,16 +77,15 @@ def tokenize(examples: list[Example], tokenizer, seq_len: int, template: str = "
   attn = np.zeros((n, seq_len), np.int32)
   truncated = 0
   last_prompt = np.zeros((n,), np.int32)
-  bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
   for i, ex in enumerate(examples):
-    prompt = bos + tokenizer.encode(format_prompt(ex, template, tokenizer), add_special_tokens=False)
+    prompt = encode_prompt(tokenizer, format_prompt(ex, template, tokenizer))
     response = tokenizer.encode(ex.response, add_special_tokens=False) + [tokenizer.eos_token_id]
     ids = (prompt + response)[:seq_len]
     truncated += len(prompt) + len(response) > seq_len
     last_prompt[i] = min(len(prompt), seq_len) - 1
     tokens[i, :len(ids)] = ids
     attn[i, :len(ids)] = 1
-    loss[i, len(prompt) if loss_on == "response" else len(bos):len(ids)] = 1
+    loss[i, len(prompt) if loss_on == "response" else int(tokenizer.bos_token_id is not None):len(ids)] = 1
   is_harmful = np.asarray([bool(e.meta.get("is_harmful", False)) for e in examples], np.int32)
   return TokenizedSet(tokens, loss, attn, truncated, last_prompt, {"is_harmful": is_harmful})
 

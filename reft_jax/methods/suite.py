@@ -8,6 +8,7 @@ and are reused across cells (p, seed); per-cell stages live in the cell's workdi
   booster      base --Booster(align, harmful)--> --SFT(user)-->
   lisa         aligned --Lisa(user, align)-->
   mimic        aligned --SFT(user + safety data in the user's format)-->
+  restore      sft_aligned's model, a small share of weights restored toward the aligned model
   reft         base --teacher(align)--> filter(user) --> base --SFT(kept) + KL(teacher, align)-->
 """
 
@@ -25,7 +26,7 @@ from reft_jax.losses import lm_loss
 from reft_jax.methods import baselines, reft
 from reft_jax.model import save_hf
 
-METHODS = ("sft_base", "sft_aligned", "vaccine", "booster", "lisa", "mimic", "reft")
+METHODS = ("sft_base", "sft_aligned", "vaccine", "booster", "lisa", "mimic", "restore", "reft")
 
 
 def with_updates(c, **updates):
@@ -135,6 +136,45 @@ def mimic(env: Env, root: str, user) -> str:
   return train(env, root, "mimic", aligned(env), _tok(env, user + safety))
 
 
+def restore(env: Env, root: str, user) -> tuple[str, dict]:
+  """Post-hoc restoration of the align-then-fine-tune model toward the aligned one; the task metric
+  for the rollback rule is the finetune accuracy on 64 benign user examples."""
+  from reft_jax import refusal
+  from reft_jax.eval.metrics import percent, task_correct
+  from reft_jax.generate import generate_texts
+  from reft_jax.methods.restore import RestoreConfig, restore_safety
+  from reft_jax.model import load_hf
+
+  c = env.c
+  if finished(root, "restore"):
+    return model_dir(root, "restore"), {}
+  load = lambda path: load_hf(path, c.model.param_dtype, env.mesh, rules=env.rules)
+  aligned_model = load(aligned(env))
+  finetuned = load(run_method("sft_aligned", env, root, user)[0])
+  probes = experiment.load(c, c.reft.probe_harmful, c.reft.probe_size)
+  harmful = refusal.tokenize_prompts(probes, env.tokenizer, c.data.seq_len, c.data.template)
+  benign = [e for e in user if not e.meta.get("is_harmful") and "label" in e.meta][:64]
+  metric = task_data = None
+  if benign:
+    prompts = [sft.format_prompt(e, c.data.template, env.tokenizer) for e in benign]
+
+    def metric(model):
+      answers = generate_texts(model, env.tokenizer, prompts, max_new_tokens=c.eval.max_new_tokens,
+                               batch_size=c.eval.batch_size)
+      return percent(task_correct(e.meta.get("task", "sst2"), a, str(e.meta["label"]))
+                     for e, a in zip(benign, answers))
+
+    t = _tok(env, benign[:16])
+    task_data = {"tokens": jnp.asarray(t.tokens), "attention_mask": jnp.asarray(t.attention_mask),
+                 "loss_mask": jnp.asarray(t.loss_mask)}
+  cfg = RestoreConfig(rate=c.restore.rate, steps=c.restore.steps, max_drop=c.restore.max_drop,
+                      rollback_frac=c.restore.rollback_frac)
+  model, report = restore_safety(aligned_model, finetuned, harmful, cfg, metric, task_data)
+  save_hf(model, model_dir(root, "restore"), env.tokenizer)
+  keys = ("edited_layers", "restored_weights", "rollbacks", "task_before", "task_after")
+  return model_dir(root, "restore"), {"restore": {k: report.get(k) for k in keys}}
+
+
 def run_method(name: str, env: Env, root: str, user) -> tuple[str, dict]:
   """Trains `name` on the user data; returns (final model dir, extra result fields)."""
   if name == "sft_base":
@@ -147,6 +187,8 @@ def run_method(name: str, env: Env, root: str, user) -> tuple[str, dict]:
     return lisa(env, root, user), {}
   if name == "mimic":
     return mimic(env, root, user), {}
+  if name == "restore":
+    return restore(env, root, user)
   if name == "reft":
     c = with_updates(env.c, **{"model.hf_path": env.base_path, "eval.enabled": False})
     out = reft.run(c, root, teacher_dir=env.shared_dir)
