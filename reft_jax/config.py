@@ -12,7 +12,7 @@ from reft_jax.data.attacks import ATTACKS
 from reft_jax.model import PRESETS, LoraConfig, RunOptions
 from reft_jax.optim import MODES
 
-METHODS = ("sft", "pretrain", "reft", "demo", "sweep")
+METHODS = ("sft", "pretrain", "reft", "demo", "sweep", "analyze")
 
 
 class ConfigError(ValueError):

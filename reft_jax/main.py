@@ -42,7 +42,7 @@ def main(argv) -> int:
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   from reft_jax import config as config_lib
-  from reft_jax.methods import demo, reft, sft
+  from reft_jax.methods import analyze, demo, reft, sft
 
   c = _CONFIG.value
   if c is None or not _WORKDIR.value:
@@ -58,10 +58,14 @@ def main(argv) -> int:
   from reft_jax.train import NonFiniteLoss
 
   try:
+    if c.model.gguf:  # converted once into a HF directory, which every stage then reads
+      from reft_jax.model.gguf import converted_dir
+
+      c.model.hf_path = converted_dir(c.model.gguf)
     if command == "eval":
       return _eval(c, _WORKDIR.value)
     out = {"sft": sft.run, "pretrain": sft.run, "reft": reft.run, "demo": demo.run_demo,
-           "sweep": demo.run_sweep}[c.method](c, _WORKDIR.value)
+           "sweep": demo.run_sweep, "analyze": analyze.run}[c.method](c, _WORKDIR.value)
   except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
     # Bad input (data file, checkpoint, ...) or a diverged run: one clear line; the traceback goes
     # to workdir/error.log for debugging.

@@ -40,17 +40,28 @@ def direction(h_harm_ND, h_safe_MD):
   return jnp.mean(h_harm_ND, axis=0) - jnp.mean(h_safe_MD, axis=0)
 
 
+def last_prompt_features_layers(model, tokens_BT, mask_BT, last_prompt_B, layers: tuple[int, ...]):
+  """[B, len(layers), D]: one forward (stopping at the deepest layer) for several layers."""
+  _, hidden = model.forward(tokens_BT, mask_BT, hidden_layers=layers, stop_after=max(layers))
+  return jnp.stack([jnp.take_along_axis(hidden[l], last_prompt_B[:, None, None], axis=1)[:, 0]
+                    for l in layers], axis=1).astype(jnp.float32)
+
+
 @functools.lru_cache(maxsize=16)
-def _features_fn(graphdef, layer: int):
+def _features_fn(graphdef, layers):
   @jax.jit
   def run(params, tokens, mask, last):
-    return last_prompt_features(nnx.merge(graphdef, params), tokens, mask, last, layer)
+    model = nnx.merge(graphdef, params)
+    if isinstance(layers, int):
+      return last_prompt_features(model, tokens, mask, last, layers)
+    return last_prompt_features_layers(model, tokens, mask, last, layers)
   return run
 
 
-def prompt_features(model, data: sft.TokenizedSet, layer: int, batch_size: int = 64, mesh=None
-                    ) -> np.ndarray:
-  """h^l at the last prompt token of every example of `data` (fixed-shape batches, one compile)."""
+def prompt_features(model, data: sft.TokenizedSet, layer: int | tuple[int, ...], batch_size: int = 64,
+                    mesh=None) -> np.ndarray:
+  """h^l at the last prompt token of every example of `data`: [N, D], or [N, len(layer), D] for a
+  tuple of layers (fixed-shape batches, one compile)."""
   from reft_jax import sharding as shd
 
   graphdef, state = nnx.split(model)

