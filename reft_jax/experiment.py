@@ -27,6 +27,16 @@ from reft_jax.train import (batch_shardings, flops_per_token, init_train_state, 
 log = logging.getLogger(__name__)
 
 
+def model_dir(root: str, stage: str) -> str:
+  """Where a stage exports its final model (a HF directory)."""
+  return os.path.join(root, stage, "model")
+
+
+def finished(root: str, stage: str) -> bool:
+  # save_hf writes config.json last, so its presence means the stage finished.
+  return os.path.exists(os.path.join(model_dir(root, stage), "config.json"))
+
+
 def setup_mesh(c: ml_collections.ConfigDict):
   return shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor), shd.parse_rules(c.mesh.rules)
 

@@ -32,11 +32,6 @@ def layer_of(c, model) -> int:
   return c.reft.layer if c.reft.layer > 0 else model.cfg.num_layers // 2
 
 
-def done(workdir: str, stage: str) -> bool:
-  # save_hf writes config.json last, so its presence means the stage finished.
-  return os.path.exists(os.path.join(workdir, stage, "model", "config.json"))
-
-
 # ------------------------------------------------------------------ teacher
 
 def teacher_loss(layer: int, lam: float):
@@ -300,7 +295,7 @@ def run(c, workdir: str, hooks=(), teacher_dir: str | None = None) -> dict:
   stage_model = lambda root, stage: load_hf(os.path.join(root, stage, "model"), c.model.param_dtype, mesh,
                                             rules=rules)
 
-  if not done(teacher_dir, "teacher"):
+  if not experiment.finished(teacher_dir, "teacher"):
     base = experiment.build_model(c, mesh, rules, tokenizer)
     _, _, stopped = train_teacher(c, teacher_dir, base, tokenizer, mesh, rules)
     if stopped:
@@ -313,7 +308,7 @@ def run(c, workdir: str, hooks=(), teacher_dir: str | None = None) -> dict:
   log.info("filter: kept %d of %d (precision %s, recall %s, tau %.3f)", summary["kept"], summary["n"],
            summary["precision"], summary["recall"], summary["tau"])
 
-  if done(workdir, "student"):
+  if experiment.finished(workdir, "student"):
     student = stage_model(workdir, "student")
   else:
     student, stopped = train_student(c, workdir, experiment.build_model(c, mesh, rules, tokenizer),

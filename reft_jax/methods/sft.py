@@ -16,15 +16,6 @@ from reft_jax.model import load_hf, save_hf, save_peft_adapter
 log = logging.getLogger(__name__)
 
 
-def model_dir(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, stage, "model")
-
-
-def finished(workdir: str, stage: str) -> bool:
-  # save_hf writes config.json last, so its presence means the stage finished.
-  return os.path.exists(os.path.join(model_dir(workdir, stage), "config.json"))
-
-
 def train_and_export(c, workdir: str, stage: str, examples: list[sft.Example], tokenizer, mesh, rules,
                      *, loss_on: str = "response", hooks=()) -> dict:
   """Fine-tunes c.model (hf_path or random init) on `examples`; exports workdir/<stage>/model."""
@@ -37,7 +28,7 @@ def train_and_export(c, workdir: str, stage: str, examples: list[sft.Example], t
                                                       rules, hooks)
   out = {"stopped": stopped, "history": history, "model": model}
   if not stopped:
-    out["model_dir"] = save_hf(model, model_dir(workdir, stage), tokenizer)
+    out["model_dir"] = save_hf(model, experiment.model_dir(workdir, stage), tokenizer)
     if model.options.lora is not None:
       out["adapter_dir"] = save_peft_adapter(model, os.path.join(workdir, stage, "adapter"),
                                              c.model.hf_path)
@@ -50,9 +41,9 @@ def run(c, workdir: str, hooks=()) -> dict:
   mesh, rules = experiment.setup_mesh(c)
   examples = experiment.read_examples(c)
   tokenizer = experiment.get_tokenizer(c, workdir, examples)
-  if finished(workdir, stage):
-    out = {"stopped": False, "history": [], "model_dir": model_dir(workdir, stage),
-           "model": load_hf(model_dir(workdir, stage), c.model.param_dtype, mesh, rules=rules)}
+  if experiment.finished(workdir, stage):
+    out = {"stopped": False, "history": [], "model_dir": experiment.model_dir(workdir, stage),
+           "model": load_hf(experiment.model_dir(workdir, stage), c.model.param_dtype, mesh, rules=rules)}
   else:
     out = train_and_export(c, workdir, stage, examples, tokenizer, mesh, rules,
                            loss_on="all" if stage == "pretrain" else "response", hooks=hooks)

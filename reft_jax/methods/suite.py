@@ -41,13 +41,7 @@ def with_updates(c, **updates):
   return c
 
 
-def model_dir(root: str, stage: str) -> str:
-  return os.path.join(root, stage, "model")
-
-
-def finished(root: str, stage: str) -> bool:
-  # save_hf writes config.json last, so its presence means the stage finished.
-  return os.path.exists(os.path.join(model_dir(root, stage), "config.json"))
+model_dir, finished = experiment.model_dir, experiment.finished
 
 
 class Stopped(Exception):
