@@ -219,3 +219,30 @@ def test_restoration_moves_the_safety_feature_back_and_rolls_back_for_the_task()
   _, report = restore_safety(aligned, finetuned, harmful, RestoreConfig(rate=0.01, steps=2, max_rollbacks=2),
                              task_metric=metric, task_data=task)
   assert report["rollbacks"] >= 1 and report["task_after"] > 100.0 - report["history"][-1]["restored"]
+
+
+def test_lisa_gradient_is_the_active_states_ce_plus_rho_times_distance_to_anchor(tmp_path):
+  c, data, build, _, _ = _setup(tmp_path)
+  model = build()
+  user = _tiny_batch(c, data)
+  align = {k: v[::-1] for k, v in user.items()}
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  anchor = jax.tree.map(lambda p: p + 0.01, params)
+  rho = 3.0
+  for phase, active in ((0, user), (1, align)):
+    extras = {"anchor": anchor, "align_phase": jnp.asarray(phase), "prox_on": jnp.asarray(1.0)}
+
+    def mean_loss(p):
+      total, count, _ = baselines.lisa_loss(rho)(nnx.merge(graphdef, p), {"user": user, "align": align},
+                                                 Context(extras))
+      return total / count
+
+    def ce(p):
+      s, n = baselines._ce(nnx.merge(graphdef, p), active)
+      return s / n
+
+    want = jax.tree.map(lambda g, p, a: g + rho * (p - a), jax.grad(ce)(params), params, anchor)
+    got = jax.grad(mean_loss)(params)
+    err = optax.global_norm(jax.tree.map(jnp.subtract, got, want))
+    assert float(err) < 1e-4 * float(optax.global_norm(want)), phase
