@@ -25,13 +25,9 @@ def tiny_config(**overrides):
   c.data.update(seq_len=32, builtin_examples=64)
   c.checkpoint.update(every_steps=0, async_save=False)
   c.log.update(progress=False, tensorboard=False)
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  from reft_jax.methods.suite import with_updates
+
+  return with_updates(c, **overrides)
 
 
 def mesh_of(data=1, fsdp=1, tensor=1):

@@ -50,6 +50,18 @@ def _edited_mask(flat: dict, k: int) -> dict:
   return out
 
 
+def _set(current: dict, restored: dict, where: list, picks, source: dict, is_restored: bool) -> None:
+  """Copies source values into `current` at the picked positions of the concatenation of `where`
+  ([(path, flat indices)]), and marks them restored (or not)."""
+  offsets = np.cumsum([0] + [len(i) for _, i in where])
+  for j in picks:
+    a = np.searchsorted(offsets, j, side="right") - 1
+    p, idx = where[a]
+    at = np.unravel_index(idx[j - offsets[a]], current[p].shape)
+    current[p][at] = np.asarray(source[p])[at]
+    restored[p][at] = is_restored
+
+
 def restore_safety(aligned, finetuned, harmful, cfg: RestoreConfig = RestoreConfig(), task_metric=None,
                    task_data: dict | None = None):
   """Returns (restored model, report). harmful: a prompts-only TokenizedSet (refusal.tokenize_prompts).
@@ -94,13 +106,7 @@ def restore_safety(aligned, finetuned, harmful, cfg: RestoreConfig = RestoreConf
     s, d = np.concatenate(scores), np.concatenate(descent)
     # Descent-direction weights first (largest |grad| first), then the rest: rate 1 restores all.
     order = np.lexsort((-s, ~d))[:per_step]
-    offsets = np.cumsum([0] + [len(i) for _, i in where])
-    for j in order:
-      a = np.searchsorted(offsets, j, side="right") - 1
-      p, idx = where[a]
-      flat_index = np.unravel_index(idx[j - offsets[a]], current[p].shape)
-      current[p][flat_index] = np.asarray(flat_a[p])[flat_index]
-      restored[p][flat_index] = True
+    _set(current, restored, where, order, flat_a, True)
     n_restored = int(sum(r.sum() for r in restored.values()))
     history.append({"step": step, "neg_cos": float(value), "restored": n_restored})
 
@@ -128,14 +134,7 @@ def restore_safety(aligned, finetuned, harmful, cfg: RestoreConfig = RestoreConf
       n_back = int(np.ceil(cfg.rollback_frac * sum(r.sum() for r in restored.values())))
       if not len(vals):
         break
-      top = np.argsort(-vals)[:n_back]
-      offsets = np.cumsum([0] + [len(i) for _, i in cand])
-      for j in top:
-        a = np.searchsorted(offsets, j, side="right") - 1
-        p, idx = cand[a]
-        fi = np.unravel_index(idx[j - offsets[a]], current[p].shape)
-        current[p][fi] = np.asarray(flat_f[p])[fi]
-        restored[p][fi] = False
+      _set(current, restored, cand, np.argsort(-vals)[:n_back], flat_f, False)
       report["rollbacks"] += 1
       after = task_metric(model_of(current))
       report["task_after"] = after
