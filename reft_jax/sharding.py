@@ -7,7 +7,6 @@ from typing import Any
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 from flax import nnx, traverse_util
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -104,12 +103,3 @@ def batch_sharding(mesh: Mesh, rules=None, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
-
-
-def bytes_per_device(tree) -> int:
-  """Bytes of the largest shard of each array, summed: what one device holds."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    shard = x.sharding.shard_shape(x.shape) if hasattr(x, "sharding") and x.sharding else x.shape
-    total += int(np.prod(shard)) * np.dtype(x.dtype).itemsize
-  return total

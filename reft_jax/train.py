@@ -278,7 +278,3 @@ def train_loop(state, step_fn, batcher, batch_sharding, *, num_steps: int, write
       consume(*pending, time.perf_counter() - t_last)
   bar.close()
   return state, history, stopped
-
-
-def host_params(params: dict) -> dict:
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)

@@ -74,6 +74,14 @@ def to_hf_layout(path, ours: np.ndarray) -> np.ndarray:
   return ours.reshape(math.prod(ours.shape[:n]), -1).T
 
 
+def hf_shape(path, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The HF tensor shape of one (per-layer) parameter of ours, without touching data."""
+  if path[-1] == "kernel":
+    n = _n_in(path)
+    return (math.prod(shape[n:]), math.prod(shape[:n]))
+  return (math.prod(shape),) if path[-1] == "bias" else tuple(shape)
+
+
 def from_hf_layout(path, hf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   if path[-1] == "kernel":
     hf = hf.T
@@ -171,7 +179,7 @@ def load_hf(path: str, dtype: str = "float32", mesh=None, *, options: RunOptions
                          f"{'.'.join(p)})")
       per_layer = shape[1:] if p[0] == "blocks" else shape
       got = reader.shape(n)
-      want_hf = to_hf_layout(p, np.empty(per_layer, np.int8)).shape
+      want_hf = hf_shape(p, per_layer)
       if got != want_hf:  # exact: a transposed [in, out] tensor has the right size but not layout
         raise ValueError(f"{path}: tensor {n!r} has shape {got}, expected {want_hf} for "
                          f"{cfg.family} config ({'.'.join(p)})")
