@@ -35,3 +35,24 @@ def mesh_of(data=1, fsdp=1, tensor=1):
 
   n = data * fsdp * tensor
   return make_mesh(data, fsdp, tensor, devices=jax.devices()[:n])
+
+
+def small_world_flags(**sizes) -> list[str]:
+  """--config.world.* flags for a safety world small enough for end-to-end CLI tests."""
+  base = dict(n_alignment=40, n_probe=16, n_harmful_pool=20, n_eval_harmful=8, n_eval_harmless=8,
+              n_task_train=60, n_task_test=8, n_pretrain=64)
+  return [f"--config.world.{k}={v}" for k, v in {**base, **sizes}.items()]
+
+
+def perturbed_torch_model(cls, config, seed: int = 0):
+  """A random transformers model whose norms and biases are not at their init (so they matter)."""
+  import torch
+
+  torch.manual_seed(seed)
+  model = cls(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name or "bias" in name:
+        p.add_(torch.randn_like(p) * 0.1)
+  model.config._attn_implementation = "eager"
+  return model

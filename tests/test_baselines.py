@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx, traverse_util
 
-from helpers import ROOT, mesh_of, tiny_config
+from helpers import small_world_flags, ROOT, mesh_of, tiny_config
 from reft_jax import experiment
 from reft_jax.data import sft
 from reft_jax.losses import lm_loss
@@ -145,9 +145,7 @@ def test_booster_gradient_is_grad_f_plus_lambda_grad_h_difference(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_runs_every_method_and_writes_the_table(tmp_path):
-  world = [f"--config.world.{k}={v}" for k, v in dict(
-      n_alignment=40, n_probe=16, n_harmful_pool=20, n_eval_harmful=8, n_eval_harmless=8,
-      n_task_train=60, n_task_test=8, n_pretrain=64).items()]
+  world = small_world_flags()
   args = ["--config=configs/default.py:sweep", f"--workdir={tmp_path}", "--config.demo.arch=tiny",
           "--config.demo.pretrain_steps=3", "--config.train.num_steps=2", "--config.teacher.num_steps=2",
           "--config.reft.probe_size=8", "--config.data.n=20", "--config.train.batch_size=4",

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import perturbed_torch_model
+
 import reft_jax
 from reft_jax.model import gguf as rg
 
@@ -101,7 +103,7 @@ def write_gguf(torch_model, path: str, arch: str) -> None:
 
 
 def tiny_torch_model(arch: str):
-  torch = pytest.importorskip("torch")
+  pytest.importorskip("torch")
   import transformers
 
   common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -114,14 +116,7 @@ def tiny_torch_model(arch: str):
     config = transformers.Qwen2Config(**common, tie_word_embeddings=True,
                                       rope_parameters=dict(rope_type="default", rope_theta=1e6))
     cls = transformers.Qwen2ForCausalLM
-  torch.manual_seed(0)
-  model = cls(config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name or "bias" in name:
-        p.add_(torch.randn_like(p) * 0.1)
-  model.config._attn_implementation = "eager"
-  return model
+  return perturbed_torch_model(cls, config, 0)
 
 
 @pytest.fixture(scope="module")

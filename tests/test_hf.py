@@ -14,6 +14,8 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from helpers import perturbed_torch_model
+
 import reft_jax
 from reft_jax import sharding as shd
 
@@ -40,14 +42,7 @@ def make_hf_model(family: str, seed: int = 0):
     config = transformers.Gemma2Config(**common, sliding_window=4, query_pre_attn_scalar=24,
                                        attn_logit_softcapping=50.0, final_logit_softcapping=3.0)
     cls = transformers.Gemma2ForCausalLM
-  torch.manual_seed(seed)
-  model = cls(config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name or "bias" in name:
-        p.add_(torch.randn_like(p) * 0.1)
-  model.config._attn_implementation = "eager"
-  return model
+  return perturbed_torch_model(cls, config, seed)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import ROOT, tiny_config
+from helpers import small_world_flags, ROOT, tiny_config
 from reft_jax import losses, refusal
 from reft_jax.data import sft
 from reft_jax.data.tokenizer import build_word_tokenizer
@@ -147,9 +147,7 @@ def test_filter_that_drops_nothing_warns(monkeypatch, tmp_path, tok, caplog):
 
 @pytest.mark.slow
 def test_demo_pipeline_on_a_tiny_world_produces_every_artefact(tmp_path):
-  world = [f"--config.world.{k}={v}" for k, v in dict(
-      n_alignment=40, n_probe=16, n_harmful_pool=20, n_eval_harmful=8, n_eval_harmless=8,
-      n_task_train=60, n_task_test=8, n_pretrain=64).items()]
+  world = small_world_flags()
   args = ["--config=configs/default.py:demo", f"--workdir={tmp_path}", "--config.demo.arch=tiny",
           "--config.demo.pretrain_steps=4", "--config.train.num_steps=3", "--config.teacher.num_steps=4",
           "--config.reft.update_every=2", "--config.reft.probe_size=8", "--config.data.n=40",
