@@ -103,7 +103,7 @@ def run_demo(c, workdir: str, hooks=()) -> dict:
                       reference=True)
   except suite.Stopped:
     return {"stopped": True, "history": []}
-  runs = {k: v for k, v in results["runs"].items() if k in ["aligned", *_csv(c.demo.methods)]}
+  runs = {k: results["runs"][k] for k in ["aligned", *_csv(c.demo.methods)] if k in results["runs"]}
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(format_table(runs) + "\n")
   plot_results(runs, os.path.join(workdir, "results.png"),
