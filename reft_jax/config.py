@@ -19,6 +19,11 @@ class ConfigError(ValueError):
   pass
 
 
+def csv_list(s: str, kind=str) -> list:
+  """A comma-separated config string -> its non-empty items, converted by `kind`."""
+  return [kind(x.strip()) for x in s.split(",") if x.strip()]
+
+
 def _check(ok: bool, field: str, value, why: str):
   if not ok:
     raise ConfigError(f"config.{field}={value!r}: {why}")
@@ -94,13 +99,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "must be >= 2 (every batch holds both classes)")
   from reft_jax.methods.suite import METHODS as SUITE
 
-  for field in ("demo.methods", "sweep.methods"):
-    names = [m.strip() for m in c[field.split(".")[0]].methods.split(",") if m.strip()]
+  for section in ("demo", "sweep"):
+    names = csv_list(c[section].methods)
     bad = [m for m in names if m not in SUITE]
-    _check(bool(names) and not bad, field, c[field.split(".")[0]].methods, f"each must be one of {SUITE}")
+    _check(bool(names) and not bad, f"{section}.methods", c[section].methods, f"each must be one of {SUITE}")
   try:
-    ps = [float(p) for p in c.sweep.p.split(",") if p.strip()]
-    [int(s) for s in c.sweep.seeds.split(",") if s.strip()]
+    ps = csv_list(c.sweep.p, float)
+    csv_list(c.sweep.seeds, int)
   except ValueError:
     _check(False, "sweep.p/seeds", (c.sweep.p, c.sweep.seeds), "must be comma-separated numbers")
   _check(all(0 <= p <= 1 for p in ps), "sweep.p", c.sweep.p, "ratios must lie in [0, 1]")
@@ -149,7 +154,7 @@ def _is_local(spec: str) -> bool:
 def eval_tasks(c: ml_collections.ConfigDict) -> dict[str, str]:
   """'sst2=world:sst2_test,gsm8k=gsm8k_test' -> {'sst2': 'world:sst2_test', 'gsm8k': 'gsm8k_test'}."""
   out = {}
-  for item in filter(None, (s.strip() for s in c.eval.tasks.split(","))):
+  for item in csv_list(c.eval.tasks):
     task, sep, source = item.partition("=")
     if not sep or task.strip() not in ("sst2", "agnews", "gsm8k") or not source.strip():
       raise ValueError(f"{item!r}: expected <sst2|agnews|gsm8k>=<source>")
@@ -159,7 +164,7 @@ def eval_tasks(c: ml_collections.ConfigDict) -> dict[str, str]:
 
 def buckets(c: ml_collections.ConfigDict) -> tuple[int, ...]:
   try:
-    out = tuple(int(b) for b in c.data.buckets.split(",") if b.strip())
+    out = tuple(csv_list(c.data.buckets, int))
   except ValueError:
     raise ConfigError(f"config.data.buckets={c.data.buckets!r}: expected comma-separated lengths") from None
   if any(b < 8 for b in out):
@@ -170,7 +175,7 @@ def buckets(c: ml_collections.ConfigDict) -> tuple[int, ...]:
 def run_options(c: ml_collections.ConfigDict) -> RunOptions:
   lora = None
   if c.train.mode == "lora":
-    targets = tuple(s.strip() for s in c.train.lora_targets.split(",") if s.strip())
+    targets = tuple(csv_list(c.train.lora_targets))
     lora = LoraConfig(rank=c.train.lora_rank, alpha=c.train.lora_alpha, targets=targets)
   return RunOptions(dtype=c.model.dtype, param_dtype=c.model.param_dtype,
                     scan_layers=c.model.scan_layers, remat=c.model.remat, lora=lora)

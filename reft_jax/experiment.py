@@ -51,9 +51,9 @@ def world(c: ml_collections.ConfigDict) -> safety_world.World:
 
 
 def uses_world(c: ml_collections.ConfigDict) -> bool:
-  specs = [c.data.source, c.data.harmful_source if c.data.attack != "none" else "",
-           *(([c.eval.harmful, c.eval.harmless] + [t.partition("=")[2] for t in c.eval.tasks.split(",")])
-             if c.eval.enabled else [])]
+  specs = [c.data.source, c.data.harmful_source if c.data.attack != "none" else ""]
+  if c.eval.enabled:
+    specs += [c.eval.harmful, c.eval.harmless, *config_lib.eval_tasks(c).values()]
   return any(s.startswith("world:") for s in specs)
 
 

@@ -14,13 +14,14 @@ import os
 import numpy as np
 
 from reft_jax import experiment, refusal
+from reft_jax.config import csv_list
 from reft_jax.data import assets
 from reft_jax.model import load_hf
 
 
 def _load_many(c, specs: str, limit: int):
   out = []
-  for spec in filter(None, (s.strip() for s in specs.split(","))):
+  for spec in csv_list(specs):
     out += experiment.load(c, spec, limit)
   return out
 
@@ -41,7 +42,7 @@ def run(c, workdir: str, hooks=()) -> dict:
   # Held-out means held out: drop evaluation prompts that (nearly) repeat a training prompt.
   for ev, tr in (("harmful_eval", "harmful_train"), ("harmless_eval", "harmless_train")):
     sets[ev] = assets.drop_overlapping(sets[ev], sets[tr], 0.8)
-  layers = (tuple(int(x) for x in a.layers.split(",") if x.strip()) or
+  layers = (tuple(csv_list(a.layers, int)) or
             tuple(range(1, model.cfg.num_layers + 1)))
   feats = {k: refusal.prompt_features(model, refusal.tokenize_prompts(v, tokenizer, c.data.seq_len,
                                                                       c.data.template), layers, mesh=mesh)

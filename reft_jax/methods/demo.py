@@ -21,16 +21,13 @@ import time
 import numpy as np
 
 from reft_jax import experiment
+from reft_jax.config import csv_list
 from reft_jax.eval.run import format_table
 from reft_jax.methods import sft as sft_method
 from reft_jax.methods import suite
 from reft_jax.model import load_hf
 
 log = logging.getLogger(__name__)
-
-
-def _csv(s: str, kind=str) -> list:
-  return [kind(x.strip()) for x in s.split(",") if x.strip()]
 
 
 def ensure_base(c, workdir: str, mesh, rules) -> str:
@@ -99,11 +96,11 @@ def compare(c, workdir: str, methods: list[str], ps: list[float], seeds: list[in
 
 def run_demo(c, workdir: str, hooks=()) -> dict:
   try:
-    results = compare(c, workdir, _csv(c.demo.methods), [c.data.p], [c.seed], cell_dirs=False,
+    results = compare(c, workdir, csv_list(c.demo.methods), [c.data.p], [c.seed], cell_dirs=False,
                       reference=True)
   except suite.Stopped:
     return {"stopped": True, "history": []}
-  runs = {k: results["runs"][k] for k in ["aligned", *_csv(c.demo.methods)] if k in results["runs"]}
+  runs = {k: results["runs"][k] for k in ["aligned", *csv_list(c.demo.methods)] if k in results["runs"]}
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(format_table(runs) + "\n")
   plot_results(runs, os.path.join(workdir, "results.png"),
@@ -112,7 +109,7 @@ def run_demo(c, workdir: str, hooks=()) -> dict:
 
 
 def run_sweep(c, workdir: str, hooks=()) -> dict:
-  methods, ps, seeds = _csv(c.sweep.methods), _csv(c.sweep.p, float), _csv(c.sweep.seeds, int)
+  methods, ps, seeds = csv_list(c.sweep.methods), csv_list(c.sweep.p, float), csv_list(c.sweep.seeds, int)
   try:
     results = compare(c, workdir, methods, ps, seeds, cell_dirs=True)
   except suite.Stopped:
