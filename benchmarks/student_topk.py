@@ -42,7 +42,7 @@ def main():
     tokens = rng.integers(4, args.vocab, size=(n, args.seq)).astype(np.int32)
     mask = np.ones_like(tokens)
     loss = np.zeros_like(tokens)
-    loss[:, args.seq // 2:] = 1
+    loss[:, args.seq // 2 :] = 1
     return sft.TokenizedSet(tokens, loss, mask, 0, np.full((n,), args.seq // 2 - 1, np.int32))
 
   user, align = data(), data()
@@ -63,8 +63,15 @@ def main():
     batch_sh = batch_shardings(batcher.local_batch(0), mesh)
     frozen_graphdef, frozen_params = split_model(teacher)
     frozen_sh = None if topk else jax.tree.map(lambda x: x.sharding, frozen_params)
-    step = jit_step(make_train_step(graphdef, tx, reft.student_loss(1.0, 1.0, topk), sched, labels, 1,
-                                    None if topk else frozen_graphdef), state_sh, batch_sh, mesh, frozen_sh)
+    step = jit_step(
+      make_train_step(
+        graphdef, tx, reft.student_loss(1.0, 1.0, topk), sched, labels, 1, None if topk else frozen_graphdef
+      ),
+      state_sh,
+      batch_sh,
+      mesh,
+      frozen_sh,
+    )
     call = (lambda s, b: step(s, b)) if topk else (lambda s, b: step(s, b, frozen_params))
     t0 = time.perf_counter()
     state, m = call(state, batcher.global_batch(0, batch_sh))
@@ -77,12 +84,19 @@ def main():
     dt = (time.perf_counter() - t0) / args.steps
     teacher_bytes = sum(x.nbytes for x in jax.tree.leaves(frozen_params))
     cache_bytes = (a.fields["topk_logits"].nbytes + a.fields["topk_ids"].nbytes) if topk else 0
-    rows[mode] = {"step_ms": 1000 * dt, "tokens_per_sec": 2 * args.batch * args.seq / dt,
-                  "compile_s": compile_s, "precompute_s": precompute,
-                  "teacher_in_step_MB": 0.0 if topk else teacher_bytes / 2**20,
-                  "cache_MB": cache_bytes / 2**20, "cache_MB_per_1k_examples": cache_bytes / n * 1000 / 2**20}
-  print(f"jax {jax.__version__}, {jax.devices()[0].platform}, arch={args.arch}, vocab={args.vocab}, "
-        f"batch={args.batch}x{args.seq} (user) + {args.batch}x{args.seq} (alignment)")
+    rows[mode] = {
+      "step_ms": 1000 * dt,
+      "tokens_per_sec": 2 * args.batch * args.seq / dt,
+      "compile_s": compile_s,
+      "precompute_s": precompute,
+      "teacher_in_step_MB": 0.0 if topk else teacher_bytes / 2**20,
+      "cache_MB": cache_bytes / 2**20,
+      "cache_MB_per_1k_examples": cache_bytes / n * 1000 / 2**20,
+    }
+  print(
+    f"jax {jax.__version__}, {jax.devices()[0].platform}, arch={args.arch}, vocab={args.vocab}, "
+    f"batch={args.batch}x{args.seq} (user) + {args.batch}x{args.seq} (alignment)"
+  )
   keys = list(next(iter(rows.values())))
   print("| mode | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1))
   for mode, r in rows.items():

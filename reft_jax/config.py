@@ -53,6 +53,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for f in ("lr", "num_steps", "batch_size", "grad_accum"):
     _check(t[f] > 0, f"train.{f}", t[f], "must be positive")
   _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
+  _check(t.loss_chunk >= 0, "train.loss_chunk", t.loss_chunk, "must be >= 0 (0 = unchunked)")
   _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
   _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1/b2", (t.b1, t.b2), "must lie in [0, 1)")
   _check(t.schedule in ("constant", "linear", "cosine"), "train.schedule", t.schedule,
@@ -90,9 +91,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(0 <= r.ema_momentum < 1, "reft.ema_momentum", r.ema_momentum, "must lie in [0, 1)")
   _check(r.tau_mode in ("fixed", "calibrated"), "reft.tau_mode", r.tau_mode, "must be fixed or calibrated")
   _check(0 < r.target_recall <= 1, "reft.target_recall", r.target_recall, "must lie in (0, 1]")
+  _check(r.align_seq_len == 0 or r.align_seq_len >= 8, "reft.align_seq_len", r.align_seq_len,
+         "must be 0 (= data.seq_len) or >= 8")
   _check(r.probe_size >= 2, "reft.probe_size", r.probe_size, "must be >= 2")
   _check(r.topk >= 0 and r.align_batch_size > 0, "reft.topk/align_batch_size", (r.topk, r.align_batch_size),
          "topk must be >= 0 and align_batch_size positive")
+  if r.alignment == "build":
+    a = c.alignment
+    for f in ("harmful", "harmless"):
+      _check(bool(a[f]), f"alignment.{f}", a[f], "must name a source when reft.alignment=build")
+    _check(a.n_harmful >= 0 and a.n_harmless >= 0, "alignment.n_harmful/n_harmless",
+           (a.n_harmful, a.n_harmless), "must be >= 0 (0 = all)")
+    _check(a.max_new_tokens > 0, "alignment.max_new_tokens", a.max_new_tokens, "must be positive")
   for f in ("lr", "num_steps", "batch_size"):
     _check(c.teacher[f] > 0, f"teacher.{f}", c.teacher[f], "must be positive")
   _check(c.teacher.batch_size >= 2, "teacher.batch_size", c.teacher.batch_size,
@@ -116,6 +126,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "lisa.k_align/k_user", (c.lisa.k_align, c.lisa.k_user), "must be >= 0 and not both 0")
   _check(0 <= c.mimic.ratio <= 1, "mimic.ratio", c.mimic.ratio, "must lie in [0, 1]")
   e = c.eval
+  _check(0 <= e.drop_overlap <= 1, "eval.drop_overlap", e.drop_overlap, "must lie in [0, 1]")
   _check(e.judge in ("keyword", "oracle", "classifier"), "eval.judge", e.judge,
          "must be keyword, oracle or classifier")
   if e.judge == "classifier":
@@ -178,7 +189,8 @@ def run_options(c: ml_collections.ConfigDict) -> RunOptions:
     targets = tuple(csv_list(c.train.lora_targets))
     lora = LoraConfig(rank=c.train.lora_rank, alpha=c.train.lora_alpha, targets=targets)
   return RunOptions(dtype=c.model.dtype, param_dtype=c.model.param_dtype,
-                    scan_layers=c.model.scan_layers, remat=c.model.remat, lora=lora)
+                    scan_layers=c.model.scan_layers, remat=c.model.remat, lora=lora,
+                    attention=c.model.attention)
 
 
 def dump(c: ml_collections.ConfigDict, workdir: str) -> str:

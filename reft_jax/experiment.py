@@ -13,6 +13,7 @@ import ml_collections
 from flax import nnx
 
 from reft_jax import config as config_lib
+from reft_jax import distributed as dist
 from reft_jax import sharding as shd
 from reft_jax.checkpoint import Checkpointer
 from reft_jax.data import attacks, builtin, safety_world, sft, sources
@@ -54,11 +55,11 @@ def uses_world(c: ml_collections.ConfigDict) -> bool:
   specs = [c.data.source, c.data.harmful_source if c.data.attack != "none" else ""]
   if c.eval.enabled:
     specs += [c.eval.harmful, c.eval.harmless, *config_lib.eval_tasks(c).values()]
-  return any(s.startswith("world:") for s in specs)
+  return any("world:" in s for s in specs)
 
 
 def load(c: ml_collections.ConfigDict, spec: str, limit: int = 0, **kw) -> list[sft.Example]:
-  return sources.load_source(spec, limit=limit, world=world(c) if spec.startswith("world:") else None, **kw)
+  return sources.load_source(spec, limit=limit, world=world(c) if "world:" in spec else None, **kw)
 
 
 def read_examples(c: ml_collections.ConfigDict) -> list[sft.Example]:
@@ -79,6 +80,7 @@ def get_tokenizer(c: ml_collections.ConfigDict, workdir: str, examples: list[sft
   if c.model.hf_path:
     return load_tokenizer(resolve_checkpoint(c.model.hf_path))
   path = os.path.join(workdir, "tokenizer")
+  dist.barrier("get_tokenizer")  # every process sees the same files: none is being written now
   if os.path.exists(os.path.join(path, "tokenizer.json")):  # reuse: a resumed run must not change it
     return load_tokenizer(path)
   texts = [sft.format_prompt(e, "alpaca") + " " + e.response for e in examples]
@@ -104,6 +106,16 @@ def build_model(c: ml_collections.ConfigDict, mesh, rules, tokenizer=None) -> Tr
     return nnx.to_pure_dict(nnx.state(Transformer(cfg, options, rngs=nnx.Rngs(params=c.seed))))
 
   return nnx.merge(graphdef, jax.jit(init, out_shardings=shardings)())
+
+
+def load_frozen(c: ml_collections.ConfigDict, path: str, mesh, rules) -> Transformer:
+  """A model that is only run, never trained (teacher, filter, evaluation, generation): weights kept in
+  the compute dtype (a bf16 teacher: half the memory, no f32 master copy needed), layers scanned and
+  attention as configured, no LoRA adapters."""
+  import dataclasses
+
+  options = dataclasses.replace(config_lib.run_options(c), param_dtype=c.model.dtype, lora=None, remat="none")
+  return load_hf(path, mesh=mesh, options=options, rules=rules)
 
 
 def train_stage(c: ml_collections.ConfigDict, workdir: str, stage: str, model: Transformer,
@@ -137,7 +149,8 @@ def train_stage(c: ml_collections.ConfigDict, workdir: str, stage: str, model: T
     frozen_graphdef, frozen_params = split_model(frozen)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen_params)
   jitted = jit_step(make_train_step(graphdef, tx, loss_fn, schedule, labels, t.grad_accum,
-                                    frozen_graphdef, update_extras), state_sh, batch_sh, mesh, frozen_sh)
+                                    frozen_graphdef, update_extras), state_sh, batch_sh, mesh, frozen_sh,
+                    rules)
   step_fn = jitted if frozen is None else (lambda s, b: jitted(s, b, frozen_params))
   ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), c.checkpoint.every_steps,
                       c.checkpoint.max_to_keep, c.checkpoint.async_save)
@@ -165,7 +178,7 @@ def train_stage(c: ml_collections.ConfigDict, workdir: str, stage: str, model: T
                "wall_seconds": time.perf_counter() - start,
                "tokens_per_sec": _median([h["tokens_per_sec"] for h in history[1:]] or [0.0]),
                "stopped_by_signal": stopped}
-    if jax.process_index() == 0:
+    if dist.is_primary():
       with open(os.path.join(stage_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
   return nnx.merge(graphdef, state.params), history, stopped, state.extras
@@ -174,6 +187,16 @@ def train_stage(c: ml_collections.ConfigDict, workdir: str, stage: str, model: T
 def _median(xs):
   xs = sorted(xs)
   return xs[len(xs) // 2]
+
+
+def training_harmful(c: ml_collections.ConfigDict) -> list[sft.Example]:
+  """Every harmful prompt training may see: probe set, alignment refusals, the attack's harmful pool."""
+  specs = [c.reft.probe_harmful, c.alignment.harmful if c.reft.alignment == "build" else ""]
+  specs.append(c.data.harmful_source if c.data.attack != "none" else "")
+  out = [x for s in specs if s for x in load(c, s)]
+  if c.reft.alignment != "build":
+    out += [x for x in load(c, c.reft.alignment) if x.meta.get("is_harmful")]
+  return out
 
 
 def evaluate_and_record(c: ml_collections.ConfigDict, workdir: str, model, tokenizer, mesh,
@@ -185,14 +208,24 @@ def evaluate_and_record(c: ml_collections.ConfigDict, workdir: str, model, token
 
   e = c.eval
   name = e.name or method
+  harmful = load(c, e.harmful) if e.harmful else []
+  n_overlap = 0
+  if e.drop_overlap > 0 and harmful:  # held out means held out: no (near) repeat of a training prompt
+    from reft_jax.data.assets import drop_overlapping
+
+    kept = drop_overlapping(harmful, training_harmful(c), e.drop_overlap)
+    n_overlap = len(harmful) - len(kept)
+    harmful = kept
   run = evaluate(
       model, tokenizer,
-      harmful=load(c, e.harmful, e.n_harmful) if e.harmful else [],
+      harmful=harmful[:e.n_harmful],
       harmless=load(c, e.harmless, e.n_harmless) if e.harmless else [],
       tasks={t: load(c, s, e.n_task) for t, s in config_lib.eval_tasks(c).items()},
       judge=make_judge(e.judge, e.judge_path, e.judge_threshold, mesh), template=c.data.template,
       max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, mesh=mesh,
       examples_path=os.path.join(workdir, "eval", f"{name}.jsonl"), progress=c.log.progress)
   run.update(extra or {})
+  if e.drop_overlap > 0:
+    run["eval_harmful_dropped_as_overlapping"] = n_overlap
   update_results(workdir, name, run, c.to_dict())
   return run

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from reft_jax.distributed import put, to_host
 from reft_jax.model.transformer import Transformer, positions_from_mask
 
 
@@ -53,12 +54,13 @@ def generate(model: Transformer, tokens_BP, mask_BP, *, max_new_tokens: int, eos
              temperature: float = 0.0, seed: int = 0) -> np.ndarray:
   """New tokens [B, max_new_tokens]; after EOS (included) every position holds pad_id.
 
-  tokens_BP must be left-padded (see left_pad); a sharded model and batch stay sharded.
+  tokens_BP must be left-padded (see left_pad); a sharded model and batch stay sharded, and every
+  process of a multi-process job gets all rows.
   """
   graphdef, params = nnx.split(model)
   fn = _compiled(graphdef, int(max_new_tokens), int(eos_id), int(pad_id), float(temperature))
-  return np.asarray(fn(nnx.to_pure_dict(params), jnp.asarray(tokens_BP, jnp.int32),
-                       jnp.asarray(mask_BP, jnp.int32), jax.random.key(seed)))
+  return to_host(fn(nnx.to_pure_dict(params), jnp.asarray(tokens_BP, jnp.int32),
+                    jnp.asarray(mask_BP, jnp.int32), jax.random.key(seed)))
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -93,10 +95,11 @@ def generate_texts(model: Transformer, tokenizer, prompts: list[str], *, max_new
     chunk = encoded[start:start + batch_size]
     n = len(chunk)
     chunk = chunk + [chunk[-1]] * (batch_size - n)  # fixed batch shape
-    tokens, mask = left_pad(chunk, pad)
+    # Prompt widths rounded up to a power of two: a handful of compiled shapes for a whole evaluation.
+    tokens, mask = left_pad(chunk, pad, multiple=max(16, 1 << (max(map(len, chunk)) - 1).bit_length()))
     if mesh is not None:
       sh = shd.batch_sharding(mesh)
-      tokens, mask = jax.device_put(tokens, sh), jax.device_put(mask, sh)
+      tokens, mask = put(tokens, sh), put(mask, sh)
     new = generate(model, tokens, mask, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
                    pad_id=pad, temperature=temperature, seed=seed + start)
     for row in new[:n]:

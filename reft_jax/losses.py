@@ -53,3 +53,142 @@ def kl_topk_student(topk_logits_BTK, topk_ids_BTK, student_logits_BTV, weights_B
   log_s_k = jnp.take_along_axis(log_s, topk_ids_BTK, axis=-1)
   kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s_k), axis=-1)
   return jnp.sum(kl * weights_BT), jnp.sum(weights_BT)
+
+
+# ---------------------------------------------------------------- chunked (fused) head + loss
+#
+# With a 32k+ vocabulary the [B, T, V] float32 logits, their log-softmax and their gradient dominate a
+# step's memory traffic. The chunked losses below run the head and the loss over `chunk` positions at a
+# time and take each chunk's gradient (w.r.t. the head and the hidden states) right after its forward,
+# so no [B, T, V] array is ever live and nothing is recomputed in the backward pass.
+
+
+def final_hidden(model, tokens_BT, mask_BT):
+  """The residual stream after the last block (before the final norm): [B, T, D]."""
+  n = model.cfg.num_layers
+  return model.forward(tokens_BT, mask_BT, hidden_layers=(n,), stop_after=n)[1][n]
+
+
+def head_of(model):
+  """The model's head as a pure function: (fn(head_params, rest, x_BTD) -> logits, head_params, rest);
+  head_params (final norm + output matrix) get gradients, rest is the remaining state, unused."""
+  from flax import nnx
+
+  out = "embed" if model.lm_head is None else "lm_head"
+  graphdef, head, rest = nnx.split(model, nnx.Any(nnx.PathContains("final_norm"), nnx.PathContains(out)),
+                                   ...)
+  return (lambda h, r, x: nnx.merge(graphdef, h, r).head(x)), head, rest
+
+
+def _to_chunks(x, chunk: int):
+  """[B, T, ...] -> [ceil(T / chunk), B, chunk, ...], zero-padded (padded weights are 0)."""
+  b, t = x.shape[:2]
+  n = -(-t // chunk)
+  x = jnp.pad(x, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x.ndim - 2))
+  return jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)
+
+
+def _from_chunks(x, t: int):
+  x = jnp.swapaxes(x, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :t]
+
+
+def fused_chunked_sum(chunk_loss, chunk: int):
+  """f(params, hidden_BTD, consts, xs_BT) = sum over sequence chunks c of
+  chunk_loss(params, hidden[:, c], consts, *[x[:, c] for x in xs_BT]) (a scalar each).
+
+  Differentiable in params and hidden only; consts and xs get no gradient. The forward pass of a
+  differentiated call already computes each chunk's gradients (a fused loss, as in Liger kernels).
+  """
+
+  def run(params, hidden, consts, xs, with_grad: bool):
+    t = hidden.shape[1]
+    chunks = (_to_chunks(hidden, chunk), tuple(_to_chunks(x, chunk) for x in xs))
+    one = lambda p, h, c_xs: chunk_loss(p, h, consts, *c_xs)
+
+    def body(carry, c):
+      h, c_xs = c
+      if not with_grad:
+        return carry + one(params, h, c_xs), None
+      val, (g_p, g_h) = jax.value_and_grad(one, argnums=(0, 1))(params, h, c_xs)
+      total, acc = carry
+      return (total + val, jax.tree.map(jnp.add, acc, g_p)), g_h.astype(hidden.dtype)
+
+    zero = jnp.zeros((), jnp.float32)
+    if not with_grad:
+      return jax.lax.scan(body, zero, chunks)[0]
+    acc0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (total, g_p), g_h = jax.lax.scan(body, (zero, acc0), chunks)
+    g_p = jax.tree.map(lambda g, p: g.astype(p.dtype), g_p, params)
+    return total, g_p, _from_chunks(g_h, t)
+
+  @jax.custom_vjp
+  def f(params, hidden, consts, xs):
+    return run(params, hidden, consts, xs, False)
+
+  def fwd(params, hidden, consts, xs):
+    total, g_p, g_h = run(params, hidden, consts, xs, True)
+    return total, (g_p, g_h)
+
+  def bwd(res, ct):
+    g_p, g_h = res
+    return (jax.tree.map(lambda g: (g * ct).astype(g.dtype), g_p), (g_h * ct).astype(g_h.dtype), None,
+            None)
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
+def chunked_cross_entropy(model, hidden_BTD, targets_BT, weights_BT, chunk: int):
+  """masked_cross_entropy(model.head(hidden), targets, weights), `chunk` positions at a time."""
+  fn, head, rest = head_of(model)
+
+  def loss(p, h, rest, t, w):
+    return masked_cross_entropy(fn(p, rest, h), t, w)[0]
+
+  total = fused_chunked_sum(loss, chunk)(head, hidden_BTD, rest, (targets_BT, weights_BT))
+  return total, jnp.sum(weights_BT)
+
+
+def chunked_kl_teacher_student(teacher, teacher_hidden_BTD, student, student_hidden_BTD, weights_BT,
+                               temperature: float = 1.0, chunk: int = 128):
+  """kl_teacher_student on the two models' heads, `chunk` positions at a time; the teacher's logits are
+  computed once per chunk and never differentiated."""
+  t_fn, t_head, t_rest = head_of(teacher)
+  s_fn, s_head, s_rest = head_of(student)
+
+  def loss(p, hs, consts, ht, w):
+    t_logits = jax.lax.stop_gradient(t_fn(consts[0], consts[1], ht))
+    return kl_teacher_student(t_logits, s_fn(p, consts[2], hs), w, temperature)[0]
+
+  consts = jax.lax.stop_gradient((t_head, t_rest)) + (s_rest,)
+  total = fused_chunked_sum(loss, chunk)(s_head, student_hidden_BTD, consts,
+                                         (jax.lax.stop_gradient(teacher_hidden_BTD), weights_BT))
+  return total, jnp.sum(weights_BT)
+
+
+def chunked_kl_topk_student(topk_logits_BTK, topk_ids_BTK, student, student_hidden_BTD, weights_BT,
+                            temperature: float = 1.0, chunk: int = 128):
+  """kl_topk_student on the student's head, `chunk` positions at a time."""
+  fn, head, rest = head_of(student)
+
+  def loss(p, h, rest, vals, ids, w):
+    return kl_topk_student(vals, ids, fn(p, rest, h), w, temperature)[0]
+
+  total = fused_chunked_sum(loss, chunk)(head, student_hidden_BTD, rest,
+                                         (topk_logits_BTK, topk_ids_BTK, weights_BT))
+  return total, jnp.sum(weights_BT)
+
+
+def make_lm_loss(chunk: int = 0):
+  """lm_loss, or with chunk > 0 the same loss through the chunked head (no [B, T, V] logits)."""
+  if chunk <= 0:
+    return lm_loss
+
+  def loss(model, batch, ctx=None):
+    hidden = final_hidden(model, batch["tokens"], batch["attention_mask"])
+    targets, weights = next_token_targets(batch["tokens"], batch["loss_mask"])
+    total, count = chunked_cross_entropy(model, hidden[:, :-1], targets, weights, chunk)
+    return total, count, {}
+
+  return loss

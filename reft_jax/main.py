@@ -2,6 +2,12 @@
 
   python -m reft_jax [train] --config=configs/default.py:tiny --workdir=DIR [--config.x=y]
   python -m reft_jax eval --config=... --workdir=DIR [--config.eval.model_path=HF_DIR]
+  python -m reft_jax plan --config=... --workdir=DIR [--config.plan.hardware=v5e-8]  (memory plan)
+
+Several processes (a TPU pod, GPU hosts, or processes on one machine) run the same command with
+--distributed; on Cloud TPU, SLURM and Open MPI the job is detected, elsewhere give
+--coordinator_address/--num_processes/--process_id (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID).
 """
 
 from __future__ import annotations
@@ -17,10 +23,16 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:preset]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and results")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "call jax.distributed.initialize() (multi-host TPU/GPU)")
+                                 "join a multi-process job: jax.distributed.initialize()")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "",
+                                   "host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS or detected)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0,
+                                      "processes in the job (default: $JAX_NUM_PROCESSES or detected)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1,
+                                   "this process's index (default: $JAX_PROCESS_ID or detected)")
 
 
-COMMANDS = ("train", "eval")
+COMMANDS = ("train", "eval", "plan")
 
 
 def main(argv) -> int:
@@ -39,37 +51,57 @@ def main(argv) -> int:
   ours.propagate = False
   import jax
 
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  from reft_jax import distributed as dist
+
+  # Explicit job flags imply --distributed; either way it must precede any device use.
+  if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value or _PROCESS_ID.value >= 0:
+    dist.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from reft_jax import config as config_lib
   from reft_jax.methods import analyze, demo, reft, sft
 
   c = _CONFIG.value
   if c is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required")
+  if command == "plan":  # shapes only: before anything starts JAX's devices (it simulates its own)
+    from reft_jax import plan
+
+    return plan.main(c, _WORKDIR.value)
   try:
     config_lib.validate(c)
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  config_lib.dump(c, _WORKDIR.value)
-  ours.info("jax %s on %d %s device(s); workdir %s", jax.__version__, jax.device_count(),
-               jax.devices()[0].platform, _WORKDIR.value)
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  if dist.is_primary():  # the workdir is shared by every process: one writer
+    config_lib.dump(c, _WORKDIR.value)
+  ours.info("jax %s on %d %s device(s), process %d of %d; workdir %s", jax.__version__,
+            jax.device_count(), jax.devices()[0].platform, jax.process_index(), jax.process_count(),
+            _WORKDIR.value)
   from reft_jax.train import NonFiniteLoss
 
   try:
     if c.model.gguf:  # converted once into a HF directory, which every stage then reads
       from reft_jax.model.gguf import converted_dir
 
-      c.model.hf_path = converted_dir(c.model.gguf)
+      # Process 0 first: processes sharing its disk then find the conversion done.
+      if dist.is_primary():
+        c.model.hf_path = converted_dir(c.model.gguf)
+      dist.barrier("gguf")
+      if not dist.is_primary():
+        c.model.hf_path = converted_dir(c.model.gguf)
     if command == "eval":
       return _eval(c, _WORKDIR.value)
+    if c.method in ("reft", "demo", "sweep"):  # reft.alignment="build": the real-model alignment set
+      from reft_jax.methods import alignment
+
+      c = alignment.prepare(c, _WORKDIR.value)
     out = {"sft": sft.run, "pretrain": sft.run, "reft": reft.run, "demo": demo.run_demo,
            "sweep": demo.run_sweep, "analyze": analyze.run}[c.method](c, _WORKDIR.value)
   except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
     # Bad input (data file, checkpoint, ...) or a diverged run: one clear line; the traceback goes
     # to workdir/error.log for debugging.
-    with open(os.path.join(_WORKDIR.value, "error.log"), "w") as f:
+    name = "error.log" if dist.is_primary() else f"error.{jax.process_index()}.log"
+    with open(os.path.join(_WORKDIR.value, name), "w") as f:
       traceback.print_exc(file=f)
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -77,7 +109,7 @@ def main(argv) -> int:
     print(f"stopped by signal; checkpoint saved in {_WORKDIR.value}. Rerun the same command to "
           "resume.")
     return 0
-  if "results" in out:
+  if "results" in out and dist.is_primary():
     _print_results(_WORKDIR.value)
   h = out["history"]
   print(f"done: {len(h)} steps, final loss {h[-1]['loss']:.4f}; outputs in {_WORKDIR.value}" if h else
@@ -86,6 +118,7 @@ def main(argv) -> int:
 
 
 def _eval(c, workdir: str) -> int:
+  from reft_jax import distributed as dist
   from reft_jax import experiment
   from reft_jax.data.tokenizer import load_tokenizer
   from reft_jax.model import load_hf
@@ -98,7 +131,8 @@ def _eval(c, workdir: str) -> int:
   model = load_hf(path, c.model.dtype, mesh, rules=rules)
   experiment.evaluate_and_record(c, workdir, model, load_tokenizer(path), mesh, c.eval.name or "eval",
                                  {"model_path": path})
-  _print_results(workdir)
+  if dist.is_primary():
+    _print_results(workdir)
   return 0
 
 

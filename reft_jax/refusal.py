@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from reft_jax.data import sft
+from reft_jax.distributed import put, to_host
 
 
 def last_prompt_features(model, tokens_BT, mask_BT, last_prompt_B, layer: int):
@@ -77,8 +78,8 @@ def prompt_features(model, data: sft.TokenizedSet, layer: int | tuple[int, ...],
     arrays = (data.tokens[idx, :width], data.attention_mask[idx, :width],
               np.minimum(data.last_prompt[idx], width - 1))
     if mesh is not None:
-      arrays = tuple(jax.device_put(a, shd.batch_sharding(mesh, ndim=a.ndim)) for a in arrays)
-    out.append(np.asarray(fn(params, *arrays))[: min(batch_size, n - start)])
+      arrays = tuple(put(a, shd.batch_sharding(mesh, ndim=a.ndim)) for a in arrays)
+    out.append(to_host(fn(params, *arrays))[: min(batch_size, n - start)])  # all rows, every process
   return np.concatenate(out)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any
 from collections.abc import Sequence
@@ -103,3 +105,44 @@ def batch_sharding(mesh: Mesh, rules=None, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+# ---------------------------------------------------------------- activations
+#
+# Params and batch inputs are sharded by the jit's in_shardings, but nothing tells XLA how to lay out the
+# activations in between; left alone it may all-gather the whole batch onto every device (fsdp) instead of
+# all-gathering the weights. `constrain` pins activations to the same rules (batch over data+fsdp).
+
+_ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar("reft_jax_activations", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: dict[str, Any] | None = None):
+  """While active, `constrain` shards activations on `mesh` with `rules`. Unlike jax.set_mesh it may be
+  entered inside a function being traced (how train.jit_step uses it), so it binds to that one trace."""
+  token = _ACTIVATIONS.set((mesh, DEFAULT_RULES if rules is None else rules))
+  try:
+    yield
+  finally:
+    _ACTIVATIONS.reset(token)
+
+
+def constrain(x, axes: Sequence[str | None], claim_order: Sequence[int] | None = None):
+  """x with a sharding constraint from its logical `axes` (as logical_to_spec: axes that do not divide
+  are dropped). claim_order: the dims in the order they claim mesh axes (default left to right). The
+  mesh and rules come from `activation_sharding`, else the mesh of jax.set_mesh with DEFAULT_RULES;
+  with neither (single device, plain eager use) x is returned unchanged."""
+  ctx = _ACTIVATIONS.get()
+  if ctx is None:
+    mesh, rules = jax.sharding.get_abstract_mesh(), DEFAULT_RULES
+    if mesh.empty:
+      return x
+  else:
+    mesh, rules = ctx
+  order = tuple(range(x.ndim)) if claim_order is None else tuple(claim_order)
+  claimed = logical_to_spec([axes[i] for i in order], [x.shape[i] for i in order], mesh, rules)
+  spec = [None] * x.ndim
+  for i, s in zip(order, claimed):
+    spec[i] = s
+  # A concrete mesh is named (the trace may have none in context); an abstract one is the context's.
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)) if ctx else P(*spec))

@@ -20,6 +20,7 @@ import optax
 from flax import nnx, traverse_util
 
 from reft_jax import sharding as shd
+from reft_jax.distributed import StopVote
 from reft_jax.optim import TRAINABLE
 
 
@@ -147,11 +148,17 @@ def batch_shardings(batch: dict, mesh, rules=None):
   return jax.tree.map(lambda x: shd.batch_sharding(mesh, rules, np.ndim(x)), batch)
 
 
-def jit_step(step_fn, state_shardings, batch_sharding, mesh, frozen_shardings=None):
+def jit_step(step_fn, state_shardings, batch_sharding, mesh, frozen_shardings=None, rules=None):
+  """The step jitted with explicit shardings, the state donated; the model's activations are constrained
+  with `mesh` and `rules` (shd.activation_sharding), like the params and the batch."""
+  def traced(*args):  # the context is entered inside the trace, so it binds to this jit only
+    with shd.activation_sharding(mesh, rules):
+      return step_fn(*args)
+
   if frozen_shardings is None:
-    return jax.jit(lambda s, b: step_fn(s, b), in_shardings=(state_shardings, batch_sharding),
+    return jax.jit(lambda s, b: traced(s, b), in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, frozen_shardings),
+  return jax.jit(traced, in_shardings=(state_shardings, batch_sharding, frozen_shardings),
                  out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
 
 
@@ -248,6 +255,7 @@ def train_loop(state, step_fn, batcher, batch_sharding, *, num_steps: int, write
       hook(step, m)
 
   stopped = False
+  vote = StopVote() if jax.process_count() > 1 else None
   with StopSignal() as stop:
     for step in range(start, num_steps):
       batch = batcher.global_batch(step, batch_sharding)
@@ -262,8 +270,10 @@ def train_loop(state, step_fn, batcher, batch_sharding, *, num_steps: int, write
                                     if k[-1] == "tokens"))
       bar.update(1)
       done = step + 1
-      if stop.received is not None:
-        stopped = True
+      if vote is None:
+        stopped = stop.received is not None
+      else:  # every process must stop at the same step, or the others hang in a collective
+        stopped = vote.cast(stop.received is not None)
       if checkpointer is not None and (stopped or checkpointer.should_save(done)):
         if pending is not None:  # never checkpoint a state whose loss we have not checked
           jax.block_until_ready(metrics)

@@ -55,6 +55,16 @@ class TokenizedSet:
   def with_fields(self, **fields: np.ndarray) -> TokenizedSet:
     return dataclasses.replace(self, fields={**self.fields, **fields})
 
+  def trimmed(self, multiple: int = 8) -> TokenizedSet:
+    """Columns past the longest example (rounded up to `multiple`) cut: one fixed, shorter batch shape
+    for a set of short examples (e.g. alignment prompts) padded to a long seq_len."""
+    width = self.tokens.shape[1]
+    keep = min(-(-int(self.attention_mask.sum(1).max()) // multiple) * multiple, width)
+    cut = lambda a: a[:, :keep] if a.ndim >= 2 and a.shape[1] == width else a
+    return dataclasses.replace(self, tokens=self.tokens[:, :keep], loss_mask=self.loss_mask[:, :keep],
+                               attention_mask=self.attention_mask[:, :keep],
+                               fields={k: cut(v) for k, v in self.fields.items()})
+
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
   """BOS + the prompt's tokens, without a second BOS when the text (e.g. a chat template) already
@@ -92,8 +102,8 @@ def tokenize(examples: list[Example], tokenizer, seq_len: int, template: str = "
 
 class Batcher:
   """Deterministic batches: batch k is a function of (seed, k) only, so the data position of a
-  run is just its step, and resuming replays nothing and skips nothing. Each process reads only
-  its own rows; `global_batch` assembles the global sharded arrays.
+  run is just its step, and resuming replays nothing and skips nothing. `global_batch` assembles
+  the global sharded arrays, each process reading only the rows its devices hold.
 
   With `buckets` (e.g. (32, 64, 128)), examples of similar length are grouped (sorted within
   mega-batches of 32 batches) and each batch is cut to the smallest bucket that holds its longest
@@ -142,11 +152,8 @@ class Batcher:
     longest = int(self.lengths[idx].max())
     return next(b for b in self.buckets if b >= longest)
 
-  def local_batch(self, step: int) -> dict[str, np.ndarray]:
-    idx = self.indices(step)
-    width = self.width(idx)  # from the global batch, so every process agrees on the shape
-    per = self.batch_size // jax.process_count()
-    idx = idx[jax.process_index() * per:(jax.process_index() + 1) * per]
+  def rows(self, idx: np.ndarray, width: int) -> dict[str, np.ndarray]:
+    """The arrays of examples `idx`, cut to `width` tokens."""
     d = self.data
     out = {"tokens": d.tokens[idx, :width], "loss_mask": d.loss_mask[idx, :width],
            "attention_mask": d.attention_mask[idx, :width]}
@@ -157,15 +164,43 @@ class Batcher:
       out[k] = v[idx, :width] if v.ndim >= 2 and v.shape[1] == full else v[idx]
     return out
 
+  def local_batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's contiguous share of batch `step` (the whole batch in a single process)."""
+    idx = self.indices(step)
+    per = self.batch_size // jax.process_count()
+    # The width comes from the global batch, so every process agrees on the shape.
+    return self.rows(idx[jax.process_index() * per:(jax.process_index() + 1) * per], self.width(idx))
+
   def global_batch(self, step: int, shardings) -> dict[str, jax.Array]:
-    return global_arrays(self.local_batch(step), shardings)
+    idx = self.indices(step)
+    width = self.width(idx)
+    return global_arrays(lambda positions: self.rows(idx[positions], width), len(idx), shardings)
 
 
-def global_arrays(local: dict, shardings) -> dict:
-  """Process-local rows -> global arrays; `shardings` is one sharding or a matching tree."""
+def global_arrays(take, n: int, shardings) -> dict:
+  """A global batch of n rows, `take(positions) -> {name: array}` giving any of its rows.
+
+  Each process reads only the rows its own devices hold, whatever the mesh layout: a contiguous
+  block when the batch is split over every process, the whole batch when it is replicated over
+  them (e.g. a tensor axis spanning hosts). `shardings` is one sharding or a matching dict.
+  """
+  template = take(np.arange(0))  # no rows: the names, trailing shapes and dtypes
   if not isinstance(shardings, dict):
-    shardings = jax.tree.map(lambda _: shardings, local)
-  return jax.tree.map(jax.make_array_from_process_local_data, shardings, local)
+    shardings = dict.fromkeys(template, shardings)
+  cache: dict = {}
+
+  def rows_for(index):  # one take() per distinct row block, shared by every array and device
+    key = (index.start, index.stop, index.step)
+    if key not in cache:
+      cache[key] = take(np.arange(n)[index])
+    return cache[key]
+
+  def build(name):
+    shape = (n, *template[name].shape[1:])
+    return jax.make_array_from_callback(
+        shape, shardings[name], lambda index: rows_for(index[0])[name][(slice(None), *index[1:])])
+
+  return {name: build(name) for name in template}
 
 
 class MixedBatcher:
@@ -180,4 +215,5 @@ class MixedBatcher:
     return {k: b.local_batch(step) for k, b in self.parts.items()}
 
   def global_batch(self, step: int, shardings) -> dict:
-    return global_arrays(self.local_batch(step), shardings)
+    return {k: b.global_batch(step, shardings[k] if isinstance(shardings, dict) else shardings)
+            for k, b in self.parts.items()}

@@ -10,6 +10,7 @@ Source strings (config-friendly):
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -238,6 +239,9 @@ HUB_SOURCES: dict[str, dict[str, Any]] = {
 }
 
 
+_SLICE = re.compile(r"^(.*)\[(\d*):(\d*)\]$")
+
+
 def load_source(spec: str, *, schema: str = "plain", fields: str = "", split: str = "train",
                 limit: int = 0, world=None) -> list[Example]:
   """One config string for every kind of source:
@@ -245,9 +249,33 @@ def load_source(spec: str, *, schema: str = "plain", fields: str = "", split: st
   world:<split>            a safety-world split, e.g. world:eval_harmful, world:sst2_test
   asset:<name>[:seed]      a prompt set a registry package ships (advbench, harmbench, strongreject,
                            donotanswer, gsm_symbolic; see data/assets.py)
+  builtin:requests_train   ordinary harmless requests (builtin:requests_eval: held-out topics and
+                           templates; see data/builtin.py)
   <name in HUB_SOURCES>    e.g. sst2_test, beavertails (online)
   anything else            a local file / hub:NAME / tfds:NAME read with `schema` and `fields`
+
+  Any of them may end in a row slice, SPEC[a:b] (e.g. asset:advbench[0:260]), and several may be joined
+  with commas: their examples are interleaved, so a `limit` takes evenly from each.
   """
+  parts = [s.strip() for s in spec.split(",") if s.strip()]
+  if len(parts) > 1:
+    sets = [load_source(s, schema=schema, fields=fields, split=split, limit=limit, world=world)
+            for s in parts]
+    mixed = [x for row in itertools.zip_longest(*sets) for x in row if x is not None]
+    return mixed[:limit] if limit else mixed
+  m = _SLICE.match(spec)
+  if m:
+    stop = int(m.group(3)) if m.group(3) else None
+    rows = load_source(m.group(1), schema=schema, fields=fields, split=split, limit=stop or 0, world=world)
+    start, stop = int(m.group(2) or 0), stop or len(rows)
+    if start >= min(stop, len(rows)):
+      raise DataError(f"source {spec!r}: the slice [{start}:{stop}] of {len(rows)} rows is empty")
+    rows = rows[start:stop]
+    return rows[:limit] if limit else rows
+  if spec.startswith("builtin:"):
+    from reft_jax.data.builtin import load_builtin
+
+    return load_builtin(spec[len("builtin:"):], limit)
   if spec.startswith("world:"):
     if world is None:
       raise DataError(f"source {spec!r}: no safety world configured")

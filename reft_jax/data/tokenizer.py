@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from reft_jax import distributed as dist
+
 SPECIALS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 
 
@@ -45,5 +47,7 @@ def build_word_tokenizer(texts: Iterable[str], out_dir: str, min_count: int = 1,
   tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIALS["unk_token"]))
   tok.normalizer, tok.pre_tokenizer, tok.decoder = norm, pre, decoders.WordPiece(prefix="##")
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
-  fast.save_pretrained(out_dir)
+  if dist.is_primary():  # one writer in the shared workdir; the others read once it is complete
+    fast.save_pretrained(out_dir)
+  dist.barrier("build_word_tokenizer")
   return load_tokenizer(out_dir)

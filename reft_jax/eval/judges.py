@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reft_jax.data.sft import Example
+from reft_jax.distributed import to_host
 
 # Qi et al. (ICLR 2024) keyword list: a reply containing any of these is a refusal.
 QI_REFUSAL_SUBSTRINGS = (
@@ -108,7 +109,7 @@ class ClassifierJudge:
       mask = np.zeros((self.batch_size, width), np.int32)
       for i, ids in enumerate(enc):
         tokens[i, :len(ids)], mask[i, :len(ids)] = ids, 1
-      out.append(np.asarray(self._score(tokens, mask))[:len(chunk)])
+      out.append(to_host(self._score(tokens, mask))[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, self.score_DC.shape[1]))
 
   def __call__(self, examples, answers):

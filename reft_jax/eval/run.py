@@ -7,6 +7,7 @@ import json
 import os
 import time
 
+from reft_jax import distributed as dist
 from reft_jax.data.sft import Example, format_prompt
 from reft_jax.eval.judges import KeywordJudge
 from reft_jax.eval.metrics import percent, task_correct
@@ -51,7 +52,7 @@ def evaluate(model, tokenizer, *, harmful: list[Example], harmless: list[Example
     rows += [dict(set=task, prompt=e.prompt, input=e.input, answer=a, gold=e.meta["label"], correct=c)
              for e, a, c in zip(examples, answers, correct)]
   out["eval_seconds"] = time.perf_counter() - start
-  if examples_path:
+  if examples_path and dist.is_primary():  # every process has every answer; one writes them
     os.makedirs(os.path.dirname(examples_path) or ".", exist_ok=True)
     with open(examples_path, "w") as f:
       for r in rows:
@@ -61,8 +62,11 @@ def evaluate(model, tokenizer, *, harmful: list[Example], harmless: list[Example
 
 def update_results(workdir: str, method: str, run: dict, config: dict | None = None) -> str:
   """Adds/overwrites runs[method] in workdir/results.json, atomically (a crash mid-write never
-  loses the results already there)."""
+  loses the results already there). Process 0 writes; every process returns once it is there."""
   path = os.path.join(workdir, "results.json")
+  if not dist.is_primary():
+    dist.barrier("update_results")
+    return path
   results = {"runs": {}, "config": {}}
   if os.path.exists(path):
     with open(path) as f:
@@ -75,6 +79,7 @@ def update_results(workdir: str, method: str, run: dict, config: dict | None = N
   with open(tmp, "w") as f:
     json.dump(results, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
+  dist.barrier("update_results")
   return path
 
 

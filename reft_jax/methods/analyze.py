@@ -13,10 +13,10 @@ import os
 
 import numpy as np
 
+from reft_jax import distributed as dist
 from reft_jax import experiment, refusal
 from reft_jax.config import csv_list
 from reft_jax.data import assets
-from reft_jax.model import load_hf
 
 
 def _load_many(c, specs: str, limit: int):
@@ -36,7 +36,7 @@ def run(c, workdir: str, hooks=()) -> dict:
   a = c.analyze
   mesh, rules = experiment.setup_mesh(c)
   tokenizer = experiment.get_tokenizer(c, workdir, [])
-  model = load_hf(c.model.hf_path, c.model.param_dtype, mesh, rules=rules)
+  model = experiment.load_frozen(c, c.model.hf_path, mesh, rules)
   sets = {name: _load_many(c, getattr(a, name), a.n_train if name.endswith("train") else a.n_eval)
           for name in ("harmful_train", "harmless_train", "harmful_eval", "harmless_eval", "task_eval")}
   # Held-out means held out: drop evaluation prompts that (nearly) repeat a training prompt.
@@ -63,6 +63,8 @@ def run(c, workdir: str, hooks=()) -> dict:
   best = max(rows, key=lambda r: (r["recall@1%fpr"], r["auroc"]))
   out = {"rows": rows, "best_layer": best["layer"], "counts": {k: len(v) for k, v in sets.items()},
          "sets": {k: getattr(a, k) for k in sets}, "model": c.model.hf_path}
+  if not dist.is_primary():  # one writer in the shared workdir
+    return {"stopped": False, "history": [], "analysis": out}
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "refusal_layers.json"), "w") as f:
     json.dump(out, f, indent=2)

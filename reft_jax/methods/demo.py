@@ -20,12 +20,12 @@ import time
 
 import numpy as np
 
+from reft_jax import distributed as dist
 from reft_jax import experiment
 from reft_jax.config import csv_list
 from reft_jax.eval.run import format_table
 from reft_jax.methods import sft as sft_method
 from reft_jax.methods import suite
-from reft_jax.model import load_hf
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def ensure_base(c, workdir: str, mesh, rules) -> str:
 
 
 def _evaluate(env, c, workdir, name, model_path, extra):
-  model = load_hf(model_path, c.model.param_dtype, env.mesh, rules=env.rules)
+  model = experiment.load_frozen(c, model_path, env.mesh, env.rules)
   return experiment.evaluate_and_record(suite.with_updates(c, **{"eval.name": name}), workdir, model,
                                         env.tokenizer, env.mesh, name, extra)
 
@@ -87,10 +87,12 @@ def compare(c, workdir: str, methods: list[str], ps: list[float], seeds: list[in
     results = json.load(f)
   results["base_seconds"] = t_base
   results["total_seconds"] = time.perf_counter() - t0
-  tmp = os.path.join(workdir, "results.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(workdir, "results.json"))
+  if dist.is_primary():
+    tmp = os.path.join(workdir, "results.json.tmp")
+    with open(tmp, "w") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(workdir, "results.json"))
+  dist.barrier("compare")
   return results
 
 
@@ -101,6 +103,8 @@ def run_demo(c, workdir: str, hooks=()) -> dict:
   except suite.Stopped:
     return {"stopped": True, "history": []}
   runs = {k: results["runs"][k] for k in ["aligned", *csv_list(c.demo.methods)] if k in results["runs"]}
+  if not dist.is_primary():
+    return {"stopped": False, "history": [], "results": results}
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(format_table(runs) + "\n")
   plot_results(runs, os.path.join(workdir, "results.png"),
@@ -115,6 +119,8 @@ def run_sweep(c, workdir: str, hooks=()) -> dict:
   except suite.Stopped:
     return {"stopped": True, "history": []}
   table = sweep_table(results["runs"], methods, ps)
+  if not dist.is_primary():
+    return {"stopped": False, "history": [], "results": results}
   with open(os.path.join(workdir, "sweep.md"), "w") as f:
     f.write(table["markdown"] + "\n")
   with open(os.path.join(workdir, "sweep.csv"), "w", newline="") as f:

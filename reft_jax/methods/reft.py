@@ -20,9 +20,11 @@ import numpy as np
 
 from flax import nnx
 
+from reft_jax import distributed as dist
 from reft_jax import experiment, losses, refusal
+from reft_jax.distributed import to_host
 from reft_jax.data import safety_world, sft
-from reft_jax.model import load_hf, save_hf
+from reft_jax.model import save_hf
 from reft_jax.train import split_model
 
 log = logging.getLogger(__name__)
@@ -117,7 +119,7 @@ def train_teacher(c, workdir, base, tokenizer, mesh, rules):
     raise ValueError(f"reft.alignment={c.reft.alignment!r} must hold harmful (is_harmful) and harmless "
                      f"examples; got {len(harm)} harmful and {len(safe)} harmless")
   t = teacher_train_config(c)
-  tok = lambda exs: sft.tokenize(exs, tokenizer, c.data.seq_len, c.data.template)
+  tok = lambda exs: sft.tokenize(exs, tokenizer, align_seq_len(c), c.data.template).trimmed()
   half = max(t.batch_size // 2, 1)
   data = sft.MixedBatcher({"harmful": sft.Batcher(tok(harm), half, seed=c.seed),
                            "harmless": sft.Batcher(tok(safe), half, seed=c.seed + 1)})
@@ -131,13 +133,11 @@ def train_teacher(c, workdir, base, tokenizer, mesh, rules):
       return state
     model = nnx.merge(graphdef, state.params)
     r = estimate(model)
-    with open(log_path, "a") as f:
-      f.write(json.dumps({"step": step, **separation(model, r)}) + "\n")
+    _append_json(log_path, {"step": step, **separation(model, r)})
     return state.replace(extras={**state.extras, "R": jax.device_put(r, state.extras["R"].sharding)})
 
   r0 = estimate(base)
-  with open(log_path, "a") as f:
-    f.write(json.dumps({"step": 0, **separation(base, r0)}) + "\n")
+  _append_json(log_path, {"step": 0, **separation(base, r0)})
   teacher, history, stopped, extras = experiment.train_stage(
       c, workdir, "teacher", base, data, teacher_loss(layer, c.reft.lam), mesh, rules, train_cfg=t,
       extras={"R": jnp.asarray(r0)}, update_extras=ema_update(c.reft.ema_momentum), before_step=refresh)
@@ -146,13 +146,19 @@ def train_teacher(c, workdir, base, tokenizer, mesh, rules):
   # The direction the filter uses: re-estimated on the final teacher (or the EMA's last value).
   r = np.asarray(extras["R"]) if c.reft.ema_momentum > 0 else estimate(teacher)
   final = {"step": t.num_steps, "layer": layer, **separation(teacher, r)}
-  with open(log_path, "a") as f:
-    f.write(json.dumps(final) + "\n")
-  np.save(os.path.join(workdir, "teacher", "refusal_direction.npy"), r)
-  with open(os.path.join(workdir, "teacher", "refusal.json"), "w") as f:
-    json.dump(final, f, indent=2)
+  _append_json(log_path, final)
+  if dist.is_primary():
+    np.save(os.path.join(workdir, "teacher", "refusal_direction.npy"), r)
+    with open(os.path.join(workdir, "teacher", "refusal.json"), "w") as f:
+      json.dump(final, f, indent=2)
   save_hf(teacher, os.path.join(workdir, "teacher", "model"), tokenizer)
   return teacher, r, False
+
+
+def _append_json(path: str, record: dict) -> None:
+  if dist.is_primary():  # one writer in the shared workdir
+    with open(path, "a") as f:
+      f.write(json.dumps(record) + "\n")
 
 
 # ------------------------------------------------------------------ filter
@@ -199,37 +205,51 @@ def filter_user_data(c, workdir, teacher, r, tokenizer, user: list[sft.Example],
                      "nothing is left to fine-tune on (raise reft.tau or check reft.layer)")
   if summary["kept"] == len(user):
     log.warning("filter: no user example scored >= tau=%.3f; all %d kept", tau, len(user))
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "report.jsonl"), "w") as f:
-    for i, (e, s, d) in enumerate(zip(user, scores, dropped)):
-      f.write(json.dumps({"index": i, "score": float(s), "kept": not bool(d),
-                          "is_harmful": e.meta.get("is_harmful"), "prompt": e.prompt,
-                          "input": e.input}) + "\n")
-  safety_world.write_jsonl([user[i] for i in summary["kept_indices"]], os.path.join(out, "kept.jsonl"))
-  tmp = summary_path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(summary, f, indent=2)
-  os.replace(tmp, summary_path)
+  if dist.is_primary():
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "report.jsonl"), "w") as f:
+      for i, (e, s, d) in enumerate(zip(user, scores, dropped)):
+        f.write(json.dumps({"index": i, "score": float(s), "kept": not bool(d),
+                            "is_harmful": e.meta.get("is_harmful"), "prompt": e.prompt,
+                            "input": e.input}) + "\n")
+    safety_world.write_jsonl([user[i] for i in summary["kept_indices"]], os.path.join(out, "kept.jsonl"))
+    tmp = summary_path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(summary, f, indent=2)
+    os.replace(tmp, summary_path)
+  dist.barrier("filter")  # the summary marks the filter done: all processes see it from here on
   return [user[i] for i in summary["kept_indices"]], summary
 
 
 # ------------------------------------------------------------------ student
 
-def student_loss(beta: float, temperature: float, topk: bool):
-  """CE on the (filtered) user batch + beta * mean KL(teacher || student) on the alignment batch."""
+def student_loss(beta: float, temperature: float, topk: bool, chunk: int = 0):
+  """CE on the (filtered) user batch + beta * mean KL(teacher || student) on the alignment batch.
+  chunk > 0: the heads, CE and KL run `chunk` positions at a time (losses.chunked_*), no [B, T, V]."""
 
   def loss(model, batch, ctx):
     u, a = batch["user"], batch["align"]
     t, w = losses.next_token_targets(u["tokens"], u["loss_mask"])
-    ce, count = losses.masked_cross_entropy(model(u["tokens"], u["attention_mask"])[:, :-1], t, w)
-    student = model(a["tokens"], a["attention_mask"])[:, :-1]
     _, wa = losses.next_token_targets(a["tokens"], a["loss_mask"])
-    if topk:
-      kl, n = losses.kl_topk_student(a["topk_logits"][:, :-1], a["topk_ids"][:, :-1], student, wa,
-                                     temperature)
+    if chunk > 0:
+      hu = losses.final_hidden(model, u["tokens"], u["attention_mask"])[:, :-1]
+      ce, count = losses.chunked_cross_entropy(model, hu, t, w, chunk)
+      hs = losses.final_hidden(model, a["tokens"], a["attention_mask"])[:, :-1]
+      if topk:
+        kl, n = losses.chunked_kl_topk_student(a["topk_logits"][:, :-1], a["topk_ids"][:, :-1], model, hs,
+                                               wa, temperature, chunk)
+      else:
+        ht = losses.final_hidden(ctx.frozen, a["tokens"], a["attention_mask"])[:, :-1]
+        kl, n = losses.chunked_kl_teacher_student(ctx.frozen, ht, model, hs, wa, temperature, chunk)
     else:
-      teacher = jax.lax.stop_gradient(ctx.frozen(a["tokens"], a["attention_mask"]))[:, :-1]
-      kl, n = losses.kl_teacher_student(teacher, student, wa, temperature)
+      ce, count = losses.masked_cross_entropy(model(u["tokens"], u["attention_mask"])[:, :-1], t, w)
+      student = model(a["tokens"], a["attention_mask"])[:, :-1]
+      if topk:
+        kl, n = losses.kl_topk_student(a["topk_logits"][:, :-1], a["topk_ids"][:, :-1], student, wa,
+                                       temperature)
+      else:
+        teacher = jax.lax.stop_gradient(ctx.frozen(a["tokens"], a["attention_mask"]))[:, :-1]
+        kl, n = losses.kl_teacher_student(teacher, student, wa, temperature)
     kl_mean = kl / jnp.maximum(n, 1)
     count = jnp.maximum(count, 1)
     return ce + beta * kl_mean * count, count, {"ce": ce / count, "kl": kl_mean}
@@ -254,13 +274,18 @@ def teacher_topk(teacher, data: sft.TokenizedSet, k: int, batch_size: int = 32):
     idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
     v, i = run(params, data.tokens[idx], data.attention_mask[idx])
     keep = min(batch_size, n - start)
-    vals.append(np.asarray(v)[:keep])
-    ids.append(np.asarray(i)[:keep])
+    vals.append(to_host(v)[:keep])
+    ids.append(to_host(i)[:keep])
   return np.concatenate(vals), np.concatenate(ids)
 
 
+def align_seq_len(c) -> int:
+  return c.reft.align_seq_len or c.data.seq_len
+
+
 def train_student(c, workdir, base, teacher, tokenizer, kept: list[sft.Example], mesh, rules):
-  align = sft.tokenize(experiment.load(c, c.reft.alignment), tokenizer, c.data.seq_len, c.data.template)
+  align = sft.tokenize(experiment.load(c, c.reft.alignment), tokenizer, align_seq_len(c),
+                       c.data.template).trimmed()
   frozen = teacher
   if c.reft.topk > 0:
     vals, ids = teacher_topk(teacher, align, c.reft.topk)
@@ -273,7 +298,8 @@ def train_student(c, workdir, base, teacher, tokenizer, kept: list[sft.Example],
   data = sft.MixedBatcher({"user": sft.Batcher(user, c.train.batch_size, seed=c.seed),
                            "align": sft.Batcher(align, c.reft.align_batch_size, seed=c.seed + 7)})
   student, history, stopped, _ = experiment.train_stage(
-      c, workdir, "student", base, data, student_loss(c.reft.beta, c.reft.temperature, c.reft.topk > 0),
+      c, workdir, "student", base, data, student_loss(c.reft.beta, c.reft.temperature, c.reft.topk > 0,
+                                                     c.train.loss_chunk),
       mesh, rules, frozen=frozen)
   if not stopped:
     save_hf(student, os.path.join(workdir, "student", "model"), tokenizer)
@@ -292,8 +318,7 @@ def run(c, workdir: str, hooks=(), teacher_dir: str | None = None) -> dict:
   user = experiment.read_examples(c)
   tokenizer = experiment.get_tokenizer(c, workdir, user)
   teacher_dir = teacher_dir or workdir
-  stage_model = lambda root, stage: load_hf(os.path.join(root, stage, "model"), c.model.param_dtype, mesh,
-                                            rules=rules)
+  stage_model = lambda root, stage: experiment.load_frozen(c, os.path.join(root, stage, "model"), mesh, rules)
 
   if not experiment.finished(teacher_dir, "teacher"):
     base = experiment.build_model(c, mesh, rules, tokenizer)

@@ -10,8 +10,8 @@ import time
 
 from reft_jax import experiment
 from reft_jax.data import sft
-from reft_jax.losses import lm_loss
-from reft_jax.model import load_hf, save_hf, save_peft_adapter
+from reft_jax.losses import make_lm_loss
+from reft_jax.model import save_hf, save_peft_adapter
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,8 @@ def train_and_export(c, workdir: str, stage: str, examples: list[sft.Example], t
     log.warning("%s: %d of %d examples were truncated to data.seq_len=%d", stage, data.num_truncated,
                 len(data), c.data.seq_len)
   model = experiment.build_model(c, mesh, rules, tokenizer)
-  model, history, stopped, _ = experiment.train_stage(c, workdir, stage, model, data, lm_loss, mesh,
-                                                      rules, hooks)
+  model, history, stopped, _ = experiment.train_stage(c, workdir, stage, model, data,
+                                                      make_lm_loss(c.train.loss_chunk), mesh, rules, hooks)
   out = {"stopped": stopped, "history": history, "model": model}
   if not stopped:
     out["model_dir"] = save_hf(model, experiment.model_dir(workdir, stage), tokenizer)
@@ -43,7 +43,7 @@ def run(c, workdir: str, hooks=()) -> dict:
   tokenizer = experiment.get_tokenizer(c, workdir, examples)
   if experiment.finished(workdir, stage):
     out = {"stopped": False, "history": [], "model_dir": experiment.model_dir(workdir, stage),
-           "model": load_hf(experiment.model_dir(workdir, stage), c.model.param_dtype, mesh, rules=rules)}
+           "model": experiment.load_frozen(c, experiment.model_dir(workdir, stage), mesh, rules)}
   else:
     out = train_and_export(c, workdir, stage, examples, tokenizer, mesh, rules,
                            loss_on="all" if stage == "pretrain" else "response", hooks=hooks)

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
-from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from reft_jax import distributed as dist
 from reft_jax import sharding as shd
 from reft_jax.model.config import ModelConfig, from_hf_config, to_hf_config
 from reft_jax.model.transformer import RunOptions, Transformer, abstract_model
@@ -242,9 +242,7 @@ def _fresh_lora(cfg, options, mesh, rules, seed) -> dict:
 
 
 def _host(x) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
+  return dist.to_host(x)
 
 
 def hf_state_dict(model: Transformer, dtype=None) -> dict[str, np.ndarray]:
@@ -276,7 +274,7 @@ def save_hf(model: Transformer, path: str, tokenizer=None, dtype: str | None = N
   """
   np_dtype = None if dtype is None else jnp.dtype(dtype)
   tensors = hf_state_dict(model, np_dtype)
-  if jax.process_index() == 0:
+  if dist.is_primary():
     os.makedirs(path, exist_ok=True)
     hf = to_hf_config(model.cfg)
     hf["torch_dtype"] = hf["dtype"] = str(np_dtype or model.options.param_dtype)
@@ -287,4 +285,5 @@ def save_hf(model: Transformer, path: str, tokenizer=None, dtype: str | None = N
       json.dump(hf, f, indent=2)
     if tokenizer is not None:
       tokenizer.save_pretrained(path)
+  dist.barrier("save_hf")  # no process reads the export before it is complete
   return path

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 from safetensors.numpy import save_file
 
+from reft_jax import distributed as dist
 from reft_jax.model import hf as hf_io
 from reft_jax.model.transformer import Transformer, abstract_model
 
@@ -56,7 +56,7 @@ def save_peft_adapter(model: Transformer, path: str, base_model_name_or_path: st
       else:  # PEFT lora_B.weight: [out, r]
         w, name = x.reshape(x.shape[0], -1).T, "lora_B"
       tensors[f"base_model.model.model.layers.{i}.{module}.{name}.weight"] = np.ascontiguousarray(w)
-  if jax.process_index() == 0:
+  if dist.is_primary():
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
@@ -68,4 +68,5 @@ def save_peft_adapter(model: Transformer, path: str, base_model_name_or_path: st
     }
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
       json.dump(config, f, indent=2)
+  dist.barrier("save_peft_adapter")
   return path

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from reft_jax import sharding as shd
 from reft_jax.model.config import ModelConfig
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -25,6 +26,14 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# einsum: explicit scores + softmax (every feature); dpa: jax.nn.dot_product_attention, XLA picks the
+# implementation; cudnn: its cuDNN flash kernel (GPU, bf16/fp16). The dpa paths fall back to einsum where
+# they cannot express the model (attention logit soft-capping).
+ATTENTION = ("einsum", "dpa", "cudnn")
+# Logical axes of the activations pinned with shd.constrain (a no-op unless a mesh is active): the batch
+# stays split over the data-parallel axes, so XLA gathers weights, not activations.
+RESIDUAL_AXES = ("batch", None, None)  # [B, T, D]
+LOGITS_AXES = ("batch", None, "vocab")  # [B, T, V]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +63,13 @@ class RunOptions:
   scan_layers: bool = False
   remat: str = "none"
   lora: LoraConfig | None = None
+  attention: str = "einsum"
 
   def __post_init__(self):
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
+    if self.attention not in ATTENTION:
+      raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION}")
     for f in ("dtype", "param_dtype"):
       if getattr(self, f) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"{f}={getattr(self, f)!r} must be float32, bfloat16 or float16")
@@ -147,7 +159,7 @@ def apply_rope(x_BTHD, positions_BT, inv_freq):
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: ModelConfig, *, rngs, stack, dtype, param_dtype, lora):
+  def __init__(self, cfg: ModelConfig, *, rngs, stack, dtype, param_dtype, lora, impl="einsum"):
     d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def lin(name, in_shape, out_shape, in_axes, out_axes, bias=False):
@@ -162,6 +174,7 @@ class Attention(nnx.Module):
     self.groups = h // kv
     self.scale = cfg.query_scale if cfg.query_scale is not None else hd ** -0.5
     self.softcap = cfg.attn_logit_softcap
+    self.impl = "einsum" if self.softcap else impl  # dot_product_attention has no logit soft-cap
     self.cfg = cfg  # static; rope frequencies are recomputed at trace time (a numpy constant)
 
   def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, cache_index=None):
@@ -175,6 +188,12 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
       cache = (k, v)
+    if self.impl != "einsum":
+      # The mask already holds causality, padding and the sliding window; GQA is native.
+      out = jax.nn.dot_product_attention(q.astype(k.dtype), k, v.astype(k.dtype), mask=mask_BTS[:, None],
+                                         scale=self.scale,
+                                         implementation=None if self.impl == "dpa" else "cudnn")
+      return self.o(out), cache
     b, t = x_BTD.shape[:2]
     kv, hd = k.shape[2:]
     q = q.reshape(b, t, kv, self.groups, hd)
@@ -214,12 +233,12 @@ class Block(nnx.Module):
   """One decoder layer (parameters stacked over `stack` layers)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs, stack=(), dtype=jnp.float32,
-               param_dtype=jnp.float32, lora=None):
+               param_dtype=jnp.float32, lora=None, attention="einsum"):
     kw = dict(rngs=rngs, stack=stack, dtype=dtype, param_dtype=param_dtype, lora=lora)
     norm = dict(rngs=rngs, stack=stack, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one,
                 param_dtype=param_dtype)
     self.attn_norm = RMSNorm(cfg.hidden_size, **norm)
-    self.attn = Attention(cfg, **kw)
+    self.attn = Attention(cfg, **kw, impl=attention)
     self.mlp_norm = RMSNorm(cfg.hidden_size, **norm)
     self.mlp = MLP(cfg, **kw)
     self.sandwich = cfg.sandwich_norms
@@ -251,7 +270,7 @@ class Transformer(nnx.Module):
     self.dtype = dtype
     self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdtype)
     self.blocks = Block(cfg, rngs=rngs, stack=(cfg.num_layers,), dtype=dtype, param_dtype=pdtype,
-                        lora=options.lora)
+                        lora=options.lora, attention=options.attention)
     self.final_norm = RMSNorm(cfg.hidden_size, rngs=rngs, eps=cfg.rms_norm_eps,
                               plus_one=cfg.norm_plus_one, param_dtype=pdtype)
     self.lm_head = None if cfg.tie_embeddings else Linear(
@@ -279,7 +298,7 @@ class Transformer(nnx.Module):
     x, hidden, _ = self._blocks(self._embed(tokens_BT), positions_BT, attention_mask_BT, jnp.arange(t),
                                 hidden_layers=hidden_layers, stop_after=stop_after,
                                 attn_delta=attn_delta_LBTD)
-    return (None if stop_after is not None else self._logits(x)), hidden
+    return (None if stop_after is not None else self.head(x)), hidden
 
   def forward_cached(self, tokens_BT, positions_BT, kv_mask_BS, cache, cache_index):
     """One prefill or decode step against a KV cache (see init_cache): the tokens occupy slots
@@ -288,7 +307,7 @@ class Transformer(nnx.Module):
     slots = cache_index + jnp.arange(tokens_BT.shape[1])
     x, _, cache = self._blocks(self._embed(tokens_BT), positions_BT, kv_mask_BS, slots,
                                cache=cache, cache_index=cache_index)
-    return self._logits(x), cache
+    return self.head(x), cache
 
   def init_cache(self, batch: int, length: int, dtype=None) -> dict:
     """Zeroed KV cache {k, v}: [layers, batch, length, kv_heads, head_dim]."""
@@ -298,18 +317,23 @@ class Transformer(nnx.Module):
 
   def _embed(self, tokens_BT):
     x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.dtype)
+    # Looked up in the table's layout (D split as "embed", the batch over the remaining axes), then moved
+    # to the residual's: an all-to-all, whose transpose keeps the table's gradient a local scatter (else
+    # XLA gathers the whole batch's cotangent when both data and fsdp are > 1).
+    x = shd.constrain(x, ("batch", None, "embed"), claim_order=(2, 0, 1))
     if self.cfg.scale_embeddings:
       x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), self.dtype)
-    return x
+    return shd.constrain(x, RESIDUAL_AXES)
 
-  def _logits(self, x):
+  def head(self, x):
+    """Final norm + output projection (+ soft-cap): the residual stream [B, T, D] -> logits [B, T, V]."""
     x = self.final_norm(x)
     if self.lm_head is None:
       logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(self.dtype))
     else:
       logits = self.lm_head(x)
     cap = self.cfg.final_logit_softcap
-    return jnp.tanh(logits / cap) * cap if cap else logits
+    return shd.constrain(jnp.tanh(logits / cap) * cap if cap else logits, LOGITS_AXES)
 
   def _blocks(self, x, positions_BT, kv_mask_BS, query_slots_T, *, hidden_layers=(), stop_after=None,
               cache=None, cache_index=None, attn_delta=None):
@@ -330,7 +354,8 @@ class Transformer(nnx.Module):
 
     def block_fn(state, x, is_sliding, layer_cache, delta):
       mask = jnp.where(is_sliding, sliding_BTS, full_BTS)
-      return nnx.merge(graphdef, state)(x, positions_BT, mask, layer_cache, cache_index, delta)
+      x, c = nnx.merge(graphdef, state)(x, positions_BT, mask, layer_cache, cache_index, delta)
+      return shd.constrain(x, RESIDUAL_AXES), c
 
     if self.options.remat != "none":
       block_fn = jax.checkpoint(block_fn, policy=REMAT_POLICIES[self.options.remat])

@@ -1,0 +1,134 @@
+"""The chunked (fused) head + loss functions equal the unchunked ones, in values and gradients."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from reft_jax import losses
+from reft_jax.methods.reft import student_loss
+from reft_jax.model import ModelConfig, init_model
+from reft_jax.train import Context
+
+LLAMA = ModelConfig(
+  vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8
+)
+# Tied embeddings (the head reads `embed`, also used by the input) and a final logit soft-cap.
+TIED = LLAMA.replace(family="gemma2", tie_embeddings=True, final_logit_softcap=5.0, norm_plus_one=True)
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def randomized(cfg, seed=0):
+  """O(1) logits, so that soft-max and KL are far from uniform."""
+  model = init_model(cfg, seed=seed)
+  rng = np.random.RandomState(seed)
+  for _, var in nnx.state(model, nnx.Param).flat_state():
+    scale = 1 / math.sqrt(cfg.hidden_size) if var.value.ndim > 1 else 0.3
+    var.value = jnp.asarray(var.value + rng.randn(*var.value.shape) * scale, var.value.dtype)
+  return model
+
+
+def lm_batch(cfg, seed=1, b=3, t=11):
+  rng = np.random.RandomState(seed)
+  mask = np.ones((b, t), np.int32)
+  mask[1, 7:] = 0
+  return {
+    "tokens": jnp.asarray(rng.randint(0, cfg.vocab_size, (b, t)), jnp.int32),
+    "attention_mask": jnp.asarray(mask),
+    "loss_mask": jnp.asarray(rng.randint(0, 2, (b, t)) * mask),
+  }
+
+
+def value_and_grads(model, fn):
+  """fn(model) -> scalar, its value and gradient w.r.t. every parameter (jitted)."""
+  graphdef, params = nnx.split(model)
+  return jax.jit(jax.value_and_grad(lambda p: fn(nnx.merge(graphdef, p))))(params)
+
+
+def assert_same(a, b):
+  (va, ga), (vb, gb) = a, b
+  np.testing.assert_allclose(va, vb, **TOL)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **TOL), ga, gb)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, TIED], ids=["llama", "tied_softcap"])
+@pytest.mark.parametrize("chunk", [4, 16])  # 4 does not divide T - 1 = 10; 16 > T - 1 (one padded chunk)
+def test_lm_loss_chunked_matches(cfg, chunk):
+  model, batch = randomized(cfg), lm_batch(cfg)
+  mean = lambda loss_fn: lambda m: (lambda s, n, _: s / n)(*loss_fn(m, batch))
+  assert_same(
+    value_and_grads(model, mean(losses.make_lm_loss(chunk))), value_and_grads(model, mean(losses.lm_loss))
+  )
+  assert losses.make_lm_loss(0) is losses.lm_loss
+
+
+def test_chunked_cross_entropy_count_and_forward_only():
+  model, batch = randomized(LLAMA), lm_batch(LLAMA)
+  t, w = losses.next_token_targets(batch["tokens"], batch["loss_mask"])
+  h = losses.final_hidden(model, batch["tokens"], batch["attention_mask"])[:, :-1]
+  got = losses.chunked_cross_entropy(model, h, t, w, 3)
+  want = losses.masked_cross_entropy(model(batch["tokens"], batch["attention_mask"])[:, :-1], t, w)
+  np.testing.assert_allclose(got, want, **TOL)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, TIED], ids=["llama", "tied_softcap"])
+def test_kl_teacher_student_chunked_matches(cfg):
+  student, teacher, batch = randomized(cfg), randomized(cfg, seed=5), lm_batch(cfg)
+  _, w = losses.next_token_targets(batch["tokens"], batch["loss_mask"])
+  tok, mask = batch["tokens"], batch["attention_mask"]
+  t_hidden = losses.final_hidden(teacher, tok, mask)[:, :-1]
+
+  def full(m):
+    return losses.kl_teacher_student(teacher(tok, mask)[:, :-1], m(tok, mask)[:, :-1], w, 2.0)[0]
+
+  def chunked(m):
+    h = losses.final_hidden(m, tok, mask)[:, :-1]
+    return losses.chunked_kl_teacher_student(teacher, t_hidden, m, h, w, 2.0, chunk=4)[0]
+
+  assert_same(value_and_grads(student, chunked), value_and_grads(student, full))
+
+
+def test_kl_topk_chunked_matches():
+  student, teacher, batch = randomized(LLAMA), randomized(LLAMA, seed=5), lm_batch(LLAMA)
+  _, w = losses.next_token_targets(batch["tokens"], batch["loss_mask"])
+  tok, mask = batch["tokens"], batch["attention_mask"]
+  vals, ids = jax.lax.top_k(teacher(tok, mask)[:, :-1], 8)
+
+  def full(m):
+    return losses.kl_topk_student(vals, ids, m(tok, mask)[:, :-1], w, 1.5)[0]
+
+  def chunked(m):
+    h = losses.final_hidden(m, tok, mask)[:, :-1]
+    return losses.chunked_kl_topk_student(vals, ids, m, h, w, 1.5, chunk=3)[0]
+
+  assert_same(value_and_grads(student, chunked), value_and_grads(student, full))
+
+
+@pytest.mark.parametrize("topk", [False, True])
+def test_student_loss_chunked_matches(topk):
+  student, teacher = randomized(LLAMA), randomized(LLAMA, seed=5)
+  batch = {"user": lm_batch(LLAMA, seed=1), "align": lm_batch(LLAMA, seed=2)}
+  if topk:
+    a = batch["align"]
+    vals, ids = jax.lax.top_k(teacher(a["tokens"], a["attention_mask"]), 8)
+    batch["align"] = {**a, "topk_logits": vals, "topk_ids": ids}
+  ctx = Context({}, None if topk else teacher)
+
+  def mean(chunk):
+    fn = student_loss(0.7, 1.3, topk, chunk)
+    return lambda m: (lambda s, n, _: s / n)(*fn(m, batch, ctx))
+
+  assert_same(value_and_grads(student, mean(4)), value_and_grads(student, mean(0)))
+
+
+def test_loss_chunk_config_is_checked():
+  from helpers import tiny_config
+
+  from reft_jax import config as config_lib
+
+  config_lib.validate(tiny_config(**{"train.loss_chunk": 16}))
+  with pytest.raises(config_lib.ConfigError, match="train.loss_chunk=-1"):
+    config_lib.validate(tiny_config(**{"train.loss_chunk": -1}))
