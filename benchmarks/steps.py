@@ -16,7 +16,8 @@ the timed steps go round-robin over them, so that other load on a shared machine
           (new tokens/s; prefill included in the time)
 
 Variants (JAX; '+' combines them, e.g. bf16+chunked_loss): baseline, bf16 (bfloat16 compute, float32
-master weights), chunked_loss (losses.chunked_*: head + loss over --loss_chunk positions at a time),
+master weights), chunked_loss (losses.chunked_*: head + loss over --loss_chunk positions at a time;
+chunkN: N positions, e.g. chunk16),
 dpa (jax.nn.dot_product_attention), scan (layers under lax.scan), remat (full rematerialisation),
 remat_dots (save matmul outputs). filter/gen only run variants that change a forward pass.
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -64,7 +66,7 @@ def parse_args(argv=None):
   ap.add_argument("--steps", type=int, default=5, help="timed steps (median), interleaved across runs")
   ap.add_argument("--benches", default=",".join(BENCHES))
   ap.add_argument("--variants", default="baseline", help=f"comma list of '+'-joined {FEATURES}")
-  ap.add_argument("--loss_chunk", type=int, default=32, help="positions per chunk for chunked_loss")
+  ap.add_argument("--loss_chunk", type=int, default=16, help="positions per chunk for chunked_loss")
   ap.add_argument("--filter_prompts", type=int, default=128)
   ap.add_argument("--filter_batch", type=int, default=64)
   ap.add_argument("--torch", type=b, default=True, help="run the PyTorch + transformers side")
@@ -84,7 +86,7 @@ def parse_args(argv=None):
   if args.warmup < 1 or args.steps < 1:
     ap.error("--warmup and --steps must be >= 1 (the first call compiles)")
   for v in args.variants.split(","):
-    bad = [f for f in v.split("+") if f not in FEATURES]
+    bad = [f for f in v.split("+") if f not in FEATURES and not re.fullmatch(r"chunk\d+", f)]
     if bad:
       ap.error(f"--variants: unknown {bad}; choose from {FEATURES}")
   bad = [x for x in args.benches.split(",") if x not in BENCHES]
@@ -159,7 +161,8 @@ def variant_options(name: str, args):
     remat=remat,
     attention="dpa" if "dpa" in f else "einsum",
   )
-  return opts, (args.loss_chunk if "chunked_loss" in f else 0)
+  sizes = [int(x[5:]) for x in f if re.fullmatch(r"chunk\d+", x)]
+  return opts, (sizes[0] if sizes else args.loss_chunk if "chunked_loss" in f else 0)
 
 
 # ---------------------------------------------------------------- JAX

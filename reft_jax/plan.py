@@ -10,7 +10,7 @@ all devices by default). Per device:
   exact, from jax.eval_shape (abstract model and optimizer state) and the sharding rules' shard shapes:
     params   the trained model: frozen base + LoRA adapters (LoRA also on its own column)
     teacher  ReFT's student stage: the frozen teacher passed into every step (merged, no LoRA, loaded
-             as reft.run loads it: param_dtype, unscanned)
+             as reft.run loads it, experiment.load_frozen: compute dtype, layers scanned as configured)
     opt      optimizer state: Adam's moments of the trainable parameters (frozen ones keep none)
   analytic (estimates, formulas in `activation_bytes` / `gather_bytes` / `grad_bytes`):
     grads    the gradients and the optimizer's updates of the trainable parameters (2 copies); full
@@ -611,7 +611,8 @@ def describe(spec: StageSpec) -> str:
   extra = f", loss_chunk={spec.loss_chunk}" if spec.loss_chunk > 0 else ""
   if spec.stage == "student":
     extra += (
-      f"; teacher forward in the step ({spec.teacher.dtype}, unscanned)"
+      f"; teacher forward in the step ({spec.teacher.dtype}, "
+      f"{'scanned' if spec.teacher.scan_layers else 'unscanned'})"
       if spec.teacher
       else f"; cached teacher top-{spec.topk}"
     )

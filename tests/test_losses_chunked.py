@@ -132,3 +132,26 @@ def test_loss_chunk_config_is_checked():
   config_lib.validate(tiny_config(**{"train.loss_chunk": 16}))
   with pytest.raises(config_lib.ConfigError, match="train.loss_chunk=-1"):
     config_lib.validate(tiny_config(**{"train.loss_chunk": -1}))
+
+
+def test_sharded_training_with_chunked_loss_matches_unchunked(tmp_path):
+  """The real train stage on a (data, fsdp, tensor) = (2, 2, 2) mesh, head sharded over vocab."""
+  from helpers import mesh_of, tiny_config
+
+  from reft_jax import experiment
+  from reft_jax.data import sft
+
+  c = tiny_config(**{"train.num_steps": 3})
+
+  def losses_of(mesh, loss_fn, workdir):
+    examples = experiment.read_examples(c)
+    tok = experiment.get_tokenizer(c, str(workdir), examples)
+    data = sft.tokenize(examples, tok, c.data.seq_len, c.data.template)
+    rules = experiment.shd.parse_rules(c.mesh.rules)
+    model = experiment.build_model(c, mesh, rules, tok)
+    history = experiment.train_stage(c, str(workdir), "sft", model, data, loss_fn, mesh, rules)[1]
+    return [h["loss"] for h in history]
+
+  want = losses_of(mesh_of(), losses.lm_loss, tmp_path / "a")
+  got = losses_of(mesh_of(data=2, fsdp=2, tensor=2), losses.make_lm_loss(8), tmp_path / "b")
+  np.testing.assert_allclose(got, want, rtol=1e-5)
