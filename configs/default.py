@@ -24,6 +24,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.preset = arg
   c.method = "sft"
   c.seed = 0
+  c.compile_cache = ""  # a directory for JAX's persistent compilation cache ("" = off)
 
   c.model = ml_collections.ConfigDict(dict(
       hf_path="",  # local HF directory (or hub name when online); "" = random init of `arch`

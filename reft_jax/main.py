@@ -72,6 +72,9 @@ def main(argv) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   os.makedirs(_WORKDIR.value, exist_ok=True)
+  if c.compile_cache:  # compiled executables persist across runs: a rerun or resume skips compiling
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(c.compile_cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   if dist.is_primary():  # the workdir is shared by every process: one writer
     config_lib.dump(c, _WORKDIR.value)
   ours.info("jax %s on %d %s device(s), process %d of %d; workdir %s", jax.__version__,

@@ -40,6 +40,11 @@ def test_cli_trains_and_writes_every_artefact(tmp_path):
   # Rerunning the same command finds the work done.
   r = _cli(["--config.train.num_steps=6"], tmp_path)
   assert r.returncode == 0 and "finished stages were reused" in r.stdout
+  # With a persistent compilation cache the compiled step is written to disk for the next run.
+  cache = tmp_path / "xla_cache"
+  r = _cli(["--config.train.num_steps=2", f"--config.compile_cache={cache}"], tmp_path / "cached")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert cache.is_dir() and len(os.listdir(cache)) >= 1
 
   # The exported directory is a real HF checkpoint: LoRA fine-tune it on a JSONL file, as a user
   # would with a downloaded model.
