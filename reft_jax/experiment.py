@@ -208,7 +208,8 @@ def evaluate_and_record(c: ml_collections.ConfigDict, workdir: str, model, token
 
   e = c.eval
   name = e.name or method
-  harmful = load(c, e.harmful) if e.harmful else []
+  # All of it when overlaps are dropped (the first n_harmful that remain are evaluated).
+  harmful = load(c, e.harmful, 0 if e.drop_overlap > 0 else e.n_harmful) if e.harmful else []
   n_overlap = 0
   if e.drop_overlap > 0 and harmful:  # held out means held out: no (near) repeat of a training prompt
     from reft_jax.data.assets import drop_overlapping
