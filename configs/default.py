@@ -77,8 +77,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       probe_size=256,  # prompts per class: half estimate R, half measure the held-out separation
       probe_harmful="world:probe_harmful", probe_harmless="world:probe_harmless",
       alignment="world:alignment",  # harmful -> refusal and harmless -> helpful, with is_harmful
-      tau=0.0, tau_mode="fixed",  # fixed | calibrated (largest tau with recall >= target_recall)
-      target_recall=0.99,
+      # fixed | calibrated (largest tau with recall >= target_recall on held-out harmful probes) |
+      # fpr (smallest tau that flags at most target_fpr of the held-out harmless probes)
+      tau=0.0, tau_mode="fixed",
+      target_recall=0.99, target_fpr=0.01,
       beta=1.0, temperature=1.0,  # distillation weight and temperature
       topk=0,  # > 0: cache the teacher's top-k logits once instead of a teacher forward per step
       align_batch_size=8,

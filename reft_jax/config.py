@@ -89,7 +89,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(r.lam >= 0 and r.beta >= 0, "reft.lam/beta", (r.lam, r.beta), "must be >= 0")
   _check(r.temperature > 0, "reft.temperature", r.temperature, "must be positive")
   _check(0 <= r.ema_momentum < 1, "reft.ema_momentum", r.ema_momentum, "must lie in [0, 1)")
-  _check(r.tau_mode in ("fixed", "calibrated"), "reft.tau_mode", r.tau_mode, "must be fixed or calibrated")
+  _check(r.tau_mode in ("fixed", "calibrated", "fpr"), "reft.tau_mode", r.tau_mode,
+         "must be fixed, calibrated or fpr")
+  _check(0 <= r.target_fpr < 1, "reft.target_fpr", r.target_fpr, "must lie in [0, 1)")
   _check(0 < r.target_recall <= 1, "reft.target_recall", r.target_recall, "must lie in (0, 1]")
   _check(r.align_seq_len == 0 or r.align_seq_len >= 8, "reft.align_seq_len", r.align_seq_len,
          "must be 0 (= data.seq_len) or >= 8")

@@ -101,6 +101,14 @@ def test_calibrated_tau_keeps_the_target_recall():
   assert np.mean(scores >= tau) >= 0.9 and np.mean(scores >= tau + 1e-9) < 0.9
 
 
+def test_fpr_tau_keeps_the_false_positive_budget():
+  scores = np.linspace(-1, 0, 200)
+  for fpr in (0.0, 0.01, 0.05, 0.5):
+    tau = reft.fpr_tau(scores, fpr)
+    assert np.mean(scores >= tau) <= fpr
+    assert np.mean(scores >= np.nextafter(tau, -np.inf) - 1e-9) > fpr  # the smallest such tau
+
+
 def _planted_filter(monkeypatch, tmp_path, tok, c, scores_of):
   rng = np.random.default_rng(0)
   user = _examples(10, True, rng) + _examples(30, False, rng)

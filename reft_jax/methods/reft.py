@@ -171,6 +171,14 @@ def calibrate_tau(harmful_scores: np.ndarray, target_recall: float) -> float:
   return float(s[max(k - 1, 0)])
 
 
+def fpr_tau(harmless_scores: np.ndarray, target_fpr: float) -> float:
+  """The smallest tau that drops at most target_fpr of the held-out harmless prompts (scores > the
+  (1 - target_fpr) quantile), i.e. a false-positive budget instead of a recall target."""
+  s = np.sort(np.asarray(harmless_scores))[::-1]
+  k = int(np.floor(target_fpr * len(s)))  # harmless prompts allowed at or above tau
+  return float(np.nextafter(s[k], np.inf)) if k < len(s) else float(s[-1])
+
+
 def filter_user_data(c, workdir, teacher, r, tokenizer, user: list[sft.Example], mesh):
   """Scores every user prompt; writes filter/{report.jsonl,kept.jsonl,summary.json}. Resumable: an
   existing summary is reused."""
@@ -184,10 +192,12 @@ def filter_user_data(c, workdir, teacher, r, tokenizer, user: list[sft.Example],
   data = refusal.tokenize_prompts(user, tokenizer, c.data.seq_len, c.data.template)
   scores = np.asarray(refusal.cosine(refusal.prompt_features(teacher, data, layer, mesh=mesh), r))
   tau = c.reft.tau
-  if c.reft.tau_mode == "calibrated":
-    _, _, held_h, _ = _probe_sets(c, tokenizer)
-    cal = np.asarray(refusal.cosine(refusal.prompt_features(teacher, held_h, layer, mesh=mesh), r))
-    tau = calibrate_tau(cal, c.reft.target_recall)
+  if c.reft.tau_mode in ("calibrated", "fpr"):
+    _, _, held_h, held_s = _probe_sets(c, tokenizer)
+    held = held_h if c.reft.tau_mode == "calibrated" else held_s
+    cal = np.asarray(refusal.cosine(refusal.prompt_features(teacher, held, layer, mesh=mesh), r))
+    tau = (calibrate_tau(cal, c.reft.target_recall) if c.reft.tau_mode == "calibrated"
+           else fpr_tau(cal, c.reft.target_fpr))
   dropped = scores >= tau
   labels = np.asarray([bool(e.meta.get("is_harmful", False)) for e in user])
   known = all("is_harmful" in e.meta for e in user)
