@@ -35,7 +35,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       param_dtype="float32",
       scan_layers=False,
       remat="none",  # none | full | dots | dots_no_batch
-      attention="einsum",  # einsum | dpa (jax.nn.dot_product_attention) | cudnn (its GPU flash kernel)
+      attention="einsum",  # einsum | dpa (jax.nn.dot_product_attention) | cudnn (GPU) | splash (TPU Pallas)
   ))
   c.train = ml_collections.ConfigDict(dict(
       mode="full",  # full | lora | regex

@@ -23,7 +23,9 @@ if ! gcloud compute tpus tpu-vm describe "$TPU_NAME" --zone "$ZONE" >/dev/null 2
 fi
 tar czf /tmp/reft_jax_src.tgz --exclude=.venv --exclude=runs --exclude=.git .
 gcloud compute tpus tpu-vm scp /tmp/reft_jax_src.tgz "$TPU_NAME":~/ --zone "$ZONE" --worker=all
-args=$(printf ' %q' "--config=$config" "--workdir=$workdir" --config.mesh.fsdp=-1 "$@")
+# splash: the Pallas TPU flash-attention kernel (pass --config.model.attention=einsum to compare)
+args=$(printf ' %q' "--config=$config" "--workdir=$workdir" --config.mesh.fsdp=-1 \
+  --config.model.attention=splash "$@")
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
   set -e; mkdir -p ~/reft-jax && tar xzf ~/reft_jax_src.tgz -C ~/reft-jax && cd ~/reft-jax
   if [ ! -x .venv/bin/reft-jax ]; then

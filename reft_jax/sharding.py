@@ -127,18 +127,26 @@ def activation_sharding(mesh: Mesh, rules: dict[str, Any] | None = None):
     _ACTIVATIONS.reset(token)
 
 
+def active_mesh() -> tuple[Any, dict[str, Any]] | None:
+  """(mesh, rules) from `activation_sharding`, else jax.set_mesh's abstract mesh with DEFAULT_RULES;
+  None with neither (single device, plain eager use)."""
+  ctx = _ACTIVATIONS.get()
+  if ctx is not None:
+    return ctx
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else (mesh, DEFAULT_RULES)
+
+
 def constrain(x, axes: Sequence[str | None], claim_order: Sequence[int] | None = None):
   """x with a sharding constraint from its logical `axes` (as logical_to_spec: axes that do not divide
   are dropped). claim_order: the dims in the order they claim mesh axes (default left to right). The
   mesh and rules come from `activation_sharding`, else the mesh of jax.set_mesh with DEFAULT_RULES;
   with neither (single device, plain eager use) x is returned unchanged."""
   ctx = _ACTIVATIONS.get()
-  if ctx is None:
-    mesh, rules = jax.sharding.get_abstract_mesh(), DEFAULT_RULES
-    if mesh.empty:
-      return x
-  else:
-    mesh, rules = ctx
+  mesh_rules = active_mesh()
+  if mesh_rules is None:
+    return x
+  mesh, rules = mesh_rules
   order = tuple(range(x.ndim)) if claim_order is None else tuple(claim_order)
   claimed = logical_to_spec([axes[i] for i in order], [x.shape[i] for i in order], mesh, rules)
   spec = [None] * x.ndim

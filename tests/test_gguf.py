@@ -10,6 +10,7 @@ import pytest
 from helpers import perturbed_torch_model
 
 import reft_jax
+from reft_jax.model import PRESETS
 from reft_jax.model import gguf as rg
 
 VOCAB, T = 128, 10
@@ -233,6 +234,7 @@ def test_smollm2_config_and_tokenizer(smollm2):
   assert ref.config.vocab_size == cfg.vocab_size and ref.config.num_hidden_layers == cfg.num_layers
   assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
   assert "<|im_start|>assistant" in tok.chat_template
+  assert cfg == PRESETS["smollm2_135m"]  # the preset that plans and benchmarks use
 
 
 @pytest.mark.slow

@@ -185,6 +185,11 @@ PRESETS: dict[str, ModelConfig] = {
     # The safety world's base model: small enough to pretrain in minutes on 2 CPU cores.
     "world": ModelConfig(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                          num_kv_heads=2, head_dim=32),
+    # SmolLM2-135M(-Instruct), the real model the `smollm2` preset runs offline from a GGUF file.
+    "smollm2_135m": ModelConfig(
+        family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+        num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+        tie_embeddings=True, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=2),
     "llama2_7b": ModelConfig(
         family="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
         num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=4096,

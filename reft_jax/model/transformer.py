@@ -8,6 +8,7 @@ forward runs the layers under `jax.lax.scan` (fast compile) or as an unrolled Py
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ from flax import nnx
 
 from reft_jax import sharding as shd
 from reft_jax.model.config import ModelConfig
+from reft_jax.model.splash import splash_attention
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,  # no rematerialisation
@@ -27,9 +29,10 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # einsum: explicit scores + softmax (every feature); dpa: jax.nn.dot_product_attention, XLA picks the
-# implementation; cudnn: its cuDNN flash kernel (GPU, bf16/fp16). The dpa paths fall back to einsum where
-# they cannot express the model (attention logit soft-capping).
-ATTENTION = ("einsum", "dpa", "cudnn")
+# implementation; cudnn: its cuDNN flash kernel (GPU, bf16/fp16); splash: the Pallas TPU kernel
+# (model/splash.py) for passes without a KV cache, XLA attention with one. The dpa paths fall back to
+# einsum where they cannot express the model (attention logit soft-capping).
+ATTENTION = ("einsum", "dpa", "cudnn", "splash")
 # Logical axes of the activations pinned with shd.constrain (a no-op unless a mesh is active): the batch
 # stays split over the data-parallel axes, so XLA gathers weights, not activations.
 RESIDUAL_AXES = ("batch", None, None)  # [B, T, D]
@@ -174,12 +177,15 @@ class Attention(nnx.Module):
     self.groups = h // kv
     self.scale = cfg.query_scale if cfg.query_scale is not None else hd ** -0.5
     self.softcap = cfg.attn_logit_softcap
-    self.impl = "einsum" if self.softcap else impl  # dot_product_attention has no logit soft-cap
+    # dot_product_attention has no logit soft-cap; splash has.
+    self.impl = "einsum" if self.softcap and impl in ("dpa", "cudnn") else impl
     self.cfg = cfg  # static; rope frequencies are recomputed at trace time (a numpy constant)
 
-  def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, cache_index=None):
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, cache_index=None, segments_BT=None,
+               is_sliding=False):
     """With cache=(k [B,S,KV,D], v), the new keys/values are written at slot cache_index and the
-    queries attend over all S slots (mask_BTS covers slots); returns (out, updated cache)."""
+    queries attend over all S slots (mask_BTS covers slots); returns (out, updated cache).
+    segments_BT (the padding mask) and is_sliding feed the splash kernel, which takes no dense mask."""
     inv_freq = rope_frequencies(self.cfg)
     q = apply_rope(self.q(x_BTD), positions_BT, inv_freq)
     k = apply_rope(self.k(x_BTD), positions_BT, inv_freq)
@@ -188,11 +194,23 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
       cache = (k, v)
-    if self.impl != "einsum":
+    impl = self.impl
+    if impl == "splash" and cache is None:
+      attend = lambda window: functools.partial(splash_attention, scale=self.scale, window=window,
+                                                softcap=self.softcap)
+      window = max(self.cfg.windows)
+      if isinstance(is_sliding, bool) or not window:  # unrolled layers: the layer kind is static
+        out = attend(window if window and is_sliding else 0)(q, k, v, segments_BT)
+      else:  # scanned layers: both kernels are compiled, each layer runs one
+        out = jax.lax.cond(is_sliding, attend(window), attend(0), q, k, v, segments_BT)
+      return self.o(out), cache
+    if impl == "splash":  # decoding against a KV cache: XLA attention
+      impl = "einsum" if self.softcap else "dpa"
+    if impl != "einsum":
       # The mask already holds causality, padding and the sliding window; GQA is native.
       out = jax.nn.dot_product_attention(q.astype(k.dtype), k, v.astype(k.dtype), mask=mask_BTS[:, None],
                                          scale=self.scale,
-                                         implementation=None if self.impl == "dpa" else "cudnn")
+                                         implementation="cudnn" if impl == "cudnn" else None)
       return self.o(out), cache
     b, t = x_BTD.shape[:2]
     kv, hd = k.shape[2:]
@@ -246,8 +264,9 @@ class Block(nnx.Module):
       self.post_attn_norm = RMSNorm(cfg.hidden_size, **norm)
       self.post_mlp_norm = RMSNorm(cfg.hidden_size, **norm)
 
-  def __call__(self, x, positions, mask, cache=None, cache_index=None, attn_delta=None):
-    h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index)
+  def __call__(self, x, positions, mask, cache=None, cache_index=None, attn_delta=None, segments=None,
+               is_sliding=False):
+    h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index, segments, is_sliding)
     h = self.post_attn_norm(h) if self.sandwich else h
     if attn_delta is not None:  # a perturbation of the attention output (Vaccine)
       h = h + attn_delta.astype(h.dtype)
@@ -351,10 +370,12 @@ class Transformer(nnx.Module):
     sliding_BTS = full_BTS & (delta_TS < int(windows.max()))[None] if windows.any() else full_BTS
 
     graphdef, block_state = nnx.split(self.blocks)
+    segments = kv_mask_BS if cache is None else None  # without a cache, keys are the queries' tokens
 
     def block_fn(state, x, is_sliding, layer_cache, delta):
       mask = jnp.where(is_sliding, sliding_BTS, full_BTS)
-      x, c = nnx.merge(graphdef, state)(x, positions_BT, mask, layer_cache, cache_index, delta)
+      x, c = nnx.merge(graphdef, state)(x, positions_BT, mask, layer_cache, cache_index, delta,
+                                        segments, is_sliding)
       return shd.constrain(x, RESIDUAL_AXES), c
 
     if self.options.remat != "none":
