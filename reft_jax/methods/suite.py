@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from reft_jax import experiment
 from reft_jax.data import attacks, sft
-from reft_jax.losses import lm_loss
+from reft_jax.losses import make_lm_loss
 from reft_jax.methods import baselines, reft
 from reft_jax.model import save_hf
 
@@ -62,8 +62,10 @@ def _tok(env, examples):
   return sft.tokenize(examples, env.tokenizer, env.c.data.seq_len, env.c.data.template)
 
 
-def train(env: Env, root: str, stage: str, init_path: str, data, loss_fn=lm_loss, **kw) -> str:
-  """One training stage from the model at init_path; exports root/<stage>/model (skipped if there)."""
+def train(env: Env, root: str, stage: str, init_path: str, data, loss_fn=None, **kw) -> str:
+  """One training stage from the model at init_path; exports root/<stage>/model (skipped if there).
+  loss_fn defaults to the LM loss (chunked as train.loss_chunk says)."""
+  loss_fn = loss_fn or make_lm_loss(env.c.train.loss_chunk)
   if not finished(root, stage):
     c = with_updates(env.c, **{"model.hf_path": init_path})
     model = experiment.build_model(c, env.mesh, env.rules, env.tokenizer)
