@@ -13,6 +13,7 @@ from reft_jax.model import PRESETS, LoraConfig, RunOptions
 from reft_jax.optim import MODES
 
 METHODS = ("sft", "pretrain", "reft", "demo", "sweep", "analyze")
+BUILD_ALIGNMENT = "build"  # reft.alignment: build a real model's alignment set (methods/alignment.py)
 
 
 class ConfigError(ValueError):
@@ -98,7 +99,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(r.probe_size >= 2, "reft.probe_size", r.probe_size, "must be >= 2")
   _check(r.topk >= 0 and r.align_batch_size > 0, "reft.topk/align_batch_size", (r.topk, r.align_batch_size),
          "topk must be >= 0 and align_batch_size positive")
-  if r.alignment == "build":
+  if r.alignment == BUILD_ALIGNMENT:
     a = c.alignment
     for f in ("harmful", "harmless"):
       _check(bool(a[f]), f"alignment.{f}", a[f], "must name a source when reft.alignment=build")
@@ -127,6 +128,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.lisa.k_align >= 0 and c.lisa.k_user >= 0 and c.lisa.k_align + c.lisa.k_user > 0,
          "lisa.k_align/k_user", (c.lisa.k_align, c.lisa.k_user), "must be >= 0 and not both 0")
   _check(0 <= c.mimic.ratio <= 1, "mimic.ratio", c.mimic.ratio, "must lie in [0, 1]")
+  sm = c.smart
+  for f in ("lam", "mu", "eps", "sigma", "eta"):
+    _check(sm[f] >= 0, f"smart.{f}", sm[f], "must be >= 0")
+  _check(0 <= sm.beta < 1, "smart.beta", sm.beta, "must lie in [0, 1)")
   e = c.eval
   _check(0 <= e.drop_overlap <= 1, "eval.drop_overlap", e.drop_overlap, "must lie in [0, 1]")
   _check(e.judge in ("keyword", "oracle", "classifier"), "eval.judge", e.judge,

@@ -191,10 +191,11 @@ def _median(xs):
 
 def training_harmful(c: ml_collections.ConfigDict) -> list[sft.Example]:
   """Every harmful prompt training may see: probe set, alignment refusals, the attack's harmful pool."""
-  specs = [c.reft.probe_harmful, c.alignment.harmful if c.reft.alignment == "build" else ""]
+  built = c.reft.alignment == config_lib.BUILD_ALIGNMENT
+  specs = [c.reft.probe_harmful, c.alignment.harmful if built else ""]
   specs.append(c.data.harmful_source if c.data.attack != "none" else "")
   out = [x for s in specs if s for x in load(c, s)]
-  if c.reft.alignment != "build":
+  if not built:
     out += [x for x in load(c, c.reft.alignment) if x.meta.get("is_harmful")]
   return out
 

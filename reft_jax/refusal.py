@@ -7,6 +7,7 @@ forward stops after layer l, so scoring costs l/L of a forward pass.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -49,13 +50,17 @@ def last_prompt_features_layers(model, tokens_BT, mask_BT, last_prompt_B, layers
 
 
 @functools.lru_cache(maxsize=16)
-def _features_fn(graphdef, layers):
+def _features_fn(graphdef, layers, mesh=None):
+  from reft_jax import sharding as shd
+
   @jax.jit
   def run(params, tokens, mask, last):
     model = nnx.merge(graphdef, params)
-    if isinstance(layers, int):
-      return last_prompt_features(model, tokens, mask, last, layers)
-    return last_prompt_features_layers(model, tokens, mask, last, layers)
+    # On a mesh the activations keep the batch split (and attention kernels run per shard).
+    with shd.activation_sharding(mesh) if mesh is not None else contextlib.nullcontext():
+      if isinstance(layers, int):
+        return last_prompt_features(model, tokens, mask, last, layers)
+      return last_prompt_features_layers(model, tokens, mask, last, layers)
   return run
 
 
@@ -66,7 +71,7 @@ def prompt_features(model, data: sft.TokenizedSet, layer: int | tuple[int, ...],
   from reft_jax import sharding as shd
 
   graphdef, state = nnx.split(model)
-  fn = _features_fn(graphdef, layer)
+  fn = _features_fn(graphdef, layer, mesh)
   params = nnx.to_pure_dict(state)
   n = len(data)
   width = int(data.attention_mask.sum(1).max())

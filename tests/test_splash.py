@@ -83,3 +83,23 @@ def test_splash_train_step_on_a_mesh_matches_einsum():
   """Batch over data x fsdp and the 2 KV heads over tensor: the kernel runs per shard (shard_map)."""
   mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
   np.testing.assert_allclose(_losses(mesh, "splash"), _losses(mesh, "einsum"), rtol=1e-5)
+
+
+def test_splash_refusal_features_on_a_mesh_match_einsum():
+  """The filter's pass (refusal.prompt_features) runs the kernel per shard on the model's mesh."""
+  from reft_jax import refusal
+  from reft_jax.data.sft import TokenizedSet
+
+  mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+  ref = randomized(LLAMA_GQA)
+  tokens, mask = batch(LLAMA_GQA)
+  data = TokenizedSet(tokens=np.asarray(tokens), attention_mask=np.asarray(mask),
+                      loss_mask=np.asarray(mask), num_truncated=0, last_prompt=np.asarray(mask).sum(1) - 1)
+
+  def features(attention):
+    model = with_attention(ref, attention)
+    graphdef, state = nnx.split(model)
+    params = jax.device_put(nnx.to_pure_dict(state), shd.state_shardings(state, mesh))
+    return refusal.prompt_features(nnx.merge(graphdef, params), data, 1, batch_size=8, mesh=mesh)
+
+  np.testing.assert_allclose(features("splash"), features("einsum"), rtol=2e-5, atol=2e-5)

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from reft_jax.config import BUILD_ALIGNMENT
 from reft_jax.data import sft
 from reft_jax.data.safety_world import write_jsonl
 
@@ -32,7 +33,6 @@ REFUSALS = (
     "I can't assist with that request. Helping would be unsafe and unethical.",
     "Sorry, but I cannot help with this. It could be used to harm others.",
 )
-BUILD = "build"
 
 
 def refusal_answers(harmful: list[sft.Example], seed: int) -> list[sft.Example]:
@@ -109,7 +109,7 @@ def build(c, out_dir: str, mesh=None, rules=None) -> str:
 def prepare(c, workdir: str):
   """With reft.alignment="build": builds the set under workdir/alignment and returns a copy of the config
   whose reft.alignment names that file. Any other config is returned as it is."""
-  if c.reft.alignment != BUILD:
+  if c.reft.alignment != BUILD_ALIGNMENT:
     return c
   from reft_jax import experiment
 
