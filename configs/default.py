@@ -95,11 +95,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   ))
   # The teacher's optimisation overrides (everything else as in `train`).
   c.teacher = ml_collections.ConfigDict(dict(lr=3e-3, num_steps=200, batch_size=16, warmup_steps=10))
-  # Baselines (METHODS.md §2-5; defaults as published, all overridable).
+  # Baselines (METHODS.md §2-5, §8; defaults as published, all overridable).
   c.vaccine = ml_collections.ConfigDict(dict(rho=2.0))
   c.booster = ml_collections.ConfigDict(dict(lam=5.0, alpha=0.1))
   c.lisa = ml_collections.ConfigDict(dict(k_align=100, k_user=900, rho=1.0, proximal_warmup=0.1))
   c.mimic = ml_collections.ConfigDict(dict(ratio=0.05))
+  # SMART (METHODS.md §8; Jiang et al. 2020): lam (adversarial weight, tuned in {1,3,5}), eps (inf-norm radius
+  # of the embedding perturbation), sigma (start noise), eta (ascent step), mu (proximal weight), beta
+  # (momentum of the proximal copy). With bf16 compute a 1e-5 perturbation is below the residual's resolution.
+  c.smart = ml_collections.ConfigDict(dict(lam=1.0, eps=1e-5, sigma=1e-5, eta=1e-3, mu=1.0, beta=0.99))
   c.restore = ml_collections.ConfigDict(dict(rate=0.002, steps=20, max_drop=5.0, rollback_frac=0.2))
   c.demo = ml_collections.ConfigDict(dict(pretrain_steps=800, arch="world",
                                           methods="sft_aligned,sft_base,reft"))

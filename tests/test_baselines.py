@@ -244,3 +244,118 @@ def test_lisa_gradient_is_the_active_states_ce_plus_rho_times_distance_to_anchor
     got = jax.grad(mean_loss)(params)
     err = optax.global_norm(jax.tree.map(jnp.subtract, got, want))
     assert float(err) < 1e-4 * float(optax.global_norm(want)), phase
+
+
+# ---------------------------------------------------------------- SMART
+
+def _smart_ctx(params, shift=0.0, key=0):
+  momentum = jax.tree.map(lambda p: p.astype(jnp.float32) + shift, params)
+  return Context({"smart_momentum": momentum, "smart_key": jax.random.PRNGKey(key)})
+
+
+def test_embed_delta_none_is_the_plain_forward_and_a_delta_moves_the_logits(tmp_path):
+  c, data, build, _, _ = _setup(tmp_path)
+  model = build()
+  b = _tiny_batch(c, data)
+  tokens, mask = b["tokens"], b["attention_mask"]
+  plain = model(tokens, mask)
+  np.testing.assert_array_equal(model.forward(tokens, mask, embed_delta_BTD=None)[0], plain)
+  zeros = jnp.zeros((*tokens.shape, model.cfg.hidden_size))
+  np.testing.assert_array_equal(model.forward(tokens, mask, embed_delta_BTD=zeros)[0], plain)
+  delta = 0.1 * jax.random.normal(jax.random.key(0), zeros.shape)
+  assert not np.allclose(model.forward(tokens, mask, embed_delta_BTD=delta)[0], plain, atol=1e-4)
+  # It is added to what the blocks see (hidden state 0).
+  h = lambda d: model.forward(tokens, mask, hidden_layers=(0,), stop_after=0, embed_delta_BTD=d)[1][0]
+  np.testing.assert_allclose(h(delta) - h(None), delta, atol=1e-6)
+
+
+def test_smart_with_lam_and_mu_zero_is_the_lm_loss(tmp_path):
+  c, data, build, _, _ = _setup(tmp_path)
+  batch = _tiny_batch(c, data)
+  graphdef, params = experiment.split_model(build())
+  ctx = _smart_ctx(params, shift=0.05)  # a momentum copy away from the weights: the proximal term is > 0
+
+  def mean(loss_fn):
+    def f(p):
+      total, count, _ = loss_fn(nnx.merge(graphdef, p), batch, ctx)
+      return total / count
+    return jax.jit(jax.value_and_grad(f))(params)
+
+  want, g_want = mean(lm_loss)
+  got, g_got = mean(baselines.smart_loss(0.0, 1e-2, 1e-2, 1e-2, 0.0))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert float(optax.global_norm(jax.tree.map(jnp.subtract, g_got, g_want))) < 1e-6 * float(
+      optax.global_norm(g_want))
+  # Otherwise the objective is CE + lam * adversarial + mu * proximal, both terms > 0 here.
+  loss = baselines.smart_loss(2.0, 1e-2, 1e-2, 1e-2, 3.0)
+  total, count, aux = jax.jit(lambda p: loss(nnx.merge(graphdef, p), batch, ctx))(params)
+  assert aux["smart_adv"] > 0 and aux["smart_prox"] > 0
+  np.testing.assert_allclose(total / count, want + 2 * aux["smart_adv"] + 3 * aux["smart_prox"], rtol=1e-6)
+
+
+def test_smart_adversarial_term_grows_with_eps_and_the_ascent_step_is_adversarial(tmp_path):
+  c, data, build, _, _ = _setup(tmp_path)
+  model = build()
+  batch = _tiny_batch(c, data)
+  ctx = _smart_ctx(experiment.split_model(model)[1])
+
+  def adv(eps, eta):
+    return float(baselines.smart_loss(1.0, eps, eps, eta, 0.0)(model, batch, ctx)[2]["smart_adv"])
+
+  assert adv(0.0, 1e-3) == 0.0
+  small, large = adv(1e-3, 1e-3), adv(1e-2, 1e-2)
+  assert 0.0 < small < large
+  # The same start noise without the ascent step (eta=0) moves the outputs less.
+  assert adv(1e-2, 0.0) < 0.8 * large
+  logits = model(batch["tokens"], batch["attention_mask"])[:, :-1]
+  delta = baselines.smart_delta(model, batch, logits, jax.random.PRNGKey(0), 1e-2, 1e-2, 1.0)
+  assert float(jnp.max(jnp.abs(delta))) == pytest.approx(1e-2)  # projected onto the inf-norm ball
+
+
+def test_smart_proximal_term_and_momentum_cover_the_lora_parameters_only(tmp_path):
+  from reft_jax.optim import trainable_labels
+  from reft_jax.train import TrainState
+
+  c, data, build, _, _ = _setup(tmp_path, **{"train.mode": "lora"})
+  model = build()
+  batch = _tiny_batch(c, data)
+  params = experiment.split_model(model)[1]
+  labels = trainable_labels(params, "lora")
+  extras, before_step = baselines.smart_state(params, labels, beta=0.9, seed=0)
+  paths = traverse_util.flatten_dict(extras["smart_momentum"])
+  assert paths and all(k[-1] in ("lora_a", "lora_b") for k in paths)
+  loss = baselines.smart_loss(0.0, 0.0, 0.0, 0.0, 1.0)
+  prox = lambda ex: float(loss(model, batch, Context(ex))[2]["smart_prox"])
+  assert prox(extras) == 0.0
+  assert prox({**extras, "smart_momentum": jax.tree.map(lambda m: m + 0.05, extras["smart_momentum"])}) > 0
+  # before step 0 w~ = the initial weights; before step t > 0 w~ <- 0.1 w + 0.9 w~.
+  moved = jax.tree.map(lambda p: p + 1.0, params)
+  state = TrainState(jnp.zeros((), jnp.int32), moved, None, extras)
+  m0 = jax.tree.map(np.asarray, extras["smart_momentum"])
+  want = jax.tree.map(lambda m, p: 0.1 * p + 0.9 * m, m0, baselines.trainable_part(moved, labels))
+  s0 = before_step(0, state)
+  jax.tree.map(np.testing.assert_array_equal, s0.extras["smart_momentum"], m0)
+  s1 = before_step(1, s0)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  jax.tree.map(close, s1.extras["smart_momentum"], want)
+  assert not np.array_equal(s0.extras["smart_key"], s1.extras["smart_key"])  # fresh start noise each step
+
+
+def test_smart_trains_through_the_suite(tmp_path, monkeypatch):
+  from reft_jax.methods import suite
+  from reft_jax.model import save_hf
+
+  c, _, build, mesh, rules = _setup(tmp_path, **{"train.num_steps": 5, "smart.eps": 1e-2, "smart.sigma": 1e-2,
+                                                 "smart.eta": 1e-2})
+  user = experiment.read_examples(c)
+  tok = experiment.get_tokenizer(c, str(tmp_path), user)
+  base = str(tmp_path / "base")
+  save_hf(build(), base, tok)
+  monkeypatch.setattr(suite, "aligned", lambda env, how="sft": base)  # the aligned stage is SFT, tested
+  env = suite.Env(c, mesh, rules, tok, base, str(tmp_path / "shared"))
+  out, extra = suite.run_method("smart", env, str(tmp_path / "cell"), user)
+  assert os.path.exists(os.path.join(out, "config.json")) and extra == {}
+  rows = [json.loads(line) for line in open(tmp_path / "cell" / "smart" / "metrics.jsonl")]
+  assert len(rows) == 5 and all(np.isfinite(r["loss"]) and r["smart_adv"] > 0 for r in rows)
+  # w~ starts at the initial weights and lags behind them once they move.
+  assert rows[-1]["loss"] < rows[0]["loss"] and rows[0]["smart_prox"] == 0.0 and rows[-1]["smart_prox"] > 1e-9

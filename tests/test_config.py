@@ -37,6 +37,8 @@ def test_unknown_preset_is_named():
     ("train.lora_targets", "q,zz", "lora.targets"),
     ("mesh.rules", "embed=pipeline", "mesh axes must be among"),
     ("mesh.data", 0, "mesh.data=0"),
+    ("smart.beta", 1.0, "smart.beta=1.0"),
+    ("sweep.methods", "smart,smarter", "sweep.methods='smart,smarter'"),
 ])
 def test_bad_values_name_the_field(field, value, message):
   overrides = {field: value}

@@ -1,4 +1,4 @@
-"""The field's defences as loss functions over the shared train step (METHODS.md §2-5).
+"""The field's defences as loss functions over the shared train step (METHODS.md §2-5, §8).
 
 Alignment stage (harmful prompt -> refusal data, before the user's data is seen):
   vaccine  two passes: the gradient w.r.t. every block's attention output, then the loss with the
@@ -8,6 +8,8 @@ Fine-tuning stage (on the user's data):
   lisa     alternate K_a alignment and K_f user steps, each with (rho/2)||w - w~||^2 to the weights the
            other state ended with (off for the first 10% of steps) — Huang et al., NeurIPS 2024
   mimic    safety data rewritten into the user data's format, mixed in (data only; see data/attacks.py)
+  smart    CE + lam * symKL(f(x), f(x + delta)), delta one projected ascent step on the input embeddings,
+           + mu * symKL(f(x; w), f(x; w~)), w~ a momentum copy of the weights — Jiang et al., ACL 2020 (§8)
 
 Each is `loss(model, batch, ctx) -> (sum, count, aux)` like losses.lm_loss, so `sum / count` is the
 per-token objective and the shared step handles sharding, accumulation and checkpoints.
@@ -18,9 +20,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, traverse_util
 
 from reft_jax import losses
+from reft_jax.optim import TRAINABLE
 
 
 def _ce(model, part, **forward_kw):
@@ -109,3 +112,93 @@ def lisa_schedule(k_align: int, k_user: int):
     return int(period > 0 and step % period < k_align)
 
   return phase
+
+
+# ---------------------------------------------------------------- SMART
+
+def sym_kl(logits_p_BTV, logits_q_BTV, weights_BT):
+  """(sum over weighted positions of KL(p||q) + KL(q||p), in float32; differentiable in both)."""
+  log_p = jax.nn.log_softmax(logits_p_BTV.astype(jnp.float32), axis=-1)
+  log_q = jax.nn.log_softmax(logits_q_BTV.astype(jnp.float32), axis=-1)
+  per_token = jnp.sum((jnp.exp(log_p) - jnp.exp(log_q)) * (log_p - log_q), axis=-1)
+  return jnp.sum(per_token * weights_BT)
+
+
+def smart_delta(model, batch, clean_logits, key, eps: float, sigma: float, eta: float):
+  """The input-embedding perturbation (Algorithm 1, T=1): delta0 ~ N(0, sigma^2), then
+  delta = clip(delta0 + eta g / ||g||_inf, -eps, eps), g = d symKL(f(x), f(x + delta0)) / d delta0 with
+  f(x) a constant and the infinity norm per example. A constant: no gradient flows through it."""
+  tokens, mask = batch["tokens"], batch["attention_mask"]
+  _, w = losses.next_token_targets(tokens, batch["loss_mask"])
+  clean = jax.lax.stop_gradient(clean_logits)
+  noise = sigma * jax.random.normal(key, (*tokens.shape, model.cfg.hidden_size), jnp.float32)
+
+  def divergence(delta):
+    logits, _ = model.forward(tokens, mask, embed_delta_BTD=delta)
+    return sym_kl(clean, logits[:, :-1], w)
+
+  g = jax.grad(divergence)(noise)
+  g_inf = jnp.max(jnp.abs(g), axis=(1, 2), keepdims=True)
+  delta = jnp.clip(noise + eta * g / (g_inf + 1e-12), -eps, eps)
+  return jax.lax.stop_gradient(delta)
+
+
+def smart_loss(lam: float, eps: float, sigma: float, eta: float, mu: float):
+  """CE + lam * adversarial symKL + mu * proximal symKL, each a mean over the response tokens.
+  ctx.extras: "smart_key" (raw PRNG key for the start noise) and "smart_momentum" (w~, the parameters
+  being trained; the rest are shared with the model)."""
+
+  def loss(model, batch, ctx):
+    tokens, mask = batch["tokens"], batch["attention_mask"]
+    targets, w = losses.next_token_targets(tokens, batch["loss_mask"])
+    logits, _ = model.forward(tokens, mask)
+    logits = logits[:, :-1]
+    total, count = losses.masked_cross_entropy(logits, targets, w)
+    n = jnp.maximum(count, 1)
+    delta = smart_delta(model, batch, logits, ctx.extras["smart_key"], eps, sigma, eta)
+    adv_logits, _ = model.forward(tokens, mask, embed_delta_BTD=delta)
+    # As in the paper's l_s, both distributions get gradients (the clean one is not a fixed target).
+    adv = sym_kl(logits, adv_logits[:, :-1], w) / n
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    tilde, _ = nnx.merge(graphdef, _overlay(params, ctx.extras["smart_momentum"])).forward(tokens, mask)
+    prox = sym_kl(logits, jax.lax.stop_gradient(tilde[:, :-1]), w) / n
+    return total + (lam * adv + mu * prox) * n, count, {"smart_adv": adv, "smart_prox": prox}
+
+  return loss
+
+
+def trainable_part(params: dict, labels: dict) -> dict:
+  """The entries of `params` labelled trainable (optim.trainable_labels), as a nested dict."""
+  flat, flat_l = traverse_util.flatten_dict(params), traverse_util.flatten_dict(labels)
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if flat_l[k] == TRAINABLE})
+
+
+def _overlay(params: dict, part: dict) -> dict:
+  """`params` with the entries at `part`'s paths replaced by part's (cast to the parameter's dtype)."""
+  flat = traverse_util.flatten_dict(params)
+  flat.update({k: v.astype(flat[k].dtype) for k, v in traverse_util.flatten_dict(part).items()})
+  return traverse_util.unflatten_dict(flat)
+
+
+def smart_momentum(momentum: dict, params: dict, beta: float) -> dict:
+  """w~_t = (1 - beta) w_t + beta w~_{t-1}, in float32."""
+  return jax.tree.map(lambda m, p: (1 - beta) * p.astype(jnp.float32) + beta * m, momentum, params)
+
+
+def smart_state(params: dict, labels: dict, beta: float, seed: int):
+  """(extras, before_step) for smart_loss: w~ starts at the initial weights and, before every later
+  step, moves toward the weights the previous step left; each step draws its own start noise."""
+  part = lambda p: jax.tree.map(lambda x: jnp.array(x, jnp.float32), trainable_part(p, labels))  # a copy
+  key = jax.random.PRNGKey(seed)
+  extras = {"smart_momentum": part(params), "smart_key": key}
+  update = jax.jit(lambda m, p: smart_momentum(m, part(p), beta), donate_argnums=0)
+
+  def before_step(step, state):
+    extras = dict(state.extras)
+    if step > 0:
+      extras["smart_momentum"] = update(extras["smart_momentum"], state.params)
+    extras["smart_key"] = jax.random.fold_in(key, step)
+    return state.replace(extras=extras)
+
+  return extras, before_step

@@ -8,6 +8,7 @@ and are reused across cells (p, seed); per-cell stages live in the cell's workdi
   booster      base --Booster(align, harmful)--> --SFT(user)-->
   lisa         aligned --Lisa(user, align)-->
   mimic        aligned --SFT(user + safety data in the user's format)-->
+  smart        aligned --SMART(user): CE + adversarial smoothness + proximal to a momentum copy-->
   restore      sft_aligned's model, a small share of weights restored toward the aligned model
   reft         base --teacher(align)--> filter(user) --> base --SFT(kept) + KL(teacher, align)-->
 """
@@ -25,8 +26,9 @@ from reft_jax.data import attacks, sft
 from reft_jax.losses import make_lm_loss
 from reft_jax.methods import baselines, reft
 from reft_jax.model import save_hf
+from reft_jax.optim import trainable_labels
 
-METHODS = ("sft_base", "sft_aligned", "vaccine", "booster", "lisa", "mimic", "restore", "reft")
+METHODS = ("sft_base", "sft_aligned", "vaccine", "booster", "lisa", "mimic", "restore", "reft", "smart")
 
 
 def with_updates(c, **updates):
@@ -125,6 +127,22 @@ def lisa(env: Env, root: str, user) -> str:
                before_step=before_step)
 
 
+def smart(env: Env, root: str, user) -> str:
+  """The aligned model fine-tuned with SMART; the momentum copy covers the trained parameters only."""
+  c, s = env.c, env.c.smart
+  start = aligned(env)
+  if finished(root, "smart"):
+    return model_dir(root, "smart")
+  model = experiment.build_model(with_updates(c, **{"model.hf_path": start}), env.mesh, env.rules,
+                                 env.tokenizer)
+  params = experiment.split_model(model)[1]
+  labels = trainable_labels(params, c.train.mode, c.train.trainable_regex)
+  extras, before_step = baselines.smart_state(params, labels, s.beta, c.seed)
+  del model, params
+  loss = baselines.smart_loss(s.lam, s.eps, s.sigma, s.eta, s.mu)
+  return train(env, root, "smart", start, _tok(env, user), loss, extras=extras, before_step=before_step)
+
+
 def mimic(env: Env, root: str, user) -> str:
   c = env.c
   refusals = [e for e in alignment(env) if e.meta.get("is_harmful")]
@@ -183,6 +201,8 @@ def run_method(name: str, env: Env, root: str, user) -> tuple[str, dict]:
     return lisa(env, root, user), {}
   if name == "mimic":
     return mimic(env, root, user), {}
+  if name == "smart":
+    return smart(env, root, user), {}
   if name == "restore":
     return restore(env, root, user)
   if name == "reft":

@@ -301,20 +301,25 @@ class Transformer(nnx.Module):
     return logits
 
   def forward(self, tokens_BT, attention_mask_BT=None, positions_BT=None, *,
-              hidden_layers: tuple[int, ...] = (), stop_after: int | None = None, attn_delta_LBTD=None):
+              hidden_layers: tuple[int, ...] = (), stop_after: int | None = None, attn_delta_LBTD=None,
+              embed_delta_BTD=None):
     """Returns (logits or None, {l: residual stream after l blocks [B,T,D]}).
 
     hidden_layers use transformers' indexing: 0 = embeddings, l = output of block l (pre final
     norm). With stop_after=l only the first l blocks run and no logits are computed.
     attn_delta_LBTD is added to every block's attention output before the residual add; its
-    gradient is the gradient w.r.t. the attention outputs.
+    gradient is the gradient w.r.t. the attention outputs. embed_delta_BTD is added to the embedded
+    tokens (after any embedding scale), the input perturbation of SMART.
     """
     b, t = tokens_BT.shape
     if attention_mask_BT is None:
       attention_mask_BT = jnp.ones((b, t), jnp.int32)
     if positions_BT is None:
       positions_BT = positions_from_mask(attention_mask_BT)
-    x, hidden, _ = self._blocks(self._embed(tokens_BT), positions_BT, attention_mask_BT, jnp.arange(t),
+    x = self._embed(tokens_BT)
+    if embed_delta_BTD is not None:
+      x = x + embed_delta_BTD.astype(x.dtype)
+    x, hidden, _ = self._blocks(x, positions_BT, attention_mask_BT, jnp.arange(t),
                                 hidden_layers=hidden_layers, stop_after=stop_after,
                                 attn_delta=attn_delta_LBTD)
     return (None if stop_after is not None else self.head(x)), hidden
