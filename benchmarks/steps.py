@@ -18,8 +18,9 @@ the timed steps go round-robin over them, so that other load on a shared machine
 Variants (JAX; '+' combines them, e.g. bf16+chunked_loss): baseline, bf16 (bfloat16 compute, float32
 master weights), chunked_loss (losses.chunked_*: head + loss over --loss_chunk positions at a time;
 chunkN: N positions, e.g. chunk16),
-dpa (jax.nn.dot_product_attention), scan (layers under lax.scan), remat (full rematerialisation),
-remat_dots (save matmul outputs). filter/gen only run variants that change a forward pass.
+dpa (jax.nn.dot_product_attention), cudnn (its cuDNN flash kernel, GPU), splash (the Pallas TPU kernel;
+interpreted, far slower, off TPU; generation uses XLA attention), scan (layers under lax.scan), remat (full
+rematerialisation), remat_dots (save matmul outputs). filter/gen only run variants that change a forward pass.
 
 FLOPs: 6 N + 12 L T D_attn per trained token (reft_jax.train.flops_per_token; N = non-embedding
 parameters + the LM head), a third of it per forward-only token; the filter counts its L/2 blocks and no
@@ -46,8 +47,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-FEATURES = ("baseline", "bf16", "chunked_loss", "dpa", "scan", "remat", "remat_dots")
-FORWARD_FEATURES = ("bf16", "dpa", "scan")  # what a forward-only pass (filter, generation) sees
+FEATURES = ("baseline", "bf16", "chunked_loss", "dpa", "cudnn", "splash", "scan", "remat", "remat_dots")
+# what a forward-only pass (filter, generation) sees
+FORWARD_FEATURES = ("bf16", "dpa", "cudnn", "splash", "scan")
 BENCHES = ("sft", "reft", "filter", "gen")
 
 
@@ -159,7 +161,7 @@ def variant_options(name: str, args):
     param_dtype="float32",
     scan_layers="scan" in f,
     remat=remat,
-    attention="dpa" if "dpa" in f else "einsum",
+    attention=next((a for a in ("dpa", "cudnn", "splash") if a in f), "einsum"),
   )
   sizes = [int(x[5:]) for x in f if re.fullmatch(r"chunk\d+", x)]
   return opts, (sizes[0] if sizes else args.loss_chunk if "chunked_loss" in f else 0)
