@@ -80,6 +80,9 @@ def main(argv) -> int:
   ours.info("jax %s on %d %s device(s), process %d of %d; workdir %s", jax.__version__,
             jax.device_count(), jax.devices()[0].platform, jax.process_index(), jax.process_count(),
             _WORKDIR.value)
+  if c.model.attention == "splash" and jax.default_backend() != "tpu":
+    ours.warning("model.attention=splash on %s: the Pallas TPU kernel runs in its interpreter, correct but "
+                 "far slower (use einsum, dpa or cudnn off TPU)", jax.default_backend())
   from reft_jax.train import NonFiniteLoss
 
   try:
