@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from reft_jax import sharding as shd
 from reft_jax.data import sft
 from reft_jax.distributed import put, to_host
 
@@ -51,8 +52,6 @@ def last_prompt_features_layers(model, tokens_BT, mask_BT, last_prompt_B, layers
 
 @functools.lru_cache(maxsize=16)
 def _features_fn(graphdef, layers, mesh=None):
-  from reft_jax import sharding as shd
-
   @jax.jit
   def run(params, tokens, mask, last):
     model = nnx.merge(graphdef, params)
@@ -68,8 +67,6 @@ def prompt_features(model, data: sft.TokenizedSet, layer: int | tuple[int, ...],
                     mesh=None) -> np.ndarray:
   """h^l at the last prompt token of every example of `data`: [N, D], or [N, len(layer), D] for a
   tuple of layers (fixed-shape batches, one compile)."""
-  from reft_jax import sharding as shd
-
   graphdef, state = nnx.split(model)
   fn = _features_fn(graphdef, layer, mesh)
   params = nnx.to_pure_dict(state)

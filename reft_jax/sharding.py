@@ -142,7 +142,6 @@ def constrain(x, axes: Sequence[str | None], claim_order: Sequence[int] | None =
   are dropped). claim_order: the dims in the order they claim mesh axes (default left to right). The
   mesh and rules come from `activation_sharding`, else the mesh of jax.set_mesh with DEFAULT_RULES;
   with neither (single device, plain eager use) x is returned unchanged."""
-  ctx = _ACTIVATIONS.get()
   mesh_rules = active_mesh()
   if mesh_rules is None:
     return x
@@ -153,4 +152,5 @@ def constrain(x, axes: Sequence[str | None], claim_order: Sequence[int] | None =
   for i, s in zip(order, claimed):
     spec[i] = s
   # A concrete mesh is named (the trace may have none in context); an abstract one is the context's.
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)) if ctx else P(*spec))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)) if isinstance(mesh, Mesh)
+                                         else P(*spec))

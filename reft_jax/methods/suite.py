@@ -99,6 +99,13 @@ def aligned(env: Env, how: str = "sft") -> str:
                baselines.booster_loss(c.booster.lam, c.booster.alpha))
 
 
+def _params(env: Env, path: str) -> dict:
+  """The parameters of the model at `path`, sharded on the env's mesh (for a method's extra state)."""
+  model = experiment.build_model(with_updates(env.c, **{"model.hf_path": path}), env.mesh, env.rules,
+                                 env.tokenizer)
+  return experiment.split_model(model)[1]
+
+
 def lisa(env: Env, root: str, user) -> str:
   c = env.c
   start = aligned(env)
@@ -118,9 +125,7 @@ def lisa(env: Env, root: str, user) -> str:
     extras["prox_on"] = jnp.asarray(float(step >= warmup), jnp.float32)
     return state.replace(extras=extras)
 
-  model = experiment.build_model(with_updates(c, **{"model.hf_path": start}), env.mesh, env.rules,
-                                 env.tokenizer)
-  params = experiment.split_model(model)[1]
+  params = _params(env, start)
   extras = {"anchor": jax.tree.map(lambda p: p.astype(jnp.float32), params),
             "align_phase": jnp.asarray(0, jnp.int32), "prox_on": jnp.asarray(0.0, jnp.float32)}
   return train(env, root, "lisa", start, data, baselines.lisa_loss(c.lisa.rho), extras=extras,
@@ -133,12 +138,10 @@ def smart(env: Env, root: str, user) -> str:
   start = aligned(env)
   if finished(root, "smart"):
     return model_dir(root, "smart")
-  model = experiment.build_model(with_updates(c, **{"model.hf_path": start}), env.mesh, env.rules,
-                                 env.tokenizer)
-  params = experiment.split_model(model)[1]
+  params = _params(env, start)
   labels = trainable_labels(params, c.train.mode, c.train.trainable_regex)
   extras, before_step = baselines.smart_state(params, labels, s.beta, c.seed)
-  del model, params
+  del params
   loss = baselines.smart_loss(s.lam, s.eps, s.sigma, s.eta, s.mu)
   return train(env, root, "smart", start, _tok(env, user), loss, extras=extras, before_step=before_step)
 
