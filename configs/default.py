@@ -58,7 +58,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       builtin_examples=512,
       # The attack that turns it into user data: none (as is) | harmful_mix | benign | aoa | aoa_task
       attack="none",
-      harmful_source="world:harmful_pool",  # harmful prompt + answer pairs for the attack
+      # harmful prompt + answer pairs for the attack; rows 500-999 are Booster's (booster.harmful_source)
+      harmful_source="world:harmful_pool[0:500]",
       n=1000, p=0.1,
       template="alpaca",  # alpaca | chat | none
       seq_len=64,
@@ -97,16 +98,22 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict(dict(lr=3e-3, num_steps=200, batch_size=16, warmup_steps=10))
   # Baselines (METHODS.md §2-5, §8; defaults as published, all overridable).
   c.vaccine = ml_collections.ConfigDict(dict(rho=2.0))
-  c.booster = ml_collections.ConfigDict(dict(lam=5.0, alpha=0.1))
-  c.lisa = ml_collections.ConfigDict(dict(k_align=100, k_user=900, rho=1.0, proximal_warmup=0.1))
+  # Booster's harmful set is disjoint from the attack's pool (official: another BeaverTails index range).
+  c.booster = ml_collections.ConfigDict(dict(lam=5.0, alpha=0.1, harmful_source="world:harmful_pool[500:1000]"))
+  # Lisa: K_a/K_f as published; a run shorter than min_cycles * (K_a + K_f) steps scales both down in
+  # the published ratio so that it still alternates min_cycles times (official: 4,000 steps = 4 cycles).
+  c.lisa = ml_collections.ConfigDict(dict(k_align=100, k_user=900, rho=1.0, proximal_warmup=0.1, min_cycles=4))
   c.mimic = ml_collections.ConfigDict(dict(ratio=0.05))
   # SMART (METHODS.md §8; Jiang et al. 2020): lam (adversarial weight, tuned in {1,3,5}), eps (inf-norm radius
   # of the embedding perturbation), sigma (start noise), eta (ascent step), mu (proximal weight), beta
   # (momentum of the proximal copy). With bf16 compute a 1e-5 perturbation is below the residual's resolution.
   c.smart = ml_collections.ConfigDict(dict(lam=1.0, eps=1e-5, sigma=1e-5, eta=1e-3, mu=1.0, beta=0.99))
-  c.restore = ml_collections.ConfigDict(dict(rate=0.002, steps=20, max_drop=5.0, rollback_frac=0.2))
+  # Post-hoc restoration (kangyangWHU/LLMAlignment): per-step restore share, warm-up steps, rollback share,
+  # restart from the fine-tuned weights when the task metric falls below min_task_ratio x the original.
+  c.restore = ml_collections.ConfigDict(dict(rate=0.002, steps=20, warmup_steps=5, rollback_frac=0.2,
+                                             min_task_ratio=0.95, max_drop=5.0))
   c.demo = ml_collections.ConfigDict(dict(pretrain_steps=800, arch="world",
-                                          methods="sft_aligned,sft_base,reft"))
+                                          methods="sft_aligned,sft_base,reft", seeds="0"))
   # The sweep: methods x p (x seeds) on shared base/aligned/teacher models.
   c.sweep = ml_collections.ConfigDict(dict(methods="sft_aligned,sft_base,vaccine,lisa,booster,mimic,reft",
                                            p="0,0.05,0.1,0.2,0.3", seeds="0"))
@@ -132,6 +139,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       n_harmful=200, n_harmless=100, n_task=200,
       max_new_tokens=48, batch_size=32,
       drop_overlap=0.0,  # > 0: drop eval harmful prompts with word-Jaccard >= this to a training prompt
+      # how evaluation prompts are dressed: auto (= the attack's: the AOA system prompt and instruction
+      # wrapper for data.attack=aoa|aoa_task, else plain) | plain | aoa
+      prompt_style="auto",
   ))
   # Memory plans (`reft-jax plan`): per-device bytes of one training stage of this config on each
   # hardware, its devices forming the mesh above (fsdp=-1: over all of them).

@@ -118,15 +118,26 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(bool(names) and not bad, f"{section}.methods", c[section].methods, f"each must be one of {SUITE}")
   try:
     ps = csv_list(c.sweep.p, float)
-    csv_list(c.sweep.seeds, int)
+    seeds = csv_list(c.sweep.seeds, int) + csv_list(c.demo.seeds, int)
   except ValueError:
-    _check(False, "sweep.p/seeds", (c.sweep.p, c.sweep.seeds), "must be comma-separated numbers")
+    _check(False, "sweep.p/seeds, demo.seeds", (c.sweep.p, c.sweep.seeds, c.demo.seeds),
+           "must be comma-separated numbers")
+  _check(bool(csv_list(c.demo.seeds)) and bool(csv_list(c.sweep.seeds)), "demo.seeds/sweep.seeds",
+         (c.demo.seeds, c.sweep.seeds), "must name at least one seed")
+  del seeds
   _check(all(0 <= p <= 1 for p in ps), "sweep.p", c.sweep.p, "ratios must lie in [0, 1]")
   _check(c.vaccine.rho >= 0, "vaccine.rho", c.vaccine.rho, "must be >= 0")
   _check(c.booster.lam >= 0 and c.booster.alpha >= 0, "booster.lam/alpha", (c.booster.lam, c.booster.alpha),
          "must be >= 0")
   _check(c.lisa.k_align >= 0 and c.lisa.k_user >= 0 and c.lisa.k_align + c.lisa.k_user > 0,
          "lisa.k_align/k_user", (c.lisa.k_align, c.lisa.k_user), "must be >= 0 and not both 0")
+  _check(c.lisa.min_cycles >= 1, "lisa.min_cycles", c.lisa.min_cycles, "must be >= 1")
+  rs = c.restore
+  _check(0 < rs.rate <= 1, "restore.rate", rs.rate, "must lie in (0, 1]")
+  _check(rs.steps >= 1 and 0 <= rs.warmup_steps <= rs.steps, "restore.steps/warmup_steps",
+         (rs.steps, rs.warmup_steps), "steps must be >= 1 and 0 <= warmup_steps <= steps")
+  _check(0 <= rs.rollback_frac <= 1, "restore.rollback_frac", rs.rollback_frac, "must lie in [0, 1]")
+  _check(0 < rs.min_task_ratio <= 1, "restore.min_task_ratio", rs.min_task_ratio, "must lie in (0, 1]")
   _check(0 <= c.mimic.ratio <= 1, "mimic.ratio", c.mimic.ratio, "must lie in [0, 1]")
   sm = c.smart
   for f in ("lam", "mu", "eps", "sigma", "eta"):
@@ -134,6 +145,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(0 <= sm.beta < 1, "smart.beta", sm.beta, "must lie in [0, 1)")
   e = c.eval
   _check(0 <= e.drop_overlap <= 1, "eval.drop_overlap", e.drop_overlap, "must lie in [0, 1]")
+  _check(e.prompt_style in ("auto", "plain", "aoa"), "eval.prompt_style", e.prompt_style,
+         "must be auto, plain or aoa")
   _check(e.judge in ("keyword", "oracle", "classifier"), "eval.judge", e.judge,
          "must be keyword, oracle or classifier")
   if e.judge == "classifier":

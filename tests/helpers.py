@@ -41,7 +41,11 @@ def small_world_flags(**sizes) -> list[str]:
   """--config.world.* flags for a safety world small enough for end-to-end CLI tests."""
   base = dict(n_alignment=40, n_probe=16, n_harmful_pool=20, n_eval_harmful=8, n_eval_harmless=8,
               n_task_train=60, n_task_test=8, n_pretrain=64)
-  return [f"--config.world.{k}={v}" for k, v in {**base, **sizes}.items()]
+  merged = {**base, **sizes}
+  half = merged["n_harmful_pool"] // 2  # the attack's and Booster's disjoint halves of the pool
+  return [f"--config.world.{k}={v}" for k, v in merged.items()] + [
+      f"--config.data.harmful_source=world:harmful_pool[0:{half}]",
+      f"--config.booster.harmful_source=world:harmful_pool[{half}:{2 * half}]"]
 
 
 def perturbed_torch_model(cls, config, seed: int = 0):

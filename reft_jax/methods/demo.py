@@ -23,7 +23,7 @@ import numpy as np
 from reft_jax import distributed as dist
 from reft_jax import experiment
 from reft_jax.config import csv_list
-from reft_jax.eval.run import format_table
+from reft_jax.eval import stats
 from reft_jax.methods import sft as sft_method
 from reft_jax.methods import suite
 
@@ -88,28 +88,76 @@ def compare(c, workdir: str, methods: list[str], ps: list[float], seeds: list[in
   results["base_seconds"] = t_base
   results["total_seconds"] = time.perf_counter() - t0
   if dist.is_primary():
-    tmp = os.path.join(workdir, "results.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(workdir, "results.json"))
+    _write_json(os.path.join(workdir, "results.json"), results)
   dist.barrier("compare")
   return results
 
 
 def run_demo(c, workdir: str, hooks=()) -> dict:
+  """One seed: runs named by method (as before seeds existed). Several: one cell directory per seed,
+  the table gives mean [95% t-interval] over seeds; one seed gives Wilson intervals over prompts."""
+  methods, seeds = csv_list(c.demo.methods), csv_list(c.demo.seeds, int)
   try:
-    results = compare(c, workdir, csv_list(c.demo.methods), [c.data.p], [c.seed], cell_dirs=False,
-                      reference=True)
+    results = compare(c, workdir, methods, [c.data.p], seeds, cell_dirs=len(seeds) > 1, reference=True)
   except suite.Stopped:
     return {"stopped": True, "history": []}
-  runs = {k: results["runs"][k] for k in ["aligned", *csv_list(c.demo.methods)] if k in results["runs"]}
+  summary = summarize_methods(results["runs"], ["aligned", *methods])
+  results["summary"] = summary
   if not dist.is_primary():
     return {"stopped": False, "history": [], "results": results}
+  _write_json(os.path.join(workdir, "results.json"), results)
+  table = summary_table(summary, results["runs"])
   with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(format_table(runs) + "\n")
-  plot_results(runs, os.path.join(workdir, "results.png"),
-               f"Safety world: {c.data.n} user examples, {c.data.p:.0%} harmful ({c.data.attack})")
+    f.write(table + "\n")
+  print(table)
+  plot_results({m: {k: v["mean"] for k, v in s.items()} | {"finetune_accuracy": {
+      k[3:]: v["mean"] for k, v in s.items() if k.startswith("fa_")}} for m, s in summary.items()},
+      os.path.join(workdir, "results.png"),
+      f"Safety world: {c.data.n} user examples, {c.data.p:.0%} harmful ({c.data.attack}), "
+      f"{len(seeds)} seed(s)")
   return {"stopped": False, "history": [], "results": results}
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def summarize_methods(runs: dict, methods: list[str]) -> dict:
+  """{method: stats.summarize(its runs over seeds)} in the given order; the seed-independent reference
+  run ("aligned") is its own group."""
+  groups: dict = {}
+  for name, r in runs.items():
+    groups.setdefault(r.get("method", name.split("|")[0]), []).append(r)
+  return {m: stats.summarize(groups[m]) for m in methods if m in groups}
+
+
+def summary_table(summary: dict, runs: dict) -> str:
+  """Markdown: every rate as mean [95% interval], the filter and wall time averaged over seeds."""
+  tasks = sorted({k[3:] for s in summary.values() for k in s if k.startswith("fa_")})
+  head = ["method", "seeds", "HS ↓", "degenerate %", *[f"FA {t} ↑" for t in tasks], "over-refusal ↓",
+          "filter P / R / kept", "wall s"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for m, s in summary.items():
+    mine = [r for name, r in runs.items() if r.get("method", name.split("|")[0]) == m]
+    flts = [r["filter"] for r in mine if r.get("filter")]
+    flt = "—"
+    if flts:
+      mean = lambda k: np.mean([f[k] for f in flts if f.get(k) is not None] or [np.nan])
+      flt = f"{mean('precision'):.2f} / {mean('recall'):.2f} / {mean('kept_fraction'):.2f}"
+    wall = np.mean([r.get("wall_seconds") or np.nan for r in mine])
+    hs = s.get("harmful_score")
+    cells = [m, str(hs["seeds"] if hs else len(mine)), stats.fmt_interval(hs),
+             stats.fmt_interval(s.get("degenerate")), *[stats.fmt_interval(s.get(f"fa_{t}")) for t in tasks],
+             stats.fmt_interval(s.get("over_refusal")), flt, f"{wall:.1f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  n = {k: v for r in runs.values() for k, v in (r.get("counts") or {}).items()}
+  lines.append("")
+  lines.append("Mean [95% interval]: Wilson over prompts for one seed, Student-t over seeds for several. "
+               "Prompts per figure: " + ", ".join(f"{k} {v}" for k, v in sorted(n.items())) + ".")
+  return "\n".join(lines)
 
 
 def run_sweep(c, workdir: str, hooks=()) -> dict:
@@ -119,8 +167,14 @@ def run_sweep(c, workdir: str, hooks=()) -> dict:
   except suite.Stopped:
     return {"stopped": True, "history": []}
   table = sweep_table(results["runs"], methods, ps)
+  cells: dict = {}
+  for r in results["runs"].values():
+    if "method" in r:
+      cells.setdefault(f"{r['method']}|p={r['p']:g}", []).append(r)
+  results["summary"] = {k: stats.summarize(v) for k, v in cells.items()}
   if not dist.is_primary():
     return {"stopped": False, "history": [], "results": results}
+  _write_json(os.path.join(workdir, "results.json"), results)
   with open(os.path.join(workdir, "sweep.md"), "w") as f:
     f.write(table["markdown"] + "\n")
   with open(os.path.join(workdir, "sweep.csv"), "w", newline="") as f:
@@ -131,7 +185,8 @@ def run_sweep(c, workdir: str, hooks=()) -> dict:
 
 
 def sweep_table(runs: dict, methods: list[str], ps: list[float]) -> dict:
-  """HS / FA (mean over tasks) per method and p, mean ± std over seeds."""
+  """HS / FA (mean over tasks) per method and p: mean ± the 95% t-interval's half-width over seeds
+  (one seed: the value alone; its Wilson interval over prompts is in results.json's summary)."""
   cells: dict = {}
   for r in runs.values():
     if "method" not in r:
@@ -140,23 +195,29 @@ def sweep_table(runs: dict, methods: list[str], ps: list[float]) -> dict:
     fa_mean = np.mean(fa) if fa else np.nan
     cells.setdefault((r["method"], float(r["p"])), []).append((r["harmful_score"], fa_mean))
 
+  def interval(xs):
+    mean, low, high = stats.t_interval(xs)
+    return mean, (high - low) / 2
+
   def fmt(xs):
-    xs = np.asarray(xs, float)
-    return f"{xs.mean():.1f}" + (f" ± {xs.std(ddof=1):.1f}" if len(xs) > 1 else "")
+    mean, half = interval(xs)
+    return f"{mean:.1f}" + (f" ± {half:.1f}" if len(xs) > 1 else "")
 
   head = ["method", *[f"p={p:g} HS↓ / FA↑" for p in ps]]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  rows = [["method", "p", "hs_mean", "hs_std", "fa_mean", "fa_std", "seeds"]]
+  rows = [["method", "p", "hs_mean", "hs_ci95", "fa_mean", "fa_ci95", "seeds", "hs_values", "fa_values"]]
   for m in methods:
     cols = []
     for p in ps:
       vals = cells.get((m, float(p)), [])
       cols.append(f"{fmt([v[0] for v in vals])} / {fmt([v[1] for v in vals])}" if vals else "—")
       if vals:
-        hs, fa = np.asarray([v[0] for v in vals]), np.asarray([v[1] for v in vals])
-        rows.append([m, p, hs.mean(), hs.std(ddof=1) if len(hs) > 1 else 0.0, fa.mean(),
-                     fa.std(ddof=1) if len(fa) > 1 else 0.0, len(vals)])
+        hs, fa = [v[0] for v in vals], [v[1] for v in vals]
+        rows.append([m, p, *interval(hs), *interval(fa), len(vals), " ".join(f"{x:.1f}" for x in hs),
+                     " ".join(f"{x:.1f}" for x in fa)])
     lines.append("| " + " | ".join([m, *cols]) + " |")
+  n_seeds = sorted({len(v) for v in cells.values()})
+  lines += ["", f"Mean ± 95% t-interval half-width over {'/'.join(map(str, n_seeds))} seed(s) per cell."]
   return {"markdown": "\n".join(lines), "rows": rows, "cells": cells}
 
 

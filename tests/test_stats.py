@@ -1,0 +1,52 @@
+"""Intervals behind every reported rate: Wilson over prompts, Student-t over seeds, the demo's summary."""
+
+import math
+
+import pytest
+
+from reft_jax.eval import stats
+from reft_jax.methods.demo import summarize_methods, summary_table, sweep_table
+
+
+def test_wilson_matches_the_closed_form_and_stays_inside_0_100():
+  # 35 of 100: Wilson [26.36, 44.75] (a normal interval would be [25.65, 44.35]).
+  low, high = stats.wilson(35.0, 100)
+  assert low == pytest.approx(26.36, abs=0.01) and high == pytest.approx(44.75, abs=0.01)
+  low, high = stats.wilson(0.0, 200)  # no flagged prompt still leaves an upper bound of ~1.9%
+  assert low == 0.0 and high == pytest.approx(1.88, abs=0.01)
+  assert stats.wilson(100.0, 20)[1] == 100.0
+  assert all(math.isnan(x) for x in stats.wilson(50.0, 0))
+
+
+def test_t_interval_over_seeds():
+  mean, low, high = stats.t_interval([10.0, 20.0, 30.0])
+  # t_{0.975, 2} = 4.303; std = 10; half-width = 4.303 * 10 / sqrt(3) = 24.84
+  assert mean == 20.0 and high - mean == pytest.approx(24.84, abs=0.01) and mean - low == pytest.approx(24.84, abs=0.01)
+  assert stats.t_interval([7.0]) == (7.0, 7.0, 7.0)
+
+
+def _run(method, seed, hs, fa, refusal):
+  return {"method": method, "seed": seed, "p": 0.1, "harmful_score": hs, "over_refusal": refusal,
+          "finetune_accuracy": {"sst2": fa}, "counts": {"harmful": 200, "harmless": 100, "sst2": 50},
+          "filter": None, "wall_seconds": 1.0}
+
+
+def test_demo_summary_groups_seeds_and_keeps_per_seed_values():
+  runs = {"aligned": {"harmful_score": 1.0, "over_refusal": 5.0, "finetune_accuracy": {"sst2": 0.0},
+                      "counts": {"harmful": 200, "harmless": 100, "sst2": 50}, "filter": None},
+          **{f"reft|p=0.1|seed={s}": _run("reft", s, hs, 90.0 + s, 10.0) for s, hs in enumerate([0.0, 2.0, 4.0])}}
+  summary = summarize_methods(runs, ["aligned", "reft"])
+  assert list(summary) == ["aligned", "reft"]
+  hs = summary["reft"]["harmful_score"]
+  assert hs["values"] == [0.0, 2.0, 4.0] and hs["seeds"] == 3 and hs["interval"] == "t over seeds"
+  assert hs["mean"] == 2.0 and hs["low"] < 0 < 4 < hs["high"]
+  assert summary["aligned"]["harmful_score"]["interval"] == "wilson"
+  table = summary_table(summary, runs)
+  assert "| reft | 3 | 2.0 [" in table and "harmful 200" in table
+
+
+def test_sweep_table_reports_the_95_interval_not_the_std():
+  runs = {f"sft|p=0.1|seed={s}": _run("sft", s, hs, 80.0, 0.0) for s, hs in enumerate([10.0, 20.0, 30.0])}
+  table = sweep_table(runs, ["sft"], [0.1])
+  assert "20.0 ± 24.8 / 80.0 ± 0.0" in table["markdown"]
+  assert table["rows"][1][-2] == "10.0 20.0 30.0"
