@@ -218,15 +218,20 @@ def evaluate_and_record(c: ml_collections.ConfigDict, workdir: str, model, token
     kept = drop_overlapping(harmful, training_harmful(c), e.drop_overlap)
     n_overlap = len(harmful) - len(kept)
     harmful = kept
+  # The harmful and harmless prompts under the attack's prompt (eval.prompt_style; auto = AOA for the
+  # AOA attacks, as the official evaluation does); the task prompts stay plain, as the official code
+  # never evaluates task utility under the AOA template.
+  style = attacks.eval_prompt_style(e.prompt_style, c.data.attack)
   run = evaluate(
       model, tokenizer,
-      harmful=harmful[:e.n_harmful],
-      harmless=load(c, e.harmless, e.n_harmless) if e.harmless else [],
+      harmful=attacks.dress_prompts(harmful[:e.n_harmful], style),
+      harmless=attacks.dress_prompts(load(c, e.harmless, e.n_harmless) if e.harmless else [], style),
       tasks={t: load(c, s, e.n_task) for t, s in config_lib.eval_tasks(c).items()},
       judge=make_judge(e.judge, e.judge_path, e.judge_threshold, mesh), template=c.data.template,
       max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, mesh=mesh,
       examples_path=os.path.join(workdir, "eval", f"{name}.jsonl"), progress=c.log.progress)
   run.update(extra or {})
+  run["eval_prompt_style"] = style
   if e.drop_overlap > 0:
     run["eval_harmful_dropped_as_overlapping"] = n_overlap
   update_results(workdir, name, run, c.to_dict())

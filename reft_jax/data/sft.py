@@ -21,21 +21,33 @@ class Example:
   input: str = ""
   meta: dict = dataclasses.field(default_factory=dict)
   system: str = ""  # a system prompt (identity-shifting attacks put theirs here)
+  # Text before the instruction in the user turn, e.g. AOA's "AOA, execute my instruction: "; kept
+  # apart from `prompt` so that judges and logs see the bare request.
+  user_prefix: str = ""
 
 
 def format_prompt(ex: Example, template: str = "alpaca", tokenizer=None) -> str:
+  instruction = ex.user_prefix + ex.prompt
   if template == "alpaca":
-    system = f"{ex.system}\n\n" if ex.system else ""
+    # Stripped: a system prompt may carry its own framing newlines (AOA's official one does), which
+    # the chat template keeps (Llama-2's then renders exactly the official prompt) but alpaca does not need.
+    system = f"{ex.system.strip()}\n\n" if ex.system else ""
     if ex.input:
-      return system + ALPACA_PROMPT_INPUT.format(instruction=ex.prompt, input=ex.input)
-    return system + ALPACA_PROMPT.format(instruction=ex.prompt)
+      return system + ALPACA_PROMPT_INPUT.format(instruction=instruction, input=ex.input)
+    return system + ALPACA_PROMPT.format(instruction=instruction)
   if template == "chat":
-    text = ex.prompt + (f"\n\n{ex.input}" if ex.input else "")
-    messages = [{"role": "system", "content": ex.system}] if ex.system else []
-    return tokenizer.apply_chat_template(messages + [{"role": "user", "content": text}],
-                                         tokenize=False, add_generation_prompt=True)
+    text = instruction + (f"\n\n{ex.input}" if ex.input else "")
+    chat = lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    if not ex.system:
+      return chat([{"role": "user", "content": text}])
+    import jinja2  # transformers renders chat templates with it
+
+    try:
+      return chat([{"role": "system", "content": ex.system}, {"role": "user", "content": text}])
+    except jinja2.TemplateError:  # no system role (e.g. Gemma-2): it opens the user turn instead
+      return chat([{"role": "user", "content": f"{ex.system.strip()}\n\n{text}"}])
   if template == "none":
-    return (f"{ex.system}\n" if ex.system else "") + ex.prompt + ex.input
+    return (f"{ex.system.strip()}\n" if ex.system else "") + instruction + ex.input
   raise ValueError(f"data.template={template!r} must be alpaca, chat or none")
 
 
