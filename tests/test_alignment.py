@@ -13,7 +13,7 @@ from reft_jax import experiment
 from reft_jax.data import builtin, sft
 from reft_jax.data.assets import normalise_prompt
 from reft_jax.data.sources import DataError, load_source
-from reft_jax.eval.judges import KeywordJudge
+from reft_jax.eval.judges import is_refusal
 from reft_jax.methods import alignment
 
 
@@ -48,7 +48,7 @@ def test_refusals_and_helpful_answers_follow_the_documented_rule():
   harmful = [sft.Example("Build a bomb", "Sure, here is how to build a bomb:", "", {"is_harmful": True})]
   refused = alignment.refusal_answers(harmful, seed=0)
   assert refused[0].response in alignment.REFUSALS and refused[0].meta["is_harmful"] is True
-  assert all(KeywordJudge().is_refusal(r) for r in alignment.REFUSALS)  # the judge reads them as refusals
+  assert all(is_refusal(r) for r in alignment.REFUSALS)  # the detector reads them as refusals
 
   harmless = [sft.Example("What is 2+2?", "4", "", {}), sft.Example("Bake bread", "", "", {}),
               sft.Example("Plant tomatoes", "", "", {})]
@@ -58,7 +58,7 @@ def test_refusals_and_helpful_answers_follow_the_documented_rule():
     asked.extend(e.prompt for e in examples)
     return ["Mix flour and water, then bake.", "I'm sorry, I cannot help with that."]
 
-  out, dropped = alignment.helpful_answers(harmless, answer, KeywordJudge().is_refusal)
+  out, dropped = alignment.helpful_answers(harmless, answer, is_refusal)
   assert asked == ["Bake bread", "Plant tomatoes"]  # only prompts without a reference answer
   assert [(e.prompt, e.response, e.meta["response_rule"]) for e in out] == [
       ("What is 2+2?", "4", "reference"), ("Bake bread", "Mix flour and water, then bake.", "self_generated")]

@@ -1,5 +1,6 @@
 """Evaluation of one model: Harmful Score on held-out harmful prompts, over-refusal on harmless
-prompts, Finetune Accuracy per task; a per-example JSONL and the run's entry in results.json."""
+prompts, Finetune Accuracy per task, and the share of degenerate answers in each set
+(judges.is_degenerate); a per-example JSONL and the run's entry in results.json."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 
 from reft_jax import distributed as dist
 from reft_jax.data.sft import Example, format_prompt
-from reft_jax.eval.judges import KeywordJudge
+from reft_jax.eval.judges import is_degenerate, is_refusal
 from reft_jax.eval.metrics import percent, task_correct
 from reft_jax.generate import generate_texts
 
@@ -18,9 +19,10 @@ def evaluate(model, tokenizer, *, harmful: list[Example], harmless: list[Example
              tasks: dict[str, list[Example]], judge, template: str = "alpaca", max_new_tokens: int = 48,
              batch_size: int = 32, mesh=None, examples_path: str | None = None,
              progress: bool = False) -> dict:
-  """Greedy answers for every prompt, judged; returns the metrics dict of one run."""
+  """Greedy answers for every prompt, judged; returns the metrics dict of one run. out["degenerate"] is
+  the % of harmful-set answers that are degenerate (read next to HS: a judge scores gibberish as
+  safe), out["degenerate_by_set"] the same per set."""
   start = time.perf_counter()
-  refusal = KeywordJudge()
 
   def answer(examples):
     prompts = [format_prompt(e, template, tokenizer) for e in examples]
@@ -28,29 +30,39 @@ def evaluate(model, tokenizer, *, harmful: list[Example], harmless: list[Example
                           batch_size=batch_size, mesh=mesh, progress=progress)
 
   rows = []
-  out: dict = {"judge": judge.name, "counts": {}}
+  out: dict = {"judge": judge.name, "counts": {}, "degenerate_by_set": {}}
+
+  def degenerate(name, answers):
+    flags = [is_degenerate(a) for a in answers]
+    out["degenerate_by_set"][name] = percent(flags)
+    return flags
+
   if harmful:
     answers = answer(harmful)
     flags = judge(harmful, answers)
     out["harmful_score"] = percent(flags)
     out["counts"]["harmful"] = len(harmful)
-    rows += [dict(set="harmful", prompt=e.prompt, input=e.input, answer=a, harmful=f,
-                  category=e.meta.get("category")) for e, a, f in zip(harmful, answers, flags)]
+    bad = degenerate("harmful", answers)
+    out["degenerate"] = out["degenerate_by_set"]["harmful"]
+    rows += [dict(set="harmful", prompt=e.prompt, input=e.input, answer=a, harmful=f, degenerate=d,
+                  category=e.meta.get("category")) for e, a, f, d in zip(harmful, answers, flags, bad)]
   if harmless:
     answers = answer(harmless)
-    refused = [refusal.is_refusal(a) for a in answers]
+    refused = [is_refusal(a) for a in answers]
     out["over_refusal"] = percent(refused)
     out["counts"]["harmless"] = len(harmless)
-    rows += [dict(set="harmless", prompt=e.prompt, input=e.input, answer=a, refused=r)
-             for e, a, r in zip(harmless, answers, refused)]
+    bad = degenerate("harmless", answers)
+    rows += [dict(set="harmless", prompt=e.prompt, input=e.input, answer=a, refused=r, degenerate=d)
+             for e, a, r, d in zip(harmless, answers, refused, bad)]
   out["finetune_accuracy"] = {}
   for task, examples in tasks.items():
     answers = answer(examples)
     correct = [task_correct(task, a, str(e.meta["label"])) for e, a in zip(examples, answers)]
     out["finetune_accuracy"][task] = percent(correct)
     out["counts"][task] = len(examples)
-    rows += [dict(set=task, prompt=e.prompt, input=e.input, answer=a, gold=e.meta["label"], correct=c)
-             for e, a, c in zip(examples, answers, correct)]
+    bad = degenerate(task, answers)
+    rows += [dict(set=task, prompt=e.prompt, input=e.input, answer=a, gold=e.meta["label"], correct=c,
+                  degenerate=d) for e, a, c, d in zip(examples, answers, correct, bad)]
   out["eval_seconds"] = time.perf_counter() - start
   if examples_path and dist.is_primary():  # every process has every answer; one writes them
     os.makedirs(os.path.dirname(examples_path) or ".", exist_ok=True)
@@ -84,10 +96,11 @@ def update_results(workdir: str, method: str, run: dict, config: dict | None = N
 
 
 def format_table(runs: dict[str, dict]) -> str:
-  """A Markdown table: HS (lower is better), FA per task, over-refusal, filter, wall time."""
+  """A Markdown table: HS (lower is better), the % of degenerate harmful-set answers next to it, FA per
+  task, over-refusal, filter, wall time."""
   tasks = sorted({t for r in runs.values() for t in (r.get("finetune_accuracy") or {})})
-  head = ["method", "HS ↓", *[f"FA {t} ↑" for t in tasks], "over-refusal ↓", "filter P / R / kept",
-          "wall s"]
+  head = ["method", "HS ↓", "degenerate %", *[f"FA {t} ↑" for t in tasks], "over-refusal ↓",
+          "filter P / R / kept", "wall s"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
   def f(x):
@@ -98,7 +111,7 @@ def format_table(runs: dict[str, dict]) -> str:
     g = lambda x: "—" if x is None else f"{x:.2f}"
     flt_s = f"{g(flt['precision'])} / {g(flt['recall'])} / {g(flt['kept_fraction'])}" if flt else "—"
     fa = r.get("finetune_accuracy") or {}
-    cells = [name, f(r.get("harmful_score")), *[f(fa.get(t)) for t in tasks], f(r.get("over_refusal")),
-             flt_s, f(r.get("wall_seconds"))]
+    cells = [name, f(r.get("harmful_score")), f(r.get("degenerate")), *[f(fa.get(t)) for t in tasks],
+             f(r.get("over_refusal")), flt_s, f(r.get("wall_seconds"))]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

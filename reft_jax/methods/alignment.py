@@ -4,8 +4,9 @@ No registry package ships refusals or helpful answers, so (documented rule):
   harmful prompts   (e.g. AdvBench rows + Do-Not-Answer) -> one of REFUSALS, picked by a seeded rng;
   harmless prompts  with a reference answer (e.g. gsm_symbolic's worked solution) keep it; those without
                     one (the ordinary requests of builtin:requests_train) get the base model's own greedy
-                    answer (self-distillation: alignment must not change how the model helps). Answers the
-                    keyword judge reads as refusals are dropped, so the set never teaches over-refusal.
+                    answer (self-distillation: alignment must not change how the model helps). Answers that
+                    eval.judges.is_refusal reads as refusals are dropped, so the set never teaches
+                    over-refusal.
 The set is written once to WORKDIR/alignment/alignment.jsonl (+ summary.json) and every stage reads it
 through reft.alignment, which `prepare` points at that file.
 """
@@ -29,7 +30,9 @@ REFUSALS = (
     "I'm sorry, but I can't help with that. It could cause real harm to people.",
     "I cannot assist with this request. It could be dangerous or illegal, and I won't provide it.",
     "I'm sorry, I can't provide that. If you have another question, I'm happy to help.",
-    "I won't help with this, because it could hurt someone. Is there something else I can do for you?",
+    # Opens with a listed phrase: a refusal we teach must be one the keyword judge and is_refusal see.
+    "I'm sorry, but I won't help with this, because it could hurt someone. Is there something else I can "
+    "do for you?",
     "I can't assist with that request. Helping would be unsafe and unethical.",
     "Sorry, but I cannot help with this. It could be used to harm others.",
 )
@@ -65,7 +68,7 @@ def helpful_answers(harmless: list[sft.Example], answer_fn, is_refusal) -> tuple
 def build(c, out_dir: str, mesh=None, rules=None) -> str:
   """Writes out_dir/alignment.jsonl from c.alignment (skipped when it exists); returns its path."""
   from reft_jax import experiment
-  from reft_jax.eval.judges import KeywordJudge
+  from reft_jax.eval.judges import is_refusal
   from reft_jax.generate import generate_texts
 
   path = os.path.join(out_dir, "alignment.jsonl")
@@ -88,7 +91,7 @@ def build(c, out_dir: str, mesh=None, rules=None) -> str:
     return generate_texts(model, tokenizer, prompts, max_new_tokens=a.max_new_tokens,
                           batch_size=c.eval.batch_size, mesh=mesh, progress=c.log.progress)
 
-  helpful, dropped = helpful_answers(harmless, answer, KeywordJudge().is_refusal)
+  helpful, dropped = helpful_answers(harmless, answer, is_refusal)
   examples = refusal_answers(harmful, c.seed) + helpful
   order = np.random.default_rng(c.seed).permutation(len(examples))
   os.makedirs(out_dir, exist_ok=True)
