@@ -66,9 +66,13 @@ def main(argv) -> int:
     from reft_jax import plan
 
     return plan.main(c, _WORKDIR.value)
+  from reft_jax import preflight
+
   try:
+    # Hub names and the judge first: offline, a missing checkpoint or dataset fails now, not after training.
+    preflight.check(c, command)
     config_lib.validate(c)
-  except config_lib.ConfigError as e:
+  except (preflight.PreflightError, config_lib.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   os.makedirs(_WORKDIR.value, exist_ok=True)

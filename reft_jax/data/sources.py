@@ -223,12 +223,29 @@ def load_examples(source: str, schema: str = "plain", fields: str | dict = "", s
   return out
 
 
+def _unsafe(ex: Example) -> bool:
+  return not ex.meta["is_safe"]
+
+
+def _safe(ex: Example) -> bool:
+  return ex.meta["is_safe"]
+
+
 HUB_SOURCES: dict[str, dict[str, Any]] = {
     # name -> load_examples kwargs, for users who are online.
     "beavertails": dict(source="hub:PKU-Alignment/BeaverTails", schema="beavertails",
                         split="30k_train"),
     "beavertails_test": dict(source="hub:PKU-Alignment/BeaverTails", schema="beavertails",
                              split="30k_test"),
+    # Only the unsafe (or safe) QA pairs, in the split's order, as the git-disl scripts read them: the
+    # attack's and Booster's harmful rows (30k_train, unsafe), Vaccine/Lisa's alignment pairs (30k_train,
+    # safe) and the Harmful Score prompts (30k_test, unsafe; Vaccine poison/evaluation/pred.py).
+    "beavertails_harmful": dict(source="hub:PKU-Alignment/BeaverTails", schema="beavertails",
+                                split="30k_train", where_filter=_unsafe),
+    "beavertails_safe": dict(source="hub:PKU-Alignment/BeaverTails", schema="beavertails",
+                             split="30k_train", where_filter=_safe),
+    "beavertails_test_harmful": dict(source="hub:PKU-Alignment/BeaverTails", schema="beavertails",
+                                     split="30k_test", where_filter=_unsafe),
     "sst2": dict(source="hub:nyu-mll/glue:sst2", schema="sst2", split="train"),
     "sst2_test": dict(source="hub:nyu-mll/glue:sst2", schema="sst2", split="validation"),
     "agnews": dict(source="hub:fancyzhx/ag_news", schema="agnews", split="train"),
