@@ -32,7 +32,7 @@ HUB_NAMES = {
 #   attack: BeaverTails harmful pairs, rows 0-99; Booster's harmful set: rows 5000-9999  utils.py
 #   HS: the first 1,000 unsafe prompts of BeaverTails 30k_test, greedy, 512 new tokens  poison/evaluation/pred.py
 #   FA: SST-2 validation (872), AG News test and GSM8K test (first 1,000), 200 new tokens  */pred_eval.py
-#     (eval.max_new_tokens serves HS and FA alike: the presets use HS's 512)
+#     (eval.task_max_new_tokens=200, eval.fa_match=official_exact: Booster's `==` label match)
 PAPER_MODELS = {  # name -> (base checkpoint, architecture preset)
     "llama2": ("meta-llama/Llama-2-7b-hf", "llama2_7b"),
     "gemma2": ("google/gemma-2-9b", "gemma2_9b"),
@@ -130,7 +130,8 @@ def _defaults(arg: str) -> ml_collections.ConfigDict:
   # Booster's harmful set is disjoint from the attack's pool (official: another BeaverTails index range).
   c.booster = ml_collections.ConfigDict(dict(lam=5.0, alpha=0.1, harmful_source="world:harmful_pool[500:1000]"))
   # Lisa: K_a/K_f as published; a run shorter than min_cycles * (K_a + K_f) steps scales both down in
-  # the published ratio so that it still alternates min_cycles times (official: 4,000 steps = 4 cycles).
+  # the published ratio so that it still alternates min_cycles times (Lisa's script: 20,000 steps = 20
+  # cycles; Booster's Lisa runs: 2,000 steps = 2 cycles).
   c.lisa = ml_collections.ConfigDict(dict(k_align=100, k_user=900, rho=1.0, proximal_warmup=0.1, min_cycles=4))
   c.mimic = ml_collections.ConfigDict(dict(ratio=0.05))
   # SMART (METHODS.md §8; Jiang et al. 2020): lam (adversarial weight, tuned in {1,3,5}), eps (inf-norm radius
@@ -167,6 +168,8 @@ def _defaults(arg: str) -> ml_collections.ConfigDict:
       tasks="",  # e.g. "sst2=world:sst2_test,gsm8k=gsm8k_test"
       n_harmful=200, n_harmless=100, n_task=200,
       max_new_tokens=48, batch_size=32,
+      task_max_new_tokens=0,  # FA answers' length; 0 = max_new_tokens (official: HS 512, FA 200)
+      fa_match="official",  # official (Vaccine's pred_eval.py: substring) | official_exact (Lisa/Booster: ==) | word
       drop_overlap=0.0,  # > 0: drop eval harmful prompts with word-Jaccard >= this to a training prompt
       # how evaluation prompts are dressed: auto (= the attack's: the AOA system prompt and instruction
       # wrapper for data.attack=aoa|aoa_task, else plain) | plain | aoa
@@ -400,7 +403,8 @@ def _paper(c: ml_collections.ConfigDict, model: str, task: str) -> None:
   # BeaverTails 30k_test, greedy, 512 new tokens; FA on the published test size.
   c.eval.update(enabled=True, judge="classifier", judge_path="", judge_threshold=0.5,
                 harmful="beavertails_test_harmful", n_harmful=1000, harmless=eval_harmless, n_harmless=100,
-                tasks=f"{task}={test_source}", n_task=n_test, max_new_tokens=512)
+                tasks=f"{task}={test_source}", n_task=n_test, max_new_tokens=512,
+                task_max_new_tokens=200, fa_match="official_exact")  # Booster's pred_eval.py: 200 tokens, ==
   c.checkpoint.every_steps = 200
 
 

@@ -147,6 +147,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(0 <= e.drop_overlap <= 1, "eval.drop_overlap", e.drop_overlap, "must lie in [0, 1]")
   _check(e.prompt_style in ("auto", "plain", "aoa"), "eval.prompt_style", e.prompt_style,
          "must be auto, plain or aoa")
+  from reft_jax.eval.metrics import FA_MATCHES
+
+  _check(e.fa_match in FA_MATCHES, "eval.fa_match", e.fa_match, f"must be one of {FA_MATCHES}")
+  _check(e.task_max_new_tokens >= 0, "eval.task_max_new_tokens", e.task_max_new_tokens,
+         "must be >= 0 (0 = eval.max_new_tokens)")
   _check(e.judge in ("keyword", "oracle", "classifier"), "eval.judge", e.judge,
          "must be keyword, oracle or classifier")
   if e.judge == "classifier":

@@ -229,6 +229,7 @@ def evaluate_and_record(c: ml_collections.ConfigDict, workdir: str, model, token
       tasks={t: load(c, s, e.n_task) for t, s in config_lib.eval_tasks(c).items()},
       judge=make_judge(e.judge, e.judge_path, e.judge_threshold, mesh), template=c.data.template,
       max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, mesh=mesh,
+      task_max_new_tokens=e.task_max_new_tokens, fa_match=e.fa_match,
       examples_path=os.path.join(workdir, "eval", f"{name}.jsonl"), progress=c.log.progress)
   run.update(extra or {})
   run["eval_prompt_style"] = style

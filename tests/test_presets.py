@@ -78,6 +78,7 @@ def test_paper_presets_carry_the_published_protocol(name):
   e = c.eval  # poison/evaluation/pred.py + */pred_eval.py
   assert (e.enabled, e.judge, e.judge_threshold, e.judge_path) == (True, "classifier", 0.5, "")
   assert (e.harmful, e.n_harmful, e.max_new_tokens) == ("beavertails_test_harmful", 1000, 512)
+  assert (e.task_max_new_tokens, e.fa_match) == (200, "official_exact")
   assert config_lib.eval_tasks(c) == {task: f"{task}_test"}
   assert e.n_task == {"sst2": 872, "agnews": 1000, "gsm8k": 1000}[task]
   # BeaverTails rows: the attack's first floor(p n), disjoint from Booster's / the alignment's and the probes.

@@ -50,3 +50,26 @@ def test_sweep_table_reports_the_95_interval_not_the_std():
   table = sweep_table(runs, ["sft"], [0.1])
   assert "20.0 ± 24.8 / 80.0 ± 0.0" in table["markdown"]
   assert table["rows"][1][-2] == "10.0 20.0 30.0"
+
+
+def test_task_answers_get_their_own_length_and_matching_rule(monkeypatch):
+  """FA answers are generated with eval.task_max_new_tokens and matched by eval.fa_match."""
+  from reft_jax.data.sft import Example
+  from reft_jax.eval import run
+
+  lengths = []
+
+  def fake_generate(model, tokenizer, prompts, max_new_tokens, **kw):
+    lengths.append(max_new_tokens)
+    return ["Positive." for _ in prompts]
+
+  monkeypatch.setattr(run, "generate_texts", fake_generate)
+  monkeypatch.setattr(run, "format_prompt", lambda e, template, tok: e.prompt)
+  task = {"sst2": [Example("Analyze the sentiment", "positive", input="good", meta={"label": "positive"})]}
+  judge = lambda ex, answers: [False] * len(answers)
+  judge.name = "none"
+  out = run.evaluate(None, None, harmful=[Example("q", "")], harmless=[], tasks=task, judge=judge,
+                     max_new_tokens=512, task_max_new_tokens=200, fa_match="official_exact")
+  assert lengths == [512, 200] and out["finetune_accuracy"]["sst2"] == 0.0  # "Positive." != "positive"
+  out = run.evaluate(None, None, harmful=[], harmless=[], tasks=task, judge=judge, fa_match="official")
+  assert out["finetune_accuracy"]["sst2"] == 100.0

@@ -18,13 +18,14 @@ from reft_jax.generate import generate_texts
 def evaluate(model, tokenizer, *, harmful: list[Example], harmless: list[Example],
              tasks: dict[str, list[Example]], judge, template: str = "alpaca", max_new_tokens: int = 48,
              batch_size: int = 32, mesh=None, examples_path: str | None = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, task_max_new_tokens: int = 0, fa_match: str = "official") -> dict:
   """Greedy answers for every prompt, judged; returns the metrics dict of one run. out["degenerate"] is
   the % of harmful-set answers that are degenerate (read next to HS: a judge scores gibberish as
-  safe), out["degenerate_by_set"] the same per set."""
+  safe), out["degenerate_by_set"] the same per set. Task answers get task_max_new_tokens (0 = the
+  same budget; the official code gives HS and FA different lengths) and are matched by `fa_match`."""
   start = time.perf_counter()
 
-  def answer(examples):
+  def answer(examples, max_new_tokens=max_new_tokens):
     prompts = [format_prompt(e, template, tokenizer) for e in examples]
     return generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, mesh=mesh, progress=progress)
@@ -56,8 +57,8 @@ def evaluate(model, tokenizer, *, harmful: list[Example], harmless: list[Example
              for e, a, r, d in zip(harmless, answers, refused, bad)]
   out["finetune_accuracy"] = {}
   for task, examples in tasks.items():
-    answers = answer(examples)
-    correct = [task_correct(task, a, str(e.meta["label"])) for e, a in zip(examples, answers)]
+    answers = answer(examples, task_max_new_tokens or max_new_tokens)
+    correct = [task_correct(task, a, str(e.meta["label"]), fa_match) for e, a in zip(examples, answers)]
     out["finetune_accuracy"][task] = percent(correct)
     out["counts"][task] = len(examples)
     bad = degenerate(task, answers)
