@@ -141,7 +141,7 @@ def _defaults(arg: str) -> ml_collections.ConfigDict:
   # Post-hoc restoration (kangyangWHU/LLMAlignment): per-step restore share, warm-up steps, rollback share,
   # restart from the fine-tuned weights when the task metric falls below min_task_ratio x the original.
   c.restore = ml_collections.ConfigDict(dict(rate=0.002, steps=20, warmup_steps=5, rollback_frac=0.2,
-                                             min_task_ratio=0.95, max_drop=5.0))
+                                             min_task_ratio=0.95))
   c.demo = ml_collections.ConfigDict(dict(pretrain_steps=800, arch="world",
                                           methods="sft_aligned,sft_base,reft", seeds="0"))
   # The sweep: methods x p (x seeds) on shared base/aligned/teacher models.
@@ -295,6 +295,8 @@ def smollm2(c: ml_collections.ConfigDict) -> None:
   c.teacher.update(lr=1e-3, num_steps=40, batch_size=8, warmup_steps=4)
   c.data.update(template="chat", seq_len=192, source="asset:gsm_symbolic:0",
                 harmful_source="asset:advbench[260:520]", attack="harmful_mix", n=200, p=0.1)
+  # Booster's harmful answers on the alignment prompts, as Booster's official layout (disjoint from the attack)
+  c.booster.harmful_source = "asset:advbench[0:260]"
   harmful_train = "asset:advbench[0:260],asset:donotanswer"
   c.alignment.update(harmful=harmful_train, harmless="builtin:requests_train,asset:gsm_symbolic:2",
                      n_harmful=160, n_harmless=160, max_new_tokens=64)

@@ -153,6 +153,7 @@ def test_sweep_runs_every_method_and_writes_the_table(tmp_path):
           "--config.eval.n_harmless=4", "--config.log.progress=False", "--config.sweep.p=0,0.2",
           "--config.lisa.k_align=1", "--config.lisa.k_user=1", "--config.data.buckets=",
           "--config.reft.tau_mode=fixed", "--config.reft.tau=1.5", "--config.restore.steps=2",
+          "--config.restore.warmup_steps=1",
           "--config.sweep.methods=sft_aligned,sft_base,vaccine,lisa,booster,mimic,restore,reft", *world]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-m", "reft_jax", *args], cwd=ROOT, env=env, capture_output=True,
@@ -169,54 +170,6 @@ def test_sweep_runs_every_method_and_writes_the_table(tmp_path):
   # shared stages trained once: one teacher, one aligned model per alignment method
   assert sorted(d for d in os.listdir(tmp_path) if d.startswith(("aligned", "teacher"))) == [
       "aligned", "aligned_booster", "aligned_vaccine", "teacher"]
-
-
-def _restore_setup():
-  from reft_jax.model import PRESETS, init_model
-
-  cfg = PRESETS["tiny"].replace(num_layers=3)
-  aligned = init_model(cfg, seed=0)
-  graphdef, state = nnx.split(aligned)
-  noisy = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
-                       nnx.to_pure_dict(state))
-  finetuned = nnx.merge(graphdef, noisy)
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(4, cfg.vocab_size, size=(8, 12)).astype(np.int32)
-  harmful = sft.TokenizedSet(tokens, np.zeros_like(tokens), np.ones_like(tokens), 0,
-                             np.full((8,), 11, np.int32))
-  return aligned, finetuned, harmful
-
-
-def test_restoration_with_rate_one_recovers_the_aligned_weights_in_edited_layers():
-  from reft_jax.methods.restore import RestoreConfig, restore_safety
-
-  aligned, finetuned, harmful = _restore_setup()
-  model, report = restore_safety(aligned, finetuned, harmful, RestoreConfig(rate=1.0, steps=1))
-  assert report["edited_layers"] == 2  # floor(2/3 * 3)
-  a, f, r = _params(aligned), _params(finetuned), _params(model)
-  for k in a:
-    if k.startswith("blocks/"):
-      np.testing.assert_array_equal(r[k][:2], a[k][:2], err_msg=k)  # edited layers: aligned
-      np.testing.assert_array_equal(r[k][2:], f[k][2:], err_msg=k)  # the rest: fine-tuned
-    else:
-      np.testing.assert_array_equal(r[k], f[k], err_msg=k)
-
-
-def test_restoration_moves_the_safety_feature_back_and_rolls_back_for_the_task():
-  from reft_jax.methods.restore import RestoreConfig, restore_safety
-
-  aligned, finetuned, harmful = _restore_setup()
-  model, report = restore_safety(aligned, finetuned, harmful, RestoreConfig(rate=0.01, steps=5))
-  h = report["history"]
-  assert h[-1]["neg_cos"] < h[0]["neg_cos"] and h[-1]["restored"] == 5 * h[0]["restored"]
-  # A task metric that drops with every restored weight forces rollbacks of 20% at a time.
-  task = {k: jnp.asarray(v) for k, v in dict(tokens=harmful.tokens, attention_mask=harmful.attention_mask,
-                                             loss_mask=np.ones_like(harmful.tokens)).items()}
-  f_params = _params(finetuned)
-  metric = lambda m: 100.0 - sum(float(np.sum(_params(m)[k] != f_params[k])) for k in f_params)
-  _, report = restore_safety(aligned, finetuned, harmful, RestoreConfig(rate=0.01, steps=2, max_rollbacks=2),
-                             task_metric=metric, task_data=task)
-  assert report["rollbacks"] >= 1 and report["task_after"] > 100.0 - report["history"][-1]["restored"]
 
 
 def test_lisa_gradient_is_the_active_states_ce_plus_rho_times_distance_to_anchor(tmp_path):
@@ -359,3 +312,156 @@ def test_smart_trains_through_the_suite(tmp_path, monkeypatch):
   assert len(rows) == 5 and all(np.isfinite(r["loss"]) and r["smart_adv"] > 0 for r in rows)
   # w~ starts at the initial weights and lags behind them once they move.
   assert rows[-1]["loss"] < rows[0]["loss"] and rows[0]["smart_prox"] == 0.0 and rows[-1]["smart_prox"] > 1e-9
+
+
+# ---------------------------------------------------------------- fidelity to the official code (issue 12)
+
+def _lora_graph_and_params(tmp_path):
+  """A LoRA-mode tiny model whose lora_b are not zero (so every adapter has a gradient), its batch and
+  trainable labels."""
+  from reft_jax.optim import trainable_labels
+
+  c, data, build, _, _ = _setup(tmp_path, **{"train.mode": "lora"})
+  graphdef, params = experiment.split_model(build())
+  key = iter(jax.random.split(jax.random.key(7), 64))
+  flat = traverse_util.flatten_dict(params)
+  flat = {k: (0.1 * jax.random.normal(next(key), v.shape, v.dtype) if k[-1] == "lora_b" else v)
+          for k, v in flat.items()}
+  params = traverse_util.unflatten_dict(flat)
+  return c, data, graphdef, params, trainable_labels(params, "lora")
+
+
+def test_booster_in_lora_mode_shifts_and_normalises_over_the_lora_weights_only(tmp_path):
+  c, data, graphdef, params, labels = _lora_graph_and_params(tmp_path)
+  batch = {"align": _tiny_batch(c, data), "harmful": {k: v[::-1] for k, v in _tiny_batch(c, data).items()}}
+  lam, alpha = 5.0, 0.1
+  part = baselines.trainable_part(params, labels)
+  merged = lambda t: nnx.merge(graphdef, baselines._overlay(params, t))
+
+  def mean(name):
+    def f(t):
+      s, n = baselines._ce(merged(t), batch[name])
+      return s / n
+    return f
+
+  # The official step: g_h, its norm and the shift over the trainable (LoRA) parameters only.
+  g_f, g_h = jax.grad(mean("align"))(part), jax.grad(mean("harmful"))(part)
+  norm = optax.global_norm(g_h)
+  g_h2 = jax.grad(mean("harmful"))(jax.tree.map(lambda p, g: p - alpha * g / norm, part, g_h))
+  want = jax.tree.map(lambda a, b, d: a + lam * (b - d), g_f, g_h, g_h2)
+
+  def booster_mean(t):
+    total, count, _ = baselines.booster_loss(lam, alpha, "lora")(merged(t), batch, Context({}))
+    return total / count
+
+  got = jax.grad(booster_mean)(part)
+  err = optax.global_norm(jax.tree.map(jnp.subtract, got, want))
+  assert float(err) < 1e-4 * float(optax.global_norm(want))
+  aux = baselines.booster_loss(lam, alpha, "lora")(merged(part), batch, Context({}))[2]
+  np.testing.assert_allclose(aux["harmful_grad_norm"], norm, rtol=1e-5)
+  # Perturbing the frozen base weights too (a norm over all parameters) is a different gradient.
+  def h_all(p):
+    s, n = baselines._ce(nnx.merge(graphdef, p), batch["harmful"])
+    return s / n
+
+  g_all = jax.grad(h_all)(params)
+  n_all = optax.global_norm(g_all)
+  assert float(n_all) > 1.01 * float(norm)
+  shifted_all = jax.tree.map(lambda p, g: p - alpha * g / n_all, params, g_all)
+  g_h2_all = baselines.trainable_part(jax.grad(h_all)(shifted_all), labels)
+  assert float(optax.global_norm(jax.tree.map(jnp.subtract, g_h2_all, g_h2))) > 1e-2 * float(
+      optax.global_norm(g_h2))
+
+
+def _suite_env(tmp_path, **overrides):
+  from reft_jax.methods import suite
+
+  c, _, build, mesh, rules = _setup(tmp_path, **overrides)
+  user = experiment.read_examples(c)
+  tok = experiment.get_tokenizer(c, str(tmp_path), user)
+  return suite.Env(c, mesh, rules, tok, str(tmp_path / "base"), str(tmp_path / "shared")), user, build
+
+
+def test_booster_refuses_a_harmful_set_that_shares_prompts_with_the_attack(tmp_path, monkeypatch):
+  from reft_jax.config import ConfigError
+  from reft_jax.methods import suite
+
+  pool = "builtin:requests_train[0:20]"
+  env, _, _ = _suite_env(tmp_path, **{"data.harmful_source": pool,
+                                      "booster.harmful_source": "builtin:requests_train[15:30]",
+                                      "reft.alignment": "builtin:requests_train[40:48]"})
+  env.c.data.attack = "harmful_mix"  # the attack draws from `pool` (after the user data was read)
+  seen = {}
+  monkeypatch.setattr(suite, "train", lambda env, root, stage, init, data, loss_fn=None, **kw:
+                      seen.update(stage=stage, data=data) or "out")
+  with pytest.raises(ConfigError) as err:
+    suite.aligned(env, "booster")
+  msg = str(err.value)
+  assert "booster.harmful_source" in msg and "data.harmful_source" in msg and "5 prompt" in msg
+  assert "\n" not in msg and not seen
+  # Disjoint: Booster trains on its own set, not on the attack's pool.
+  env.c.booster.harmful_source = "builtin:requests_train[20:30]"
+  assert suite.aligned(env, "booster") == "out" and seen["stage"] == "aligned_booster"
+  assert len(seen["data"].parts["harmful"].data.tokens) == 10
+
+
+def test_lisa_cycle_scales_the_published_ratio_to_the_run():
+  from helpers import load_config_module
+
+  demo = load_config_module().get_config("demo")
+  l, steps = demo.lisa, demo.train.num_steps
+  assert (l.k_align, l.k_user, l.min_cycles, steps) == (100, 900, 4, 300)
+  ka, kf = baselines.lisa_cycle(l.k_align, l.k_user, steps, l.min_cycles)
+  assert ka >= 1 and kf == 9 * ka and steps // (ka + kf) >= 4
+  phases = [baselines.lisa_schedule(ka, kf)(s) for s in range(steps)]
+  entries = sum(1 for s in range(steps) if phases[s] == 1 and (s == 0 or phases[s - 1] == 0))
+  assert phases[0] == 1 and entries >= 4  # alignment first, as the official LisaTrainer
+  # The official run (4,000 steps) keeps the published cycle; so does any longer one.
+  assert baselines.lisa_cycle(100, 900, 4000, 4) == (100, 900)
+  assert baselines.lisa_cycle(100, 900, 20000, 4) == (100, 900)
+  assert baselines.lisa_cycle(100, 900, 40, 4) == (1, 9)
+  # Too short for the exact ratio: each state still >= 1 step and min_cycles periods fit.
+  assert baselines.lisa_cycle(100, 900, 20, 4) == (1, 4)
+  assert baselines.lisa_cycle(1, 1, 2, 4) == (1, 1)
+  assert baselines.lisa_cycle(0, 900, 300, 4) == (0, 900)  # no alignment state: nothing to scale
+
+
+def test_lisa_state_anchors_the_trainable_weights_entering_each_state(tmp_path):
+  from reft_jax.train import TrainState
+
+  c, data, graphdef, params, labels = _lora_graph_and_params(tmp_path)
+  extras, before_step = baselines.lisa_state(params, labels, 2, 3, prox_after=0.1 * 50)
+  paths = traverse_util.flatten_dict(extras["anchor"])
+  assert paths and all(k[-1] in ("lora_a", "lora_b") for k in paths)  # frozen weights: no anchor
+  state = TrainState(jnp.zeros((), jnp.int32), params, None, extras)
+  anchors, phases, prox = [], [], []
+  for step in range(7):
+    state = state.replace(params=jax.tree.map(lambda p: p + 1.0, state.params))  # the weights move
+    state = before_step(step, state)
+    anchors.append(float(jax.tree.leaves(state.extras["anchor"])[0].ravel()[0]))
+    phases.append(int(state.extras["align_phase"]))
+    prox.append(float(state.extras["prox_on"]))
+  start = float(jax.tree.leaves(baselines.trainable_part(params, labels))[0].ravel()[0])
+  assert phases == [1, 1, 0, 0, 0, 1, 1]
+  # Snapshots at step 0 and on entering each state (steps 2 and 5): the weights before that step.
+  assert [a - start for a in anchors] == pytest.approx([1, 1, 3, 3, 3, 6, 6])
+  # Proximal term from step > 10% of the run (official: steps > 0.1 * total).
+  assert prox == [0, 0, 0, 0, 0, 0, 1]
+
+
+def test_lisa_trains_through_the_suite_alternating_with_lora_anchors(tmp_path, monkeypatch):
+  from reft_jax.methods import suite
+  from reft_jax.model import save_hf
+
+  env, user, build = _suite_env(tmp_path, **{"train.mode": "lora", "train.num_steps": 12,
+                                             "lisa.min_cycles": 2, "lisa.rho": 1.0,
+                                             "reft.alignment": "builtin:requests_train[0:16]"})
+  save_hf(build(), env.base_path, env.tokenizer)
+  monkeypatch.setattr(suite, "aligned", lambda env, how="sft": env.base_path)
+  out, _ = suite.run_method("lisa", env, str(tmp_path / "cell"), user)
+  assert os.path.exists(os.path.join(out, "config.json"))
+  rows = [json.loads(line) for line in open(tmp_path / "cell" / "lisa" / "metrics.jsonl")]
+  # 12 steps, min_cycles 2: K_a/K_f = 1/5 (the 1:9 ratio does not fit twice), alignment first.
+  assert [int(r["align_phase"]) for r in rows] == [1, 0, 0, 0, 0, 0] * 2
+  # Off for steps <= 1.2; then > 0 except on a state's first step (the anchor is the current weights).
+  assert [r["proximal"] > 0 for r in rows] == [False, False] + [True] * 4 + [False, False] + [True] * 4

@@ -206,3 +206,16 @@ def test_model_config_errors_name_the_field(kw, field):
 def test_option_errors_name_the_field(make, field):
   with pytest.raises(ValueError, match=field):
     make()
+
+
+def test_attention_output_perturbation_enters_before_gemma2s_post_attention_norm():
+  """Vaccine hooks the attention module's output, which on Gemma-2 is *before* post_attention_layernorm
+  (git-disl/Booster trainer.py): a huge perturbation is then normalised away instead of flooding the
+  residual stream."""
+  model = randomized(CFG)
+  tokens = jnp.asarray(np.arange(12).reshape(2, 6) % CFG.vocab_size, jnp.int32)
+  mask = jnp.ones_like(tokens)
+  huge = jnp.full((CFG.num_layers, 2, 6, CFG.hidden_size), 1e4, jnp.float32)
+  _, hidden = model.forward(tokens, mask, hidden_layers=(1,), attn_delta_LBTD=huge)
+  _, clean = model.forward(tokens, mask, hidden_layers=(1,))
+  assert float(jnp.abs(hidden[1]).max()) < 100 * float(jnp.abs(clean[1]).max())

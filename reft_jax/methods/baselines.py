@@ -3,10 +3,13 @@
 Alignment stage (harmful prompt -> refusal data, before the user's data is seen):
   vaccine  two passes: the gradient w.r.t. every block's attention output, then the loss with the
            attention outputs perturbed by rho * g / ||g|| (constants) — Huang et al., NeurIPS 2024
-  booster  f(w) + lam [h(w) - h(w - alpha grad h / ||grad h||)], h = harmful loss — Huang et al., ICLR 2025
+  booster  f(w) + lam [h(w) - h(w - alpha grad h / ||grad h||)], h = harmful loss, the shift and its
+           norm over the trained parameters only — Huang et al., ICLR 2025
 Fine-tuning stage (on the user's data):
-  lisa     alternate K_a alignment and K_f user steps, each with (rho/2)||w - w~||^2 to the weights the
-           other state ended with (off for the first 10% of steps) — Huang et al., NeurIPS 2024
+  lisa     alternate K_a alignment and K_f user steps (alignment first; both scaled down in their ratio
+           when the run is short, `lisa_cycle`), each with (rho/2)||w - w~||^2 over the trained parameters
+           to the weights the other state ended with (off for the first 10% of steps) — Huang et al.,
+           NeurIPS 2024
   mimic    safety data rewritten into the user data's format, mixed in (data only; see data/attacks.py)
   smart    CE + lam * symKL(f(x), f(x + delta)), delta one projected ascent step on the input embeddings,
            + mu * symKL(f(x; w), f(x; w~)), w~ a momentum copy of the weights — Jiang et al., ACL 2020 (§8)
@@ -17,13 +20,18 @@ per-token objective and the shared step handles sharding, accumulation and check
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, traverse_util
 
 from reft_jax import losses
-from reft_jax.optim import TRAINABLE
+from reft_jax.optim import TRAINABLE, trainable_labels
+
+# Added to a gradient norm before dividing by it, as the official Vaccine/Booster trainers do.
+NORM_EPS = 1e-7
 
 
 def _ce(model, part, **forward_kw):
@@ -45,7 +53,7 @@ def vaccine_loss(rho: float):
     # Pass 1: the gradient w.r.t. all attention outputs (one norm over all layers).
     g = jax.grad(perturbed_mean)(zeros)
     norm = jnp.sqrt(jnp.sum(g * g))
-    eps = jax.lax.stop_gradient(rho * g / (norm + 1e-12))
+    eps = jax.lax.stop_gradient(rho * g / (norm + NORM_EPS))
     # Pass 2: the loss under the perturbation; its parameter gradient is the update.
     total, count = _ce(model, batch, attn_delta_LBTD=eps)
     return total, count, {"attn_grad_norm": norm}
@@ -53,28 +61,37 @@ def vaccine_loss(rho: float):
   return loss
 
 
-def booster_loss(lam: float, alpha: float):
+def booster_loss(lam: float, alpha: float, mode: str = "full", regex: str = ""):
   """batch = {"align": harmful prompt -> refusal (and harmless -> helpful), "harmful": harmful
-  prompt -> harmful answer}. Gradient: grad f + lam (grad h(w) - grad h(w')), w' = w - alpha g_h/|g_h|."""
+  prompt -> harmful answer}. Gradient: grad f + lam (grad h(w) - grad h(w')), w' = w - alpha g_h/|g_h|.
+
+  As in the official BoosterAlignmentTrainer, g_h, its norm and the shift cover only the parameters
+  being trained (`mode`/`regex` as train.mode/trainable_regex): in LoRA mode the frozen base weights
+  stay where they are in w'."""
 
   def loss(model, batch, ctx=None):
     f_sum, f_n = _ce(model, batch["align"])
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
+    part = trainable_part(params, trainable_labels(params, mode, regex))
 
     def h_mean(p):
-      s, n = _ce(nnx.merge(graphdef, p), batch["harmful"])
+      s, n = _ce(nnx.merge(graphdef, _overlay(params, p)), batch["harmful"])
       return s / jnp.maximum(n, 1)
 
-    g_h = jax.lax.stop_gradient(jax.grad(h_mean)(params))
+    h_now, g_h = jax.lax.stop_gradient(jax.value_and_grad(h_mean)(part))
     g_norm = optax.global_norm(g_h)
-    step = jax.tree.map(lambda g: -alpha * g / (g_norm + 1e-12), g_h)
-    h_now = h_mean(params)
-    # The shift is a constant, so this term's gradient is grad h(w').
-    h_after = h_mean(jax.tree.map(jnp.add, params, step))
+    # w' as a function of w with a constant shift, so this term's gradient is grad h(w').
+    shifted = jax.tree.map(lambda p, g: p - (alpha / (g_norm + NORM_EPS)) * g.astype(p.dtype), part, g_h)
+    h_after = h_mean(shifted)
+    # grad h(w) is g_h, already computed: a term with h(w)'s value and g_h as its gradient spares a
+    # third harmful forward/backward pass.
+    h_lin = h_now + sum(jnp.vdot(g.astype(jnp.float32), (p - jax.lax.stop_gradient(p)).astype(jnp.float32))
+                        for g, p in zip(jax.tree.leaves(g_h), jax.tree.leaves(part)))
     f_n = jnp.maximum(f_n, 1)
-    total = f_sum + lam * (h_now - h_after) * f_n
-    return total, f_n, {"harmful_loss": h_now, "harmful_loss_after_step": h_after}
+    total = f_sum + lam * (h_lin - h_after) * f_n
+    return total, f_n, {"harmful_loss": h_now, "harmful_loss_after_step": h_after,
+                        "harmful_grad_norm": g_norm}
 
   return loss
 
@@ -105,13 +122,55 @@ def _subset(params: dict, like: dict) -> dict:
 
 
 def lisa_schedule(k_align: int, k_user: int):
-  """Step -> 1 in the alignment state, 0 in the user state: K_a alignment steps, then K_f user steps."""
+  """Step -> 1 in the alignment state, 0 in the user state: K_a alignment steps, then K_f user steps
+  (the official LisaTrainer starts in the alignment state and switches on a per-state clock)."""
   period = k_align + k_user
 
   def phase(step: int) -> int:
     return int(period > 0 and step % period < k_align)
 
   return phase
+
+
+def lisa_cycle(k_align: int, k_user: int, num_steps: int, min_cycles: int) -> tuple[int, int]:
+  """The (K_a, K_f) a run of num_steps uses. The published ones (100/900) when the run holds
+  min_cycles full cycles of them (the official scripts run 2,000-20,000 steps: 2-20 cycles);
+  otherwise both scaled down in the published ratio, so that a short run still alternates min_cycles
+  times rather than running one cycle.
+
+  The exact ratio when a multiple of its smallest integer form fits min_cycles times (300 steps:
+  7/63); below that, the nearest split of the longest period that fits, each state >= 1 step."""
+  period = k_align + k_user
+  if k_align == 0 or k_user == 0 or num_steps >= min_cycles * period:
+    return k_align, k_user  # one state only, or the published cycle already repeats enough
+  g = math.gcd(k_align, k_user)
+  m = num_steps // (min_cycles * (period // g))
+  if m >= 1:
+    return m * (k_align // g), m * (k_user // g)
+  p = max(2, num_steps // min_cycles)
+  ka = min(p - 1, max(1, round(p * k_align / period)))
+  return ka, p - ka
+
+
+def lisa_state(params: dict, labels: dict, k_align: int, k_user: int, prox_after: float):
+  """(extras, before_step) for lisa_loss, as the official LisaTrainer: entering a state (and at step
+  0) snapshots the trained parameters, i.e. the weights the other state ended with, as the proximal
+  anchor; the proximal term is on for steps > prox_after (official: steps > 10% of the run)."""
+  part = lambda p: jax.tree.map(lambda x: jnp.array(x, jnp.float32), trainable_part(p, labels))  # a copy
+  phase_of = lisa_schedule(k_align, k_user)
+  extras = {"anchor": part(params), "align_phase": jnp.asarray(phase_of(0), jnp.int32),
+            "prox_on": jnp.asarray(0.0, jnp.float32)}
+
+  def before_step(step, state):
+    phase = phase_of(step)
+    extras = dict(state.extras)
+    if step == 0 or phase != int(extras["align_phase"]):
+      extras["anchor"] = part(state.params)
+    extras["align_phase"] = jnp.asarray(phase, jnp.int32)
+    extras["prox_on"] = jnp.asarray(float(step > prox_after), jnp.float32)
+    return state.replace(extras=extras)
+
+  return extras, before_step
 
 
 # ---------------------------------------------------------------- SMART

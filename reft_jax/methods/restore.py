@@ -1,142 +1,222 @@
-"""Post-hoc safety restoration (Yang et al., IEEE S&P 2025; METHODS.md §7).
+"""Post-hoc safety restoration (Yang et al., IEEE S&P 2025; METHODS.md §7), after the official
+kangyangWHU/LLMAlignment `sgdg_rollback_final.py` (AlignParamRollback) and `run_recover_exp.py`.
 
-Given the aligned weights theta_A and the fine-tuned theta_F: on the model truncated to its first
-floor(2/3 L) blocks, d_h is the aligned model's mean last-prompt-token hidden state on harmful
-prompts; each step takes the gradient of -cos(mean h(x; theta), d_h) and restores to theta_A the
-`rate` share of edited weights with the largest |grad| among those where moving toward theta_A is a
-descent direction. If the task metric then drops by more than `max_drop` points, restored weights
-that hurt the task (restoring them raises the task loss to first order) are rolled back to theta_F,
-`rollback_frac` of them at a time.
+theta_A: aligned weights, theta_F: fine-tuned. On the model truncated to its first
+k = floor(2/3 L) blocks, h(x; theta) is the residual after block k at the last prompt token.
+d_h = mean h(harmful prompts; theta_A), d_b = mean h(task prompts; theta_F). A direction loss is
+sum over batches of -cos(batch mean h, d) (the official loop calls backward once per batch).
 
-Selection is global over all edited weights (one sort): fine for the models this runs on here; a
-7B-scale run would use per-array thresholds from a sampled quantile instead.
+One restore step: g = grad of the harmful loss; candidates are the non-norm weights of blocks [0, k)
+where moving theta to theta_A is a descent direction (theta - theta_A and g have the same strict
+sign; weights already equal to theta_A never are); the threshold is the c-th largest |g| of the
+candidates with c = ceil(rate x all decoder-block parameters, every layer and norms included), and
+the candidates with |g| strictly above it are set to theta_A. Outside the rollback phase g
+accumulates over the steps (the official code never zeroes `.grad` there and carries it across
+devices on purpose); in the rollback phase it is fresh each step.
+One rollback (after a restore step): the benign loss's gradient g_b; candidates are this step's
+restored weights where moving back to theta_F is a descent direction of it; those with |g_b| strictly
+above the ceil(rollback_frac x #candidates)-th largest go back to theta_F.
+
+Run: `warmup_steps` restore steps; then the task metric. Below min_task_ratio x the fine-tuned
+model's metric: restart from theta_F and run all `steps` steps with rollback; else continue to
+`steps` without. The result is the official checkpoint choice: the metric is read every `eval_every`
+steps (and at the last); at the first checkpoint with metric <= min_task_ratio x original, the
+previous checkpoint (theta_F at step 0) is the result, else the last one. (Documented choice: with
+an original metric <= 0 there is no minimum to keep.)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
 
-from reft_jax import losses, refusal
+from reft_jax import refusal
+from reft_jax.data import sft
 
 
 @dataclasses.dataclass(frozen=True)
 class RestoreConfig:
-  rate: float = 0.002  # share of edited weights restored per step
+  rate: float = 0.002  # restored per step, as a share of all decoder-block parameters
   steps: int = 20
-  layer_fraction: float = 2 / 3
-  max_drop: float = 5.0  # task metric points; rollback above this drop
-  rollback_frac: float = 0.2
-  max_rollbacks: int = 5
+  warmup_steps: int = 5  # restore steps before the task metric decides on rollback
+  rollback_frac: float = 0.2  # share of each step's rollback candidates sent back to theta_F
+  min_task_ratio: float = 0.95  # official metric_drop = 0.05
+  layer_fraction: float = 2 / 3  # official layer_end_mapping: floor(2L/3)
+  eval_every: int = 5  # official save_step: checkpoints whose task metric picks the result
+  batch_size: int = 8  # official run_recover_exp batch size (one cosine per batch)
 
 
-def _flat(model) -> tuple[nnx.GraphDef, dict]:
-  graphdef, state = nnx.split(model)
-  return graphdef, traverse_util.flatten_dict(nnx.to_pure_dict(state))
+def _is_norm(path: tuple) -> bool:
+  # The official code skips parameters named "*layernorm*" (HF Llama/Gemma/Mistral/Qwen2 norms).
+  return any("norm" in str(p) for p in path)
 
 
-def _edited_mask(flat: dict, k: int) -> dict:
-  """True on the entries of blocks [0, k) (block params are stacked on axis 0); nothing else."""
-  out = {}
-  for path, v in flat.items():
-    m = np.zeros(v.shape, bool)
-    if path[0] == "blocks":
-      m[:k] = True
-    out[path] = m
-  return out
+def edit_mask(blocks: dict, k: int) -> dict:
+  """True on the non-norm weights of blocks [0, k) (block params are stacked on axis 0)."""
+  def one(path, v):
+    keep = np.zeros(v.shape[0], bool)
+    if not _is_norm(path):
+      keep[:k] = True
+    return jnp.broadcast_to(jnp.asarray(keep).reshape((-1,) + (1,) * (v.ndim - 1)), v.shape)
+  return jax.tree_util.tree_map_with_path(lambda p, v: one(tuple(getattr(e, "key", e) for e in p), v),
+                                          blocks)
 
 
-def _set(current: dict, restored: dict, where: list, picks, source: dict, is_restored: bool) -> None:
-  """Copies source values into `current` at the picked positions of the concatenation of `where`
-  ([(path, flat indices)]), and marks them restored (or not)."""
-  offsets = np.cumsum([0] + [len(i) for _, i in where])
-  for j in picks:
-    a = np.searchsorted(offsets, j, side="right") - 1
-    p, idx = where[a]
-    at = np.unravel_index(idx[j - offsets[a]], current[p].shape)
-    current[p][at] = np.asarray(source[p])[at]
-    restored[p][at] = is_restored
+@jax.jit
+def descent_candidates(theta: dict, target: dict, grad: dict, allowed: dict) -> tuple[dict, jax.Array]:
+  """Entries of `allowed` where moving theta to target decreases the loss to first order (the
+  official get_select_mask: (theta - target) and grad both < 0 or both > 0); and their count."""
+  def one(t, a, g, m):
+    d = t.astype(jnp.float32) - a.astype(jnp.float32)
+    return m & (((d < 0) & (g < 0)) | ((d > 0) & (g > 0)))
+  se = jax.tree.map(one, theta, target, grad, allowed)
+  return se, sum(jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(se))
 
 
-def restore_safety(aligned, finetuned, harmful, cfg: RestoreConfig = RestoreConfig(), task_metric=None,
-                   task_data: dict | None = None):
-  """Returns (restored model, report). harmful: a prompts-only TokenizedSet (refusal.tokenize_prompts).
-  task_metric(model) -> points (e.g. accuracy %) drives the rollback; task_data (a batch dict with
-  tokens/attention_mask/loss_mask) gives the task gradient that picks what to roll back."""
-  k = max(1, int(cfg.layer_fraction * aligned.cfg.num_layers))
-  graphdef, flat_a = _flat(aligned)
-  _, flat_f = _flat(finetuned)
-  mask = _edited_mask(flat_a, k)
-  n_edited = int(sum(m.sum() for m in mask.values()))
-  d_h = refusal.prompt_features(aligned, harmful, k).mean(0)
-  tokens, attn, last = (jnp.asarray(harmful.tokens), jnp.asarray(harmful.attention_mask),
-                        jnp.asarray(harmful.last_prompt))
+@jax.jit
+def above_kth(grad: dict, candidates: dict, k) -> dict:
+  """Candidates whose |grad| is strictly above the k-th largest candidate |grad| (the official
+  find_threshold + get_threshold_mask: k - 1 entries when the scores are distinct); none if k < 1."""
+  flat = jnp.concatenate([jnp.where(m, jnp.abs(g).astype(jnp.float32), -jnp.inf).ravel()
+                          for g, m in zip(jax.tree.leaves(grad), jax.tree.leaves(candidates))])
+  thr = jnp.sort(flat)[flat.size - jnp.maximum(k, 1)]
+  return jax.tree.map(lambda g, m: m & (jnp.abs(g).astype(jnp.float32) > thr) & (k >= 1), grad, candidates)
 
+
+@jax.jit
+def assign(theta: dict, source: dict, mask: dict) -> dict:
+  return jax.tree.map(lambda t, s, m: jnp.where(m, s, t), theta, source, mask)
+
+
+def _count(mask: dict) -> int:
+  return int(sum(int(jnp.sum(m)) for m in jax.tree.leaves(mask)))
+
+
+@functools.lru_cache(maxsize=8)
+def _direction_grad_fn(graphdef, k: int):
+  """(params, batches, target) -> (sum over batches of -cos(batch mean h^k, target), its gradient
+  w.r.t. params["blocks"] in float32)."""
   @jax.jit
-  def safety_grad(params):
-    def loss(p):
-      model = nnx.merge(graphdef, traverse_util.unflatten_dict(p))
-      h = refusal.last_prompt_features(model, tokens, attn, last, k).mean(0)
-      return -refusal.cosine(h[None], jnp.asarray(d_h))[0]
-    return jax.value_and_grad(loss)(params)
+  def run(params, tokens_NBT, mask_NBT, last_NB, weight_NB, target_D):
+    rest = {n: v for n, v in params.items() if n != "blocks"}
 
-  current = {p: np.array(v) for p, v in flat_f.items()}  # writable host copies
-  restored = {p: np.zeros(v.shape, bool) for p, v in current.items()}
-  history = []
-  per_step = max(1, int(round(cfg.rate * n_edited)))
-  for step in range(cfg.steps):
-    value, grad = safety_grad({p: jnp.asarray(v) for p, v in current.items()})
-    # Moving toward theta_A is a descent direction where grad . (theta_A - theta) < 0.
-    scores, descent, where = [], [], []
-    for p in current:
-      m = mask[p] & ~restored[p] & (flat_a[p] != current[p])
-      if not m.any():
-        continue
-      g = np.asarray(grad[p])[m]
-      delta = np.asarray(flat_a[p])[m] - current[p][m]
-      scores.append(np.abs(g))
-      descent.append(g * delta < 0)
-      where.append((p, np.flatnonzero(m)))
-    if not scores:
-      break
-    s, d = np.concatenate(scores), np.concatenate(descent)
-    # Descent-direction weights first (largest |grad| first), then the rest: rate 1 restores all.
-    order = np.lexsort((-s, ~d))[:per_step]
-    _set(current, restored, where, order, flat_a, True)
-    n_restored = int(sum(r.sum() for r in restored.values()))
-    history.append({"step": step, "neg_cos": float(value), "restored": n_restored})
+    def loss(blocks, batch):
+      tokens, mask, last, w = batch
+      h = refusal.last_prompt_features(nnx.merge(graphdef, {**rest, "blocks": blocks}), tokens, mask, last, k)
+      mean = jnp.sum(h * w[:, None], 0) / jnp.maximum(jnp.sum(w), 1.0)
+      return -refusal.cosine(mean[None], target_D)[0]
 
-  def model_of(flat):
-    return nnx.merge(graphdef, traverse_util.unflatten_dict({p: jnp.asarray(v) for p, v in flat.items()}))
+    def body(carry, batch):
+      v, g = jax.value_and_grad(loss)(params["blocks"], batch)
+      return (carry[0] + v, jax.tree.map(lambda a, b: a + b.astype(jnp.float32), carry[1], g)), None
 
-  report = {"edited_layers": k, "edited_weights": n_edited, "history": history, "rollbacks": 0}
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params["blocks"])
+    init = (jnp.zeros((), jnp.float32), zeros)
+    return jax.lax.scan(body, init, (tokens_NBT, mask_NBT, last_NB, weight_NB))[0]
+  return run
+
+
+def _batches(data: sft.TokenizedSet, batch_size: int) -> tuple:
+  """[num_batches, batch_size, ...] arrays; the last batch is padded with zero-weight rows."""
+  data = data.trimmed()
+  n = len(data)
+  nb = -(-n // batch_size)
+  idx = np.concatenate([np.arange(n), np.zeros(nb * batch_size - n, int)])
+  w = (np.arange(nb * batch_size) < n).astype(np.float32)
+  shape = lambda a: jnp.asarray(a[idx].reshape((nb, batch_size) + a.shape[1:]))
+  last = np.minimum(data.last_prompt, data.tokens.shape[1] - 1)
+  return (shape(data.tokens), shape(data.attention_mask), shape(last), jnp.asarray(w.reshape(nb, batch_size)))
+
+
+def restore_safety(aligned, finetuned, harmful: sft.TokenizedSet, cfg: RestoreConfig = RestoreConfig(),
+                   task_metric=None, benign: sft.TokenizedSet | None = None):
+  """Returns (restored model, report). harmful / benign: prompts-only TokenizedSets
+  (refusal.tokenize_prompts) of harmful prompts and of the task's training prompts.
+  task_metric(model) -> score (higher is better) drives the restart and the checkpoint choice;
+  without it (or without benign prompts, which the rollback needs) every step restores, no rollback."""
+  k = max(1, int(cfg.layer_fraction * aligned.cfg.num_layers))
+  graphdef, state_a = nnx.split(aligned)
+  pa = nnx.to_pure_dict(state_a)
+  pf = nnx.to_pure_dict(nnx.state(finetuned))
+  allowed = edit_mask(pa["blocks"], k)
+  n_param = sum(int(v.size) for v in jax.tree.leaves(pa["blocks"]))  # official get_total_param
+  per_step = int(math.ceil(n_param * cfg.rate))
+  grad_fn = _direction_grad_fn(graphdef, k)
+  harm = _batches(harmful, cfg.batch_size)
+  d_h = jnp.asarray(refusal.prompt_features(aligned, harmful, k).mean(0))
+  can_rollback = benign is not None and len(benign) > 0
+  if can_rollback:
+    ben = _batches(benign, cfg.batch_size)
+    d_b = jnp.asarray(refusal.prompt_features(finetuned, benign, k).mean(0))
+
+  def step(theta, acc, i, phase):
+    value, g = grad_fn(theta, *harm, d_h)
+    if acc is not None and phase != "rollback":
+      g = jax.tree.map(jnp.add, acc, g)  # `.grad` keeps accumulating outside the rollback phase
+    se, n = descent_candidates(theta["blocks"], pa["blocks"], g, allowed)
+    restored = above_kth(g, se, min(per_step, int(n)))
+    blocks = assign(theta["blocks"], pa["blocks"], restored)
+    rec = {"step": i, "phase": phase, "neg_cos": float(value) / harm[0].shape[0],  # mean over batches
+           "restored": _count(restored), "rolled_back": 0}
+    if phase == "rollback":
+      _, gb = grad_fn({**theta, "blocks": blocks}, *ben, d_b)
+      se_b, n_b = descent_candidates(blocks, pf["blocks"], gb, restored)
+      back = above_kth(gb, se_b, int(math.ceil(cfg.rollback_frac * int(n_b))))
+      blocks = assign(blocks, pf["blocks"], back)
+      rec["rolled_back"] = _count(back)
+    history.append(rec)
+    return {**theta, "blocks": blocks}, (None if phase == "rollback" else g)
+
+  model_of = lambda p: nnx.merge(graphdef, p)
+  history, checkpoints = [], []
+  report = {"edited_layers": k, "per_step": per_step, "restarted": False, "task_before": None,
+            "task_warmup": None}
+  minimum, previous, chosen = None, (pf, 0), None
+
+  def checkpoint(theta, at, score=None) -> bool:
+    """Reads the metric at a checkpoint; True (stop) at the first one at or below the minimum, whose
+    predecessor (theta_F at step 0) is then the result, as the official eval_all_steps picks it."""
+    nonlocal previous, chosen
+    score = float(task_metric(model_of(theta))) if score is None else score
+    checkpoints.append({"step": at, "task": score})
+    if score <= minimum:
+      chosen = previous
+      return True
+    previous = (theta, at)
+    return False
+
+  theta, acc = pf, None
+  warm = min(cfg.warmup_steps, cfg.steps)
+  for i in range(warm):
+    theta, acc = step(theta, acc, i, "warmup")
+  start, phase, stop = warm, "restore", False
   if task_metric is not None:
-    before = task_metric(finetuned)
-    after = task_metric(model_of(current))
-    report.update(task_before=before, task_after=after)
-    while before - after > cfg.max_drop and report["rollbacks"] < cfg.max_rollbacks and task_data:
-      # Roll back the restored weights whose restoration raised the task loss most (to first order,
-      # g . (theta_A - theta_F) > 0).
-      def task_loss(p):
-        model = nnx.merge(graphdef, traverse_util.unflatten_dict(p))
-        logits = model(task_data["tokens"], task_data["attention_mask"])
-        t, w = losses.next_token_targets(task_data["tokens"], task_data["loss_mask"])
-        s, n = losses.masked_cross_entropy(logits[:, :-1], t, w)
-        return s / n
-      g = jax.grad(task_loss)({p: jnp.asarray(v) for p, v in current.items()})
-      harm = {p: (np.asarray(g[p]) * (np.asarray(flat_a[p]) - np.asarray(flat_f[p]))) for p in current}
-      cand = [(p, np.flatnonzero(restored[p].ravel() & (harm[p].ravel() > 0))) for p in current]
-      vals = np.concatenate([harm[p].ravel()[i] for p, i in cand])
-      n_back = int(np.ceil(cfg.rollback_frac * sum(r.sum() for r in restored.values())))
-      if not len(vals):
+    before = float(task_metric(finetuned))
+    # A model with no task skill left (metric <= 0) has nothing to protect: with a minimum of 0 the
+    # official `<=` pick would always return theta_F.
+    minimum = cfg.min_task_ratio * before if before > 0 else -math.inf
+    score = float(task_metric(model_of(theta)))
+    report.update(task_before=before, task_warmup=score)
+    if score < minimum and can_rollback:  # restart from theta_F; every step rolls back
+      theta, acc, start, phase = pf, None, 0, "rollback"
+      report["restarted"] = True
+    elif warm:
+      stop = checkpoint(theta, warm, score)  # the warm-up model is always saved and evaluated
+  for i in range(start, cfg.steps if not stop else start):
+    theta, acc = step(theta, acc, i, phase)
+    if minimum is not None and ((i + 1) % cfg.eval_every == 0 or i + 1 == cfg.steps):
+      if checkpoint(theta, i + 1):
         break
-      _set(current, restored, cand, np.argsort(-vals)[:n_back], flat_f, False)
-      report["rollbacks"] += 1
-      after = task_metric(model_of(current))
-      report["task_after"] = after
-  report["restored_weights"] = int(sum(r.sum() for r in restored.values()))
-  return model_of(current), report
+  chosen_theta, chosen_step = chosen if chosen is not None else (theta, cfg.steps)
+  scores = {0: report["task_before"], **{c["step"]: c["task"] for c in checkpoints}}
+  changed = jax.tree.map(lambda c, f: c != f, chosen_theta["blocks"], pf["blocks"])
+  report.update(history=history, checkpoints=checkpoints, checkpoint=chosen_step,
+                task_after=scores.get(chosen_step), restored_weights=_count(changed),
+                rolled_back=sum(r["rolled_back"] for r in history))
+  return model_of(chosen_theta), report

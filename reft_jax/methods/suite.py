@@ -92,11 +92,24 @@ def aligned(env: Env, how: str = "sft") -> str:
     return train(env, env.shared_dir, stage, env.base_path, align)
   if how == "vaccine":
     return train(env, env.shared_dir, stage, env.base_path, align, baselines.vaccine_loss(c.vaccine.rho))
-  harmful = _tok(env, experiment.load(c, c.data.harmful_source))
+  # Booster's harmful set must not be the attack's: the official code draws it from BeaverTails rows
+  # 5000-9999 and the attack from rows 0-..., so the defence never sees the attack's prompts.
+  harmful_examples = experiment.load(c, c.booster.harmful_source)
+  if c.data.attack != "none":
+    from reft_jax.config import ConfigError
+    from reft_jax.data.assets import overlap
+
+    shared = sorted({i for i, _ in overlap(harmful_examples, experiment.load(c, c.data.harmful_source))})
+    if shared:
+      raise ConfigError(
+          f"config.booster.harmful_source={c.booster.harmful_source!r} shares {len(shared)} prompt(s) with "
+          f"the attack's pool config.data.harmful_source={c.data.harmful_source!r} (e.g. "
+          f"{harmful_examples[shared[0]].prompt[:60]!r}); Booster's harmful set must be disjoint from it")
+  harmful = _tok(env, harmful_examples)
   data = sft.MixedBatcher({"align": sft.Batcher(align, c.train.batch_size, seed=c.seed),
                            "harmful": sft.Batcher(harmful, c.train.batch_size, seed=c.seed + 3)})
   return train(env, env.shared_dir, stage, env.base_path, data,
-               baselines.booster_loss(c.booster.lam, c.booster.alpha))
+               baselines.booster_loss(c.booster.lam, c.booster.alpha, c.train.mode, c.train.trainable_regex))
 
 
 def _params(env: Env, path: str) -> dict:
@@ -107,28 +120,27 @@ def _params(env: Env, path: str) -> dict:
 
 
 def lisa(env: Env, root: str, user) -> str:
+  """The aligned model fine-tuned with Lisa: K_a/K_f scaled to the run in the published ratio
+  (baselines.lisa_cycle); the proximal anchors cover the trained parameters only."""
+  import logging
+
   c = env.c
   start = aligned(env)
+  if finished(root, "lisa"):
+    return model_dir(root, "lisa")
+  lc = c.lisa
+  k_align, k_user = baselines.lisa_cycle(lc.k_align, lc.k_user, c.train.num_steps, lc.min_cycles)
+  logging.getLogger(__name__).info("lisa: K_a/K_f = %d/%d (configured %d/%d, %d steps, min_cycles %d)",
+                                   k_align, k_user, lc.k_align, lc.k_user, c.train.num_steps, lc.min_cycles)
   data = sft.MixedBatcher({"user": sft.Batcher(_tok(env, user), c.train.batch_size, seed=c.seed),
                            "align": sft.Batcher(_tok(env, alignment(env)), c.train.batch_size,
                                                 seed=c.seed + 5)})
-  phase_of = baselines.lisa_schedule(c.lisa.k_align, c.lisa.k_user)
-  warmup = int(c.lisa.proximal_warmup * c.train.num_steps)
-  trainable = lambda params: params  # full fine-tuning: every parameter is anchored
-
-  def before_step(step, state):
-    phase = phase_of(step)
-    extras = dict(state.extras)
-    if step == 0 or phase != int(extras["align_phase"]):  # entering a state: snapshot the weights
-      extras["anchor"] = jax.tree.map(lambda p: jnp.array(p, jnp.float32), trainable(state.params))
-    extras["align_phase"] = jnp.asarray(phase, jnp.int32)
-    extras["prox_on"] = jnp.asarray(float(step >= warmup), jnp.float32)
-    return state.replace(extras=extras)
-
   params = _params(env, start)
-  extras = {"anchor": jax.tree.map(lambda p: p.astype(jnp.float32), params),
-            "align_phase": jnp.asarray(0, jnp.int32), "prox_on": jnp.asarray(0.0, jnp.float32)}
-  return train(env, root, "lisa", start, data, baselines.lisa_loss(c.lisa.rho), extras=extras,
+  labels = trainable_labels(params, c.train.mode, c.train.trainable_regex)
+  extras, before_step = baselines.lisa_state(params, labels, k_align, k_user,
+                                             lc.proximal_warmup * c.train.num_steps)
+  del params
+  return train(env, root, "lisa", start, data, baselines.lisa_loss(lc.rho), extras=extras,
                before_step=before_step)
 
 
@@ -154,8 +166,10 @@ def mimic(env: Env, root: str, user) -> str:
 
 
 def restore(env: Env, root: str, user) -> tuple[str, dict]:
-  """Post-hoc restoration of the align-then-fine-tune model toward the aligned one; the task metric
-  for the rollback rule is the finetune accuracy on 64 benign user examples."""
+  """Post-hoc restoration of the align-then-fine-tune model toward the aligned one (the official
+  algorithm, methods/restore.py): the benign direction comes from up to 256 benign user prompts (the
+  official task training prompts); the task metric for the restart rule and the checkpoint choice is
+  the finetune accuracy on 64 labelled benign user examples."""
   from reft_jax import refusal
   from reft_jax.eval.metrics import percent, task_correct
   from reft_jax.generate import generate_texts
@@ -170,25 +184,27 @@ def restore(env: Env, root: str, user) -> tuple[str, dict]:
   finetuned = load(run_method("sft_aligned", env, root, user)[0])
   probes = experiment.load(c, c.reft.probe_harmful, c.reft.probe_size)
   harmful = refusal.tokenize_prompts(probes, env.tokenizer, c.data.seq_len, c.data.template)
-  benign = [e for e in user if not e.meta.get("is_harmful") and "label" in e.meta][:64]
-  metric = task_data = None
-  if benign:
-    prompts = [sft.format_prompt(e, c.data.template, env.tokenizer) for e in benign]
+  plain = [e for e in user if not e.meta.get("is_harmful")]
+  benign = (refusal.tokenize_prompts(plain[:256], env.tokenizer, c.data.seq_len, c.data.template)
+            if plain else None)
+  labelled = [e for e in plain if "label" in e.meta][:64]
+  metric = None
+  if labelled:
+    prompts = [sft.format_prompt(e, c.data.template, env.tokenizer) for e in labelled]
 
     def metric(model):
       answers = generate_texts(model, env.tokenizer, prompts, max_new_tokens=c.eval.max_new_tokens,
                                batch_size=c.eval.batch_size)
       return percent(task_correct(e.meta.get("task", "sst2"), a, str(e.meta["label"]))
-                     for e, a in zip(benign, answers))
+                     for e, a in zip(labelled, answers))
 
-    t = _tok(env, benign[:16])
-    task_data = {"tokens": jnp.asarray(t.tokens), "attention_mask": jnp.asarray(t.attention_mask),
-                 "loss_mask": jnp.asarray(t.loss_mask)}
-  cfg = RestoreConfig(rate=c.restore.rate, steps=c.restore.steps, max_drop=c.restore.max_drop,
-                      rollback_frac=c.restore.rollback_frac)
-  model, report = restore_safety(aligned_model, finetuned, harmful, cfg, metric, task_data)
+  r = c.restore
+  cfg = RestoreConfig(rate=r.rate, steps=r.steps, warmup_steps=r.warmup_steps, rollback_frac=r.rollback_frac,
+                      min_task_ratio=r.min_task_ratio)
+  model, report = restore_safety(aligned_model, finetuned, harmful, cfg, metric, benign)
   save_hf(model, model_dir(root, "restore"), env.tokenizer)
-  keys = ("edited_layers", "restored_weights", "rollbacks", "task_before", "task_after")
+  keys = ("edited_layers", "per_step", "restored_weights", "rolled_back", "restarted", "checkpoint",
+          "task_before", "task_warmup", "task_after")
   return model_dir(root, "restore"), {"restore": {k: report.get(k) for k in keys}}
 
 
@@ -201,7 +217,9 @@ def run_method(name: str, env: Env, root: str, user) -> tuple[str, dict]:
   if name in ("vaccine", "booster"):
     return train(env, root, name, aligned(env, name), _tok(env, user)), {}
   if name == "lisa":
-    return lisa(env, root, user), {}
+    cycle = baselines.lisa_cycle(env.c.lisa.k_align, env.c.lisa.k_user, env.c.train.num_steps,
+                                 env.c.lisa.min_cycles)
+    return lisa(env, root, user), {"lisa": dict(zip(("k_align", "k_user"), cycle))}
   if name == "mimic":
     return mimic(env, root, user), {}
   if name == "smart":

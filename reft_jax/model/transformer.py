@@ -267,9 +267,9 @@ class Block(nnx.Module):
   def __call__(self, x, positions, mask, cache=None, cache_index=None, attn_delta=None, segments=None,
                is_sliding=False):
     h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index, segments, is_sliding)
-    h = self.post_attn_norm(h) if self.sandwich else h
-    if attn_delta is not None:  # a perturbation of the attention output (Vaccine)
+    if attn_delta is not None:  # Vaccine perturbs the attention module's output (before Gemma-2's post-norm)
       h = h + attn_delta.astype(h.dtype)
+    h = self.post_attn_norm(h) if self.sandwich else h
     x = x + h
     h = self.mlp(self.mlp_norm(x))
     return x + (self.post_mlp_norm(h) if self.sandwich else h), cache
