@@ -465,3 +465,22 @@ def test_lisa_trains_through_the_suite_alternating_with_lora_anchors(tmp_path, m
   assert [int(r["align_phase"]) for r in rows] == [1, 0, 0, 0, 0, 0] * 2
   # Off for steps <= 1.2; then > 0 except on a state's first step (the anchor is the current weights).
   assert [r["proximal"] > 0 for r in rows] == [False, False] + [True] * 4 + [False, False] + [True] * 4
+
+
+@pytest.mark.parametrize("how", ["sft", "vaccine", "booster"])
+def test_every_alignment_stage_trains_with_the_teachers_optimisation(tmp_path, monkeypatch, how):
+  """aligned / aligned_vaccine / aligned_booster get the ReFT teacher's budget (teacher.*), not the
+  fine-tuning stage's train.* (the published alignment runs at lr 5e-4 for 20 epochs, fine-tuning at 1e-5)."""
+  from reft_jax.methods import suite
+
+  env, _, _ = _suite_env(tmp_path, **{"data.harmful_source": "builtin:requests_train[0:10]",
+                                      "booster.harmful_source": "builtin:requests_train[20:30]",
+                                      "reft.alignment": "builtin:requests_train[40:48]",
+                                      "train.lr": 1e-5, "train.num_steps": 7, "teacher.lr": 5e-4,
+                                      "teacher.num_steps": 11, "teacher.batch_size": 6})
+  seen = {}
+  monkeypatch.setattr(suite, "train", lambda env, root, stage, init, data, loss_fn=None, **kw:
+                      seen.update(train=env.c.train) or "out")
+  suite.aligned(env, how)
+  assert (seen["train"].lr, seen["train"].num_steps, seen["train"].batch_size) == (5e-4, 11, 6)
+  assert env.c.train.lr == 1e-5  # the caller's config is untouched

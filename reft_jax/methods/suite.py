@@ -84,7 +84,10 @@ def alignment(env: Env) -> list:
 
 
 def aligned(env: Env, how: str = "sft") -> str:
-  """The base model aligned on the alignment data by sft, vaccine or booster (shared)."""
+  """The base model aligned on the alignment data by sft, vaccine or booster (shared). Every alignment
+  stage trains with the ReFT teacher's optimisation (teacher.*: lr, steps, batch, warm-up), so all defences
+  get one alignment budget (the published protocol's alignment lr/epochs, not the fine-tuning ones)."""
+  env = dataclasses.replace(env, c=with_updates(env.c, **{f"train.{k}": v for k, v in env.c.teacher.items()}))
   c = env.c
   stage = "aligned" if how == "sft" else f"aligned_{how}"
   align = _tok(env, alignment(env))
