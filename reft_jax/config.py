@@ -12,7 +12,7 @@ from reft_jax.data.attacks import ATTACKS
 from reft_jax.model import PRESETS, LoraConfig, RunOptions
 from reft_jax.optim import MODES
 
-METHODS = ("sft", "pretrain", "reft", "demo", "sweep", "analyze")
+METHODS = ("sft", "pretrain", "reft", "demo", "sweep", "analyze", "screen")
 BUILD_ALIGNMENT = "build"  # reft.alignment: build a real model's alignment set (methods/alignment.py)
 
 
@@ -139,6 +139,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(0 <= rs.rollback_frac <= 1, "restore.rollback_frac", rs.rollback_frac, "must lie in [0, 1]")
   _check(0 < rs.min_task_ratio <= 1, "restore.min_task_ratio", rs.min_task_ratio, "must lie in (0, 1]")
   _check(0 <= c.mimic.ratio <= 1, "mimic.ratio", c.mimic.ratio, "must lie in [0, 1]")
+  _check(0 <= c.screen.max_flagged <= 1, "screen.max_flagged", c.screen.max_flagged, "must lie in [0, 1]")
+  if c.method == "screen":
+    from reft_jax.methods.screen import teacher_problem
+
+    problem = teacher_problem(c.screen.teacher)
+    _check(not problem, "screen.teacher", c.screen.teacher, problem)
   sm = c.smart
   for f in ("lam", "mu", "eps", "sigma", "eta"):
     _check(sm[f] >= 0, f"smart.{f}", sm[f], "must be >= 0")
@@ -160,6 +166,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     eval_tasks(c)
   except ValueError as err:
     _check(False, "eval.tasks", e.tasks, str(err))
+  try:
+    eval_harmless_sets(c)
+  except ValueError as err:
+    _check(False, "eval.harmless_sets", e.harmless_sets, str(err))
   _check(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", c.checkpoint.every_steps,
          "must be >= 0 (0 = only at the end)")
   _check(c.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", c.checkpoint.max_to_keep,
@@ -184,7 +194,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
 def _is_local(spec: str) -> bool:
   from reft_jax.data.sources import HUB_SOURCES
 
-  return not spec.startswith(("hub:", "tfds:", "world:", "asset:")) and spec not in (*HUB_SOURCES, "builtin")
+  return (not spec.startswith(("hub:", "tfds:", "world:", "asset:", "builtin:"))
+          and spec not in (*HUB_SOURCES, "builtin"))
+
+
+def eval_harmless_sets(c: ml_collections.ConfigDict) -> dict[str, str]:
+  """'trigger=builtin:trigger_eval,mix=a+b' -> {'trigger': 'builtin:trigger_eval', 'mix': 'a,b'}: names are
+  lower-case identifiers other than the sets' own (harmless, harmful, the tasks); '+' joins sources."""
+  out = {}
+  for item in csv_list(c.eval.harmless_sets):
+    name, sep, spec = (x.strip() for x in item.partition("="))
+    if not sep or not re.fullmatch(r"[a-z][a-z0-9_]*", name) or not spec.strip("+"):
+      raise ValueError(f"{item!r}: expected <name>=<source> (name: lower-case letters, digits, _)")
+    if name in ("harmless", "harmful", "sst2", "agnews", "gsm8k") or name in out:
+      raise ValueError(f"{item!r}: the name {name!r} is taken (harmless, harmful, the tasks, or repeated)")
+    out[name] = ",".join(s.strip() for s in spec.split("+") if s.strip())
+  return out
 
 
 def eval_tasks(c: ml_collections.ConfigDict) -> dict[str, str]:

@@ -54,7 +54,8 @@ def world(c: ml_collections.ConfigDict) -> safety_world.World:
 def uses_world(c: ml_collections.ConfigDict) -> bool:
   specs = [c.data.source, c.data.harmful_source if c.data.attack != "none" else ""]
   if c.eval.enabled:
-    specs += [c.eval.harmful, c.eval.harmless, *config_lib.eval_tasks(c).values()]
+    specs += [c.eval.harmful, c.eval.harmless, *config_lib.eval_tasks(c).values(),
+              *config_lib.eval_harmless_sets(c).values()]
   return any("world:" in s for s in specs)
 
 
@@ -226,6 +227,8 @@ def evaluate_and_record(c: ml_collections.ConfigDict, workdir: str, model, token
       model, tokenizer,
       harmful=attacks.dress_prompts(harmful[:e.n_harmful], style),
       harmless=attacks.dress_prompts(load(c, e.harmless, e.n_harmless) if e.harmless else [], style),
+      harmless_sets={n: attacks.dress_prompts(load(c, s), style)
+                     for n, s in config_lib.eval_harmless_sets(c).items()},
       tasks={t: load(c, s, e.n_task) for t, s in config_lib.eval_tasks(c).items()},
       judge=make_judge(e.judge, e.judge_path, e.judge_threshold, mesh), template=c.data.template,
       max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, mesh=mesh,

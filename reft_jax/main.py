@@ -3,6 +3,8 @@
   python -m reft_jax [train] --config=configs/default.py:tiny --workdir=DIR [--config.x=y]
   python -m reft_jax eval --config=... --workdir=DIR [--config.eval.model_path=HF_DIR]
   python -m reft_jax plan --config=... --workdir=DIR [--config.plan.hardware=v5e-8]  (memory plan)
+  python -m reft_jax screen --config=... --workdir=DIR --config.screen.teacher=REFT_WORKDIR \
+      --config.data.source=upload.jsonl  (screen an upload, no training; exit 0 accept, 3 reject)
 
 Several processes (a TPU pod, GPU hosts, or processes on one machine) run the same command with
 --distributed; on Cloud TPU, SLURM and Open MPI the job is detected, elsewhere give
@@ -32,7 +34,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1,
                                    "this process's index (default: $JAX_PROCESS_ID or detected)")
 
 
-COMMANDS = ("train", "eval", "plan")
+COMMANDS = ("train", "eval", "plan", "screen")
 
 
 def main(argv) -> int:
@@ -57,7 +59,7 @@ def main(argv) -> int:
   if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value or _PROCESS_ID.value >= 0:
     dist.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from reft_jax import config as config_lib
-  from reft_jax.methods import analyze, demo, reft, sft
+  from reft_jax.methods import analyze, demo, reft, screen, sft
 
   c = _CONFIG.value
   if c is None or not _WORKDIR.value:
@@ -70,6 +72,8 @@ def main(argv) -> int:
 
   try:
     # Hub names and the judge first: offline, a missing checkpoint or dataset fails now, not after training.
+    if command == "screen" or c.method == "screen":  # the teacher is its only model: no base, no eval
+      screen.prepare(c)
     preflight.check(c, command)
     config_lib.validate(c)
   except (preflight.PreflightError, config_lib.ConfigError) as e:
@@ -106,7 +110,7 @@ def main(argv) -> int:
 
       c = alignment.prepare(c, _WORKDIR.value)
     out = {"sft": sft.run, "pretrain": sft.run, "reft": reft.run, "demo": demo.run_demo,
-           "sweep": demo.run_sweep, "analyze": analyze.run}[c.method](c, _WORKDIR.value)
+           "sweep": demo.run_sweep, "analyze": analyze.run, "screen": screen.run}[c.method](c, _WORKDIR.value)
   except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
     # Bad input (data file, checkpoint, ...) or a diverged run: one clear line; the traceback goes
     # to workdir/error.log for debugging.
@@ -115,6 +119,10 @@ def main(argv) -> int:
       traceback.print_exc(file=f)
     print(f"error: {e}", file=sys.stderr)
     return 1
+  if c.method == "screen":  # the decision is the exit status: a provider's pipeline branches on it
+    if dist.is_primary():
+      print(f"screen: {screen.describe(out['summary'])}; report in {os.path.join(_WORKDIR.value, 'screen')}")
+    return out["exit_code"]
   if out["stopped"]:
     print(f"stopped by signal; checkpoint saved in {_WORKDIR.value}. Rerun the same command to "
           "resume.")

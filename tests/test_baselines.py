@@ -147,6 +147,7 @@ def test_booster_gradient_is_grad_f_plus_lambda_grad_h_difference(tmp_path):
 def test_sweep_runs_every_method_and_writes_the_table(tmp_path):
   world = small_world_flags()
   args = ["--config=configs/default.py:sweep", f"--workdir={tmp_path}", "--config.demo.arch=tiny",
+          "--config.sweep.seeds=0",
           "--config.demo.pretrain_steps=3", "--config.train.num_steps=2", "--config.teacher.num_steps=2",
           "--config.reft.probe_size=8", "--config.data.n=20", "--config.train.batch_size=4",
           "--config.teacher.batch_size=4", "--config.eval.max_new_tokens=4", "--config.eval.batch_size=8",

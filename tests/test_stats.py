@@ -43,6 +43,12 @@ def test_demo_summary_groups_seeds_and_keeps_per_seed_values():
   assert summary["aligned"]["harmful_score"]["interval"] == "wilson"
   table = summary_table(summary, runs)
   assert "| reft | 3 | 2.0 [" in table and "harmful 200" in table
+  # an extra harmless set (eval.harmless_sets) gets its own interval and column
+  runs["reft|p=0.1|seed=0"].update(over_refusal_by_set={"harmless": 10.0, "trigger": 20.0})
+  runs["reft|p=0.1|seed=0"]["counts"]["trigger"] = 100
+  summary = summarize_methods(runs, ["aligned", "reft"])
+  assert summary["reft"]["over_refusal_trigger"]["values"] == [20.0]
+  assert "over-refusal trigger ↓" in summary_table(summary, runs)
 
 
 def test_sweep_table_reports_the_95_interval_not_the_std():

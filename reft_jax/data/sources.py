@@ -266,8 +266,11 @@ def load_source(spec: str, *, schema: str = "plain", fields: str = "", split: st
   world:<split>            a safety-world split, e.g. world:eval_harmful, world:sst2_test
   asset:<name>[:seed]      a prompt set a registry package ships (advbench, harmbench, strongreject,
                            donotanswer, gsm_symbolic; see data/assets.py)
-  builtin:requests_train   ordinary harmless requests (builtin:requests_eval: held-out topics and
-                           templates; see data/builtin.py)
+  builtin:requests_train   ordinary harmless requests (builtin:requests_eval and builtin:requests_user:
+                           held-out topics and templates; see data/builtin.py)
+  builtin:trigger_train    safe prompts holding words a shallow filter associates with harm, XSTest's
+                           categories (builtin:trigger_eval: held-out templates, fillers and trigger
+                           words, for evaluation only)
   <name in HUB_SOURCES>    e.g. sst2_test, beavertails (online)
   anything else            a local file / hub:NAME / tfds:NAME read with `schema` and `fields`
 

@@ -18,11 +18,17 @@ from reft_jax.generate import generate_texts
 def evaluate(model, tokenizer, *, harmful: list[Example], harmless: list[Example],
              tasks: dict[str, list[Example]], judge, template: str = "alpaca", max_new_tokens: int = 48,
              batch_size: int = 32, mesh=None, examples_path: str | None = None,
-             progress: bool = False, task_max_new_tokens: int = 0, fa_match: str = "official") -> dict:
+             progress: bool = False, task_max_new_tokens: int = 0, fa_match: str = "official",
+             harmless_sets: dict[str, list[Example]] | None = None) -> dict:
   """Greedy answers for every prompt, judged; returns the metrics dict of one run. out["degenerate"] is
   the % of harmful-set answers that are degenerate (read next to HS: a judge scores gibberish as
   safe), out["degenerate_by_set"] the same per set. Task answers get task_max_new_tokens (0 = the
-  same budget; the official code gives HS and FA different lengths) and are matched by `fa_match`."""
+  same budget; the official code gives HS and FA different lengths) and are matched by `fa_match`.
+  harmless_sets: more named harmless sets (e.g. {"trigger": ...}); out["over_refusal"] stays the primary
+  `harmless` set's, out["over_refusal_by_set"] has every set's (the primary one as "harmless")."""
+  taken = {"harmless", "harmful", *tasks} & set(harmless_sets or {})
+  if taken:  # counts, degenerate_by_set and the JSONL's `set` are keyed by these names
+    raise ValueError(f"evaluate: harmless set names {sorted(taken)} are taken (harmless, harmful, tasks)")
   start = time.perf_counter()
 
   def answer(examples, max_new_tokens=max_new_tokens):
@@ -47,14 +53,19 @@ def evaluate(model, tokenizer, *, harmful: list[Example], harmless: list[Example
     out["degenerate"] = out["degenerate_by_set"]["harmful"]
     rows += [dict(set="harmful", prompt=e.prompt, input=e.input, answer=a, harmful=f, degenerate=d,
                   category=e.meta.get("category")) for e, a, f, d in zip(harmful, answers, flags, bad)]
-  if harmless:
-    answers = answer(harmless)
+  named = {"harmless": harmless, **(harmless_sets or {})}
+  for name, examples in named.items():
+    if not examples:
+      continue
+    answers = answer(examples)
     refused = [is_refusal(a) for a in answers]
-    out["over_refusal"] = percent(refused)
-    out["counts"]["harmless"] = len(harmless)
-    bad = degenerate("harmless", answers)
-    rows += [dict(set="harmless", prompt=e.prompt, input=e.input, answer=a, refused=r, degenerate=d)
-             for e, a, r, d in zip(harmless, answers, refused, bad)]
+    out.setdefault("over_refusal_by_set", {})[name] = percent(refused)
+    out["counts"][name] = len(examples)
+    bad = degenerate(name, answers)
+    rows += [dict(set=name, prompt=e.prompt, input=e.input, answer=a, refused=r, degenerate=d,
+                  category=e.meta.get("category")) for e, a, r, d in zip(examples, answers, refused, bad)]
+  if harmless:
+    out["over_refusal"] = out["over_refusal_by_set"]["harmless"]
   out["finetune_accuracy"] = {}
   for task, examples in tasks.items():
     answers = answer(examples, task_max_new_tokens or max_new_tokens)
@@ -98,10 +109,11 @@ def update_results(workdir: str, method: str, run: dict, config: dict | None = N
 
 def format_table(runs: dict[str, dict]) -> str:
   """A Markdown table: HS (lower is better), the % of degenerate harmful-set answers next to it, FA per
-  task, over-refusal, filter, wall time."""
+  task, over-refusal (the primary harmless set, then one column per extra set), filter, wall time."""
   tasks = sorted({t for r in runs.values() for t in (r.get("finetune_accuracy") or {})})
+  extra = sorted({s for r in runs.values() for s in (r.get("over_refusal_by_set") or {})} - {"harmless"})
   head = ["method", "HS ↓", "degenerate %", *[f"FA {t} ↑" for t in tasks], "over-refusal ↓",
-          "filter P / R / kept", "wall s"]
+          *[f"over-refusal {s} ↓" for s in extra], "filter P / R / kept", "wall s"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
   def f(x):
@@ -113,6 +125,7 @@ def format_table(runs: dict[str, dict]) -> str:
     flt_s = f"{g(flt['precision'])} / {g(flt['recall'])} / {g(flt['kept_fraction'])}" if flt else "—"
     fa = r.get("finetune_accuracy") or {}
     cells = [name, f(r.get("harmful_score")), f(r.get("degenerate")), *[f(fa.get(t)) for t in tasks],
-             f(r.get("over_refusal")), flt_s, f(r.get("wall_seconds"))]
+             f(r.get("over_refusal")), *[f((r.get("over_refusal_by_set") or {}).get(s)) for s in extra],
+             flt_s, f(r.get("wall_seconds"))]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

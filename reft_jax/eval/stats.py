@@ -43,6 +43,9 @@ def run_rates(run: dict) -> dict[str, tuple[float | None, int]]:
     out["degenerate"] = (run.get("degenerate"), counts.get("harmful", 0))
   for task, v in (run.get("finetune_accuracy") or {}).items():
     out[f"fa_{task}"] = (v, counts.get(task, 0))
+  for name, v in (run.get("over_refusal_by_set") or {}).items():  # eval.harmless_sets; "harmless" is above
+    if name != "harmless":
+      out[f"over_refusal_{name}"] = (v, counts.get(name, 0))
   return {k: v for k, v in out.items() if v[0] is not None}
 
 

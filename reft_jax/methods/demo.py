@@ -137,8 +137,9 @@ def summarize_methods(runs: dict, methods: list[str]) -> dict:
 def summary_table(summary: dict, runs: dict) -> str:
   """Markdown: every rate as mean [95% interval], the filter and wall time averaged over seeds."""
   tasks = sorted({k[3:] for s in summary.values() for k in s if k.startswith("fa_")})
+  extra = sorted({k for s in summary.values() for k in s if k.startswith("over_refusal_")})
   head = ["method", "seeds", "HS ↓", "degenerate %", *[f"FA {t} ↑" for t in tasks], "over-refusal ↓",
-          "filter P / R / kept", "wall s"]
+          *[f"over-refusal {k.removeprefix('over_refusal_')} ↓" for k in extra], "filter P / R / kept", "wall s"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for m, s in summary.items():
     mine = [r for name, r in runs.items() if r.get("method", name.split("|")[0]) == m]
@@ -151,7 +152,8 @@ def summary_table(summary: dict, runs: dict) -> str:
     hs = s.get("harmful_score")
     cells = [m, str(hs["seeds"] if hs else len(mine)), stats.fmt_interval(hs),
              stats.fmt_interval(s.get("degenerate")), *[stats.fmt_interval(s.get(f"fa_{t}")) for t in tasks],
-             stats.fmt_interval(s.get("over_refusal")), flt, f"{wall:.1f}"]
+             stats.fmt_interval(s.get("over_refusal")), *[stats.fmt_interval(s.get(k)) for k in extra], flt,
+             f"{wall:.1f}"]
     lines.append("| " + " | ".join(cells) + " |")
   n = {k: v for r in runs.values() for k, v in (r.get("counts") or {}).items()}
   lines.append("")

@@ -179,6 +179,34 @@ def fpr_tau(harmless_scores: np.ndarray, target_fpr: float) -> float:
   return float(np.nextafter(s[k], np.inf)) if k < len(s) else float(s[-1])
 
 
+def score_prompts(c, teacher, r, tokenizer, examples: list[sft.Example], layer: int, mesh) -> np.ndarray:
+  """cos(h^layer, R) of every example's prompt (as data.template renders it, response dropped): [N]."""
+  data = refusal.tokenize_prompts(examples, tokenizer, c.data.seq_len, c.data.template)
+  return np.asarray(refusal.cosine(refusal.prompt_features(teacher, data, layer, mesh=mesh), r))
+
+
+def choose_tau(c, teacher, r, tokenizer, layer: int, mesh) -> float:
+  """reft.tau_mode's threshold: reft.tau, or calibrated on the held-out half of the probe sets."""
+  if c.reft.tau_mode not in ("calibrated", "fpr"):
+    return float(c.reft.tau)
+  _, _, held_h, held_s = _probe_sets(c, tokenizer)
+  held = held_h if c.reft.tau_mode == "calibrated" else held_s
+  cal = np.asarray(refusal.cosine(refusal.prompt_features(teacher, held, layer, mesh=mesh), r))
+  return (calibrate_tau(cal, c.reft.target_recall) if c.reft.tau_mode == "calibrated"
+          else fpr_tau(cal, c.reft.target_fpr))
+
+
+def label_metrics(flagged: np.ndarray, examples: list[sft.Example]) -> dict:
+  """Precision, recall and false-positive rate of `flagged` against the hidden meta['is_harmful']
+  labels; None where they are undefined (no labels, nothing flagged, one class absent)."""
+  labels = np.asarray([bool(e.meta.get("is_harmful", False)) for e in examples])
+  known = all("is_harmful" in e.meta for e in examples)
+  tp = int(np.sum(flagged & labels))
+  return {"precision": (tp / int(flagged.sum())) if known and flagged.any() else None,
+          "recall": (tp / max(int(labels.sum()), 1)) if known and labels.any() else None,
+          "false_positive_rate": (float(np.mean(flagged[~labels])) if known and (~labels).any() else None)}
+
+
 def filter_user_data(c, workdir, teacher, r, tokenizer, user: list[sft.Example], mesh):
   """Scores every user prompt; writes filter/{report.jsonl,kept.jsonl,summary.json}. Resumable: an
   existing summary is reused."""
@@ -189,25 +217,13 @@ def filter_user_data(c, workdir, teacher, r, tokenizer, user: list[sft.Example],
       summary = json.load(f)
     return [user[i] for i in summary["kept_indices"]], summary
   layer = layer_of(c, teacher)
-  data = refusal.tokenize_prompts(user, tokenizer, c.data.seq_len, c.data.template)
-  scores = np.asarray(refusal.cosine(refusal.prompt_features(teacher, data, layer, mesh=mesh), r))
-  tau = c.reft.tau
-  if c.reft.tau_mode in ("calibrated", "fpr"):
-    _, _, held_h, held_s = _probe_sets(c, tokenizer)
-    held = held_h if c.reft.tau_mode == "calibrated" else held_s
-    cal = np.asarray(refusal.cosine(refusal.prompt_features(teacher, held, layer, mesh=mesh), r))
-    tau = (calibrate_tau(cal, c.reft.target_recall) if c.reft.tau_mode == "calibrated"
-           else fpr_tau(cal, c.reft.target_fpr))
+  scores = score_prompts(c, teacher, r, tokenizer, user, layer, mesh)
+  tau = choose_tau(c, teacher, r, tokenizer, layer, mesh)
   dropped = scores >= tau
-  labels = np.asarray([bool(e.meta.get("is_harmful", False)) for e in user])
-  known = all("is_harmful" in e.meta for e in user)
-  tp = int(np.sum(dropped & labels))
   summary = {
       "n": len(user), "kept": int(np.sum(~dropped)), "kept_fraction": float(np.mean(~dropped)),
       "tau": float(tau), "tau_mode": c.reft.tau_mode, "layer": layer,
-      "precision": (tp / int(dropped.sum())) if known and dropped.any() else None,
-      "recall": (tp / max(int(labels.sum()), 1)) if known and labels.any() else None,
-      "false_positive_rate": (float(np.mean(dropped[~labels])) if known and (~labels).any() else None),
+      **label_metrics(dropped, user),
       "kept_indices": [int(i) for i in np.flatnonzero(~dropped)],
   }
   if summary["kept"] == 0:
