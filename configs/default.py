@@ -27,10 +27,12 @@ HUB_NAMES = {
 #   base checkpoints  script/finetune/*_model.sh (model_path; Llama-2-7b-hf is every script's default)
 #   LoRA r=32, alpha=4 on q,k,v, both stages  train.py (LoraConfig; lora_dropout=0)
 #   fine-tuning: lr 1e-5, 20 epochs, batch 10, weight decay 0.1, constant schedule (HF "constant" ignores
-#     warmup_ratio), n=1000, p=0.1 (GSM8K: p=0.05)  script/finetune/{sft,smooth}_{poison_ratio,agnews,gsm8k}.sh
+#     warmup_ratio), n=1000, p=0.1 (GSM8K: p=0.05)
+#     script/finetune/{sft,smooth}_{poison_ratio,agnews,gsm8k}.sh
 #   alignment: lr 5e-4, 20 epochs, batch 10, 5,000 refusals, constant  script/alignment/{sft,smooth_align}.sh
 #   attack: BeaverTails harmful pairs, rows 0-99; Booster's harmful set: rows 5000-9999  utils.py
-#   HS: the first 1,000 unsafe prompts of BeaverTails 30k_test, greedy, 512 new tokens  poison/evaluation/pred.py
+#   HS: the first 1,000 unsafe prompts of BeaverTails 30k_test, greedy, 512 new tokens
+#     poison/evaluation/pred.py
 #   FA: SST-2 validation (872), AG News test and GSM8K test (first 1,000), 200 new tokens  */pred_eval.py
 #     (eval.task_max_new_tokens=200, eval.fa_match=official_exact: Booster's `==` label match)
 PAPER_MODELS = {  # name -> (base checkpoint, architecture preset)
@@ -128,11 +130,13 @@ def _defaults(arg: str) -> ml_collections.ConfigDict:
   # Baselines (METHODS.md §2-5, §8; defaults as published, all overridable).
   c.vaccine = ml_collections.ConfigDict(dict(rho=2.0))
   # Booster's harmful set is disjoint from the attack's pool (official: another BeaverTails index range).
-  c.booster = ml_collections.ConfigDict(dict(lam=5.0, alpha=0.1, harmful_source="world:harmful_pool[500:1000]"))
+  c.booster = ml_collections.ConfigDict(dict(lam=5.0, alpha=0.1,
+                                             harmful_source="world:harmful_pool[500:1000]"))
   # Lisa: K_a/K_f as published; a run shorter than min_cycles * (K_a + K_f) steps scales both down in
   # the published ratio so that it still alternates min_cycles times (Lisa's script: 20,000 steps = 20
   # cycles; Booster's Lisa runs: 2,000 steps = 2 cycles).
-  c.lisa = ml_collections.ConfigDict(dict(k_align=100, k_user=900, rho=1.0, proximal_warmup=0.1, min_cycles=4))
+  c.lisa = ml_collections.ConfigDict(dict(k_align=100, k_user=900, rho=1.0, proximal_warmup=0.1,
+                                          min_cycles=4))
   c.mimic = ml_collections.ConfigDict(dict(ratio=0.05))
   # SMART (METHODS.md §8; Jiang et al. 2020): lam (adversarial weight, tuned in {1,3,5}), eps (inf-norm radius
   # of the embedding perturbation), sigma (start noise), eta (ascent step), mu (proximal weight), beta
@@ -179,7 +183,8 @@ def _defaults(arg: str) -> ml_collections.ConfigDict:
       n_harmful=200, n_harmless=100, n_task=200,
       max_new_tokens=48, batch_size=32,
       task_max_new_tokens=0,  # FA answers' length; 0 = max_new_tokens (official: HS 512, FA 200)
-      fa_match="official",  # official (Vaccine's pred_eval.py: substring) | official_exact (Lisa/Booster: ==) | word
+      # official (Vaccine's pred_eval.py: substring) | official_exact (Lisa/Booster: ==) | word
+      fa_match="official",
       drop_overlap=0.0,  # > 0: drop eval harmful prompts with word-Jaccard >= this to a training prompt
       # how evaluation prompts are dressed: auto (= the attack's: the AOA system prompt and instruction
       # wrapper for data.attack=aoa|aoa_task, else plain) | plain | aoa
@@ -307,7 +312,8 @@ def smollm2(c: ml_collections.ConfigDict) -> None:
   c.teacher.update(lr=1e-3, num_steps=40, batch_size=8, warmup_steps=4)
   c.data.update(template="chat", seq_len=192, source="asset:gsm_symbolic:0",
                 harmful_source="asset:advbench[260:520]", attack="harmful_mix", n=200, p=0.1)
-  # Booster's harmful answers on the alignment prompts, as Booster's official layout (disjoint from the attack)
+  # Booster's harmful answers on the alignment prompts, as in Booster's official layout (disjoint from
+  # the attack's rows)
   c.booster.harmful_source = "asset:advbench[0:260]"
   harmful_train = "asset:advbench[0:260],asset:donotanswer"
   c.alignment.update(harmful=harmful_train, harmless="builtin:requests_train,asset:gsm_symbolic:2",
@@ -415,7 +421,8 @@ def _paper(c: ml_collections.ConfigDict, model: str, task: str) -> None:
   c.demo.methods = "sft_base,sft_aligned,vaccine,lisa,booster,reft"
   eval_harmless = f"alpaca[{half + 512}:{half + 612}]"  # over-refusal: ours, not in the published protocol
   c.analyze.update(harmful_train=probe_harmful, harmless_train=probe_harmless,
-                   harmful_eval="beavertails_test_harmful", harmless_eval=eval_harmless, task_eval=test_source)
+                   harmful_eval="beavertails_test_harmful", harmless_eval=eval_harmless,
+                   task_eval=test_source)
   # HS: beaver-dam-7b (a local copy: --config.eval.judge_path=DIR) at 0.5 on the first 1,000 unsafe prompts of
   # BeaverTails 30k_test, greedy, 512 new tokens; FA on the published test size.
   c.eval.update(enabled=True, judge="classifier", judge_path="", judge_threshold=0.5,

@@ -63,7 +63,8 @@ def hub_model(path: str) -> str:
 
 
 def hub_datasets(spec: str) -> list[str]:
-  """Hub dataset repo ids a source spec reads (names in HUB_SOURCES and hub:NAME[:CONFIG], sliced or joined)."""
+  """Hub dataset repo ids a source spec reads (names in HUB_SOURCES and hub:NAME[:CONFIG], sliced or
+  joined)."""
   from reft_jax.data.sources import HUB_SOURCES
 
   out = []

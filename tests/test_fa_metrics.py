@@ -166,10 +166,11 @@ def test_word_rule_is_kept_as_an_option():
 
 # ------------------------------------------------------------------ differential test vs the official code
 
-_PIECES = ("positive", "Positive", "POSITIVE", "negative", "Negative", "nonpositive", "sci", "Sci/Tech", "science",
-           "SCI", "World", "world", "Sports", "sports", "business", "### Response:", "\n", " ", ".", ",",
-           "The final answer is:", "The final answer is: ", "the final answer is: ", "1,000", "-3", "5.", "12",
-           "0.5", ".5", "7", "x")
+_PIECES = ("positive", "Positive", "POSITIVE", "negative", "Negative", "nonpositive", "sci", "Sci/Tech",
+           "science", "SCI", "World", "world", "Sports", "sports", "business", "### Response:", "\n", " ",
+           ".", ",",
+           "The final answer is:", "The final answer is: ", "the final answer is: ", "1,000", "-3", "5.",
+           "12", "0.5", ".5", "7", "x")
 
 
 def _strings(n: int, seed: int = 0):

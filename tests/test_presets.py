@@ -68,7 +68,8 @@ def test_paper_presets_carry_the_published_protocol(name):
   base = {"llama2": "meta-llama/Llama-2-7b-hf", "gemma2": "google/gemma-2-9b", "qwen2": "Qwen/Qwen2-7B"}
   assert c.model.hf_path == base[name.split("_")[1]]  # base, not chat/-it/-Instruct
   assert c.method == "reft" and c.data.template == "alpaca" and c.data.attack == "harmful_mix"
-  t = c.train  # script/finetune/*: LoRA r=32/alpha=4 on q,k,v, lr 1e-5 constant, wd 0.1, 20 epochs x 1000 / 10
+  # script/finetune/*: LoRA r=32/alpha=4 on q,k,v, lr 1e-5 constant, wd 0.1, 20 epochs x 1000 / 10
+  t = c.train
   assert (t.mode, t.lora_rank, t.lora_alpha, t.lora_targets) == ("lora", 32, 4.0, "q,k,v")
   assert (t.lr, t.schedule, t.warmup_steps, t.weight_decay, t.batch_size) == (1e-5, "constant", 0, 0.1, 10)
   assert t.num_steps == 20 * c.data.n // t.batch_size == 2000
@@ -90,7 +91,8 @@ def test_paper_presets_carry_the_published_protocol(name):
   assert not attack & booster and not probe & (booster | attack)
   alpaca = [_rows(s)[1] for s in (c.alignment.harmless, c.reft.probe_harmless, c.eval.harmless)]
   assert sum(map(len, alpaca)) == len(set().union(*alpaca))  # alignment, probe, over-refusal eval: disjoint
-  assert c.reft.alignment == config_lib.BUILD_ALIGNMENT and c.model.arch in ("llama2_7b", "gemma2_9b", "qwen2_7b")
+  assert c.reft.alignment == config_lib.BUILD_ALIGNMENT
+  assert c.model.arch in ("llama2_7b", "gemma2_9b", "qwen2_7b")
 
 
 @pytest.mark.parametrize("name", ["paper_llama2_sst2", "paper_gemma2_gsm8k"])
@@ -138,7 +140,8 @@ def test_hub_names_of_sources():
   assert preflight.hub_datasets("beavertails_harmful[0:100], alpaca") == ["PKU-Alignment/BeaverTails",
                                                                           "tatsu-lab/alpaca"]
   assert preflight.hub_datasets("hub:openai/gsm8k:main") == ["openai/gsm8k"]
-  assert preflight.hub_datasets("world:eval_harmful,asset:advbench[0:3],user.jsonl,builtin:requests_eval") == []
+  local = "world:eval_harmful,asset:advbench[0:3],user.jsonl,builtin:requests_eval"
+  assert preflight.hub_datasets(local) == []
   assert preflight.hub_model("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
   assert preflight.hub_model("/ckpt/llama") == preflight.hub_model("") == ""
 
@@ -173,7 +176,8 @@ def test_preflight_offline_names_everything_missing(empty_hf):
   with pytest.raises(preflight.PreflightError) as err:
     preflight.check(c)
   msg = str(err.value)
-  assert "\n" not in msg and msg.startswith("paper_llama2_sst2 needs meta-llama/Llama-2-7b-hf and the hub datasets")
+  assert "\n" not in msg
+  assert msg.startswith("paper_llama2_sst2 needs meta-llama/Llama-2-7b-hf and the hub datasets")
   for part in ("PKU-Alignment/BeaverTails", "nyu-mll/glue", "tatsu-lab/alpaca", "HF_HUB_OFFLINE=1",
                "--config.model.hf_path=DIR", "--config.eval.judge_path=DIR", "beaver-dam-7b"):
     assert part in msg
@@ -198,7 +202,8 @@ def test_preflight_online_checks_only_the_judge(monkeypatch, tmp_path):
   for var in preflight.OFFLINE_VARS:
     monkeypatch.delenv(var, raising=False)
   c = load_config_module().get_config("paper_qwen2_gsm8k")
-  with pytest.raises(preflight.PreflightError, match=r"^paper_qwen2_gsm8k needs a local moderation classifier"):
+  want = r"^paper_qwen2_gsm8k needs a local moderation classifier"
+  with pytest.raises(preflight.PreflightError, match=want):
     preflight.check(c)
   c.eval.judge_path = _judge_dir(tmp_path)
   preflight.check(c)

