@@ -29,7 +29,10 @@ _CONVERTER_VERSION = 1
 _MARKER = "gguf_source.json"
 
 # GGUF architectures we convert; llama.cpp permutes q/k rows only for llama (for its rope kernel).
-_PERMUTED_QK = {"llama": True, "qwen2": False}
+_PERMUTED_QK = {"llama": True, "qwen2": False, "gemma3": False}
+# llama.cpp's convert_hf_to_gguf stores Gemma 3's (1 + w) RMSNorm weights as 1 + w (its RMSNorm multiplies
+# by the weight), so w = stored - 1 (Gemma3Model.norm_shift).
+_NORM_SHIFT = {"gemma3": 1.0}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -47,6 +50,15 @@ _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Gemma 3's layer names where they differ: QK-norm, sandwich norms (ffn_norm is the pre-MLP norm).
+_GEMMA_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -62,14 +74,15 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_tensor_name(name: str) -> str | None:
+def hf_tensor_name(name: str, arch: str = "llama") -> str | None:
   """HF name of a GGUF tensor name, or None when it has no HF counterpart."""
   if name in _GLOBAL_NAMES:
     return _GLOBAL_NAMES[name]
+  layer_names = _GEMMA_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
   m = _LAYER_RE.fullmatch(name)
-  if m is None or m.group(2) not in _LAYER_NAMES:
+  if m is None or m.group(2) not in layer_names:
     return None
-  return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+  return f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
 
 
 def _f32_decimal(x) -> float:
@@ -92,21 +105,43 @@ def config_from_gguf(meta: dict, n_vocab: int, tied: bool, source: str = "gguf")
       raise ValueError(f"{source}: per-layer {arch}.{key} is not supported")
     return v
 
-  scaling = meta.get(f"{arch}.rope.scaling.type")
-  if scaling not in (None, "", "none"):
+  scaling, rope_scaling = meta.get(f"{arch}.rope.scaling.type"), None
+  if arch == "gemma3" and scaling == "linear":  # Gemma 3 4B-27B: the global layers' x8 interpolation
+    rope_scaling = (("factor", _f32_decimal(get("rope.scaling.factor"))),)
+  elif scaling not in (None, "", "none"):
     raise ValueError(f"{source}: rope scaling {scaling!r} is not supported")
   hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
-  return ModelConfig(
+  n_layers = int(get("block_count"))
+  head_dim = int(get("attention.key_length", hidden // heads))
+  common = dict(
       family=arch, vocab_size=n_vocab, hidden_size=hidden,
-      intermediate_size=int(get("feed_forward_length")), num_layers=int(get("block_count")),
-      num_heads=heads, num_kv_heads=int(get("attention.head_count_kv", heads)),
-      head_dim=int(get("attention.key_length", hidden // heads)),
+      intermediate_size=int(get("feed_forward_length")), num_layers=n_layers,
+      num_heads=heads, num_kv_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
       rms_norm_eps=_f32_decimal(get("attention.layer_norm_rms_epsilon")),
-      rope_theta=_f32_decimal(get("rope.freq_base", 10000.0)),
+      rope_theta=_f32_decimal(get("rope.freq_base", 10000.0)), rope_scaling=rope_scaling,
       max_position_embeddings=int(get("context_length", 2048)), qkv_bias=arch == "qwen2",
       tie_embeddings=tied, bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
       eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
       pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+  if arch != "gemma3":
+    return ModelConfig(**common)
+  # What the file does not say, llama.cpp fixes for the architecture (src/llama-model.cpp, LLM_ARCH_GEMMA3):
+  # 5 sliding layers per global one, local RoPE base 1e4, and query scale 1/sqrt(head_dim) except on the
+  # 27B (62 layers): 1/sqrt(hidden / heads), i.e. transformers' query_pre_attn_scalar.
+  softcap = meta.get(f"{arch}.final_logit_softcapping")
+  pattern = meta.get(f"{arch}.attention.sliding_window_pattern", 6)  # a period, or one flag per layer
+  sliding = (list(map(bool, pattern)) if isinstance(pattern, list)
+             else [(i + 1) % int(pattern) != 0 for i in range(n_layers)])
+  if len(sliding) != n_layers:
+    raise ValueError(f"{source}: {arch}.attention.sliding_window_pattern has {len(sliding)} entries for "
+                     f"{n_layers} layers")
+  return ModelConfig(
+      **common, activation="gelu_pytorch_tanh", norm_plus_one=True, sandwich_norms=True,
+      scale_embeddings=True, qk_norm=True, rope_local_theta=10000.0,
+      query_scale=float(hidden // heads if n_layers == 62 else head_dim) ** -0.5,
+      final_logit_softcap=None if softcap is None else _f32_decimal(softcap),
+      sliding_window=int(get("attention.sliding_window")) if any(sliding) else None,
+      layer_types=tuple("sliding" if w else "full" for w in sliding) if any(sliding) else ())
 
 
 # ---------------------------------------------------------------- reading
@@ -141,9 +176,10 @@ def read_metadata(reader) -> dict:
 def _hf_tensors(reader, cfg: ModelConfig, path: str) -> dict[str, np.ndarray]:
   gguf = _import_gguf()
   permuted = _PERMUTED_QK[cfg.family]
+  shift = _NORM_SHIFT.get(cfg.family, 0.0)
   out = {}
   for t in reader.tensors:
-    name = hf_tensor_name(t.name)
+    name = hf_tensor_name(t.name, cfg.family)
     if name is None:
       why = " (llama3 rope scaling)" if t.name == "rope_freqs.weight" else ""
       raise ValueError(f"{path}: tensor {t.name!r} has no Hugging Face counterpart{why}; this GGUF "
@@ -156,6 +192,8 @@ def _hf_tensors(reader, cfg: ModelConfig, path: str) -> dict[str, np.ndarray]:
                        f"{type(e).__name__}: {e}") from None
     if permuted and w.ndim == 2 and t.name.endswith((".attn_q.weight", ".attn_k.weight")):
       w = unpermute_qk(w, cfg.num_heads if ".attn_q." in t.name else cfg.num_kv_heads)
+    if shift and t.name.endswith("norm.weight"):
+      w = w - np.float32(shift)
     out[name] = np.ascontiguousarray(w)
   return out
 

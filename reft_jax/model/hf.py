@@ -39,6 +39,8 @@ _LAYER_NAMES = {
     ("mlp", "gate", "kernel"): "mlp.gate_proj.weight",
     ("mlp", "up", "kernel"): "mlp.up_proj.weight",
     ("mlp", "down", "kernel"): "mlp.down_proj.weight",
+    ("attn", "q_norm", "scale"): "self_attn.q_norm.weight",  # Qwen3, Gemma 3 (QK-norm)
+    ("attn", "k_norm", "scale"): "self_attn.k_norm.weight",
     ("attn_norm", "scale"): "input_layernorm.weight",
     ("post_attn_norm", "scale"): "post_attention_layernorm.weight",
     ("post_mlp_norm", "scale"): "post_feedforward_layernorm.weight",
@@ -57,7 +59,7 @@ def hf_module_name(sub: tuple[str, ...]) -> str:
 
 
 def _layer_name(cfg: ModelConfig, sub: tuple[str, ...]) -> str:
-  if sub == ("mlp_norm", "scale"):  # Gemma2 has a post-attention norm, so its pre-MLP norm is renamed
+  if sub == ("mlp_norm", "scale"):  # Gemma 2/3 have a post-attention norm, so the pre-MLP norm is renamed
     return "pre_feedforward_layernorm.weight" if cfg.sandwich_norms else "post_attention_layernorm.weight"
   return _LAYER_NAMES[sub]
 

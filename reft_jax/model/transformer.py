@@ -1,4 +1,4 @@
-"""Flax NNX decoder for the Llama, Qwen2 and Gemma2 families.
+"""Flax NNX decoder for the Llama (2, 3.x), Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3 families.
 
 Every parameter carries `logical_axes` metadata (see reft_jax/sharding.py for the mesh rules). The
 per-layer parameters are stored stacked with a leading "layers" axis, in one layout whether the
@@ -136,13 +136,19 @@ class RMSNorm(nnx.Module):
     return (x * (1.0 + w if self.plus_one else w)).astype(dtype)
 
 
-def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
-  """Inverse frequencies [head_dim/2], with Llama-3 scaling when configured (as transformers does)."""
+def rope_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+  """Inverse frequencies [head_dim/2], with Llama-3 or linear scaling when configured (as transformers'
+  _compute_llama3_parameters / _compute_linear_scaling_rope_parameters do). local=True: the sliding
+  layers' frequencies where they have their own base (Gemma 3: rope_local_theta, never scaled)."""
   dim = cfg.head_dim
-  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
-  if not cfg.rope_scaling:
+  local = local and cfg.rope_local_theta is not None
+  theta = cfg.rope_local_theta if local else cfg.rope_theta
+  inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  if not cfg.rope_scaling or local:
     return inv_freq
   s = dict(cfg.rope_scaling)
+  if len(s) == 1:  # linear: positions / factor, i.e. every frequency / factor
+    return (inv_freq / np.float32(s["factor"])).astype(np.float32)
   factor, lo, hi, ctx = (s["factor"], s["low_freq_factor"], s["high_freq_factor"],
                          s["original_max_position_embeddings"])
   wavelen = 2 * math.pi / inv_freq
@@ -174,6 +180,12 @@ class Attention(nnx.Module):
     self.k = lin("k", (d,), (kv, hd), ("embed",), ("kv_heads", "kv"), cfg.qkv_bias)
     self.v = lin("v", (d,), (kv, hd), ("embed",), ("kv_heads", "kv"), cfg.qkv_bias)
     self.o = lin("o", (h, hd), (d,), ("heads", "kv"), ("embed",))
+    if cfg.qk_norm:  # one scale over head_dim, shared by the heads (replicated like every norm scale)
+      norm = dict(rngs=rngs, stack=stack, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one,
+                  param_dtype=param_dtype)
+      self.q_norm, self.k_norm = RMSNorm(hd, **norm), RMSNorm(hd, **norm)
+    else:
+      self.q_norm = self.k_norm = None
     self.groups = h // kv
     self.scale = cfg.query_scale if cfg.query_scale is not None else hd ** -0.5
     self.softcap = cfg.attn_logit_softcap
@@ -187,8 +199,15 @@ class Attention(nnx.Module):
     queries attend over all S slots (mask_BTS covers slots); returns (out, updated cache).
     segments_BT (the padding mask) and is_sliding feed the splash kernel, which takes no dense mask."""
     inv_freq = rope_frequencies(self.cfg)
-    q = apply_rope(self.q(x_BTD), positions_BT, inv_freq)
-    k = apply_rope(self.k(x_BTD), positions_BT, inv_freq)
+    if self.cfg.rope_local_theta is not None:  # Gemma 3: local layers rotate at their own base
+      local = rope_frequencies(self.cfg, local=True)
+      inv_freq = ((local if is_sliding else inv_freq) if isinstance(is_sliding, bool)
+                  else jnp.where(is_sliding, local, inv_freq))  # scanned layers: a traced kind
+    q, k = self.q(x_BTD), self.k(x_BTD)
+    if self.q_norm is not None:  # QK-norm comes before RoPE (Qwen3Attention, Gemma3Attention)
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, positions_BT, inv_freq)
+    k = apply_rope(k, positions_BT, inv_freq)
     v = self.v(x_BTD)
     if cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, axis=1)
