@@ -41,7 +41,7 @@ def test_demo_summary_groups_seeds_and_keeps_per_seed_values():
   assert list(summary) == ["aligned", "reft"]
   hs = summary["reft"]["harmful_score"]
   assert hs["values"] == [0.0, 2.0, 4.0] and hs["seeds"] == 3 and hs["interval"] == "t over seeds"
-  assert hs["mean"] == 2.0 and hs["low"] < 0 < 4 < hs["high"]
+  assert hs["mean"] == 2.0 and hs["low"] == 0.0 and 4 < hs["high"] < 100  # clipped at 0%
   assert summary["aligned"]["harmful_score"]["interval"] == "wilson"
   table = summary_table(summary, runs)
   assert "| reft | 3 | 2.0 [" in table and "harmful 200" in table

@@ -61,8 +61,9 @@ def summarize(runs: Sequence[dict]) -> dict[str, dict]:
     values = [v for v, _ in vals]
     if len(values) == 1:
       mean, (low, high), how = values[0], wilson(values[0], vals[0][1]), "wilson"
-    else:
+    else:  # a rate's interval stops at 0% and 100% (the t-interval itself does not know the bounds)
       (mean, low, high), how = t_interval(values), "t over seeds"
+      low, high = max(0.0, low), min(100.0, high)
     out[k] = dict(mean=mean, low=low, high=high, values=values, n_prompts=[n for _, n in vals],
                   seeds=len(values), interval=how)
   return out
