@@ -140,11 +140,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(0 < rs.min_task_ratio <= 1, "restore.min_task_ratio", rs.min_task_ratio, "must lie in (0, 1]")
   _check(0 <= c.mimic.ratio <= 1, "mimic.ratio", c.mimic.ratio, "must lie in [0, 1]")
   _check(0 <= c.screen.max_flagged <= 1, "screen.max_flagged", c.screen.max_flagged, "must lie in [0, 1]")
-  if c.method == "screen":
-    from reft_jax.methods.screen import teacher_problem
-
-    problem = teacher_problem(c.screen.teacher)
-    _check(not problem, "screen.teacher", c.screen.teacher, problem)
+  # screen.teacher is checked by methods/screen.py:prepare, which main runs first (no import upward here)
   sm = c.smart
   for f in ("lam", "mu", "eps", "sigma", "eta"):
     _check(sm[f] >= 0, f"smart.{f}", sm[f], "must be >= 0")
