@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-
 from reft_jax import experiment
 from reft_jax.data import attacks, sft
 from reft_jax.losses import make_lm_loss
@@ -194,9 +193,9 @@ def restore(env: Env, root: str, user) -> tuple[str, dict]:
     prompts = [sft.format_prompt(e, c.data.template, env.tokenizer) for e in labelled]
 
     def metric(model):
-      answers = generate_texts(model, env.tokenizer, prompts, max_new_tokens=c.eval.max_new_tokens,
-                               batch_size=c.eval.batch_size)
-      return percent(task_correct(e.meta.get("task", "sst2"), a, str(e.meta["label"]))
+      answers = generate_texts(model, env.tokenizer, prompts, batch_size=c.eval.batch_size,
+                               max_new_tokens=c.eval.task_max_new_tokens or c.eval.max_new_tokens)
+      return percent(task_correct(e.meta.get("task", "sst2"), a, str(e.meta["label"]), c.eval.fa_match)
                      for e, a in zip(labelled, answers))
 
   r = c.restore
