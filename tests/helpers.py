@@ -60,3 +60,16 @@ def perturbed_torch_model(cls, config, seed: int = 0):
         p.add_(torch.randn_like(p) * 0.1)
   model.config._attn_implementation = "eager"
   return model
+
+
+def saved_hf_models(families, make_hf_model, tmp_path_factory) -> dict:
+  """family -> (torch model, its save_pretrained dir, our model loaded from that dir)."""
+  import reft_jax
+
+  out = {}
+  for family in families:
+    torch_model = make_hf_model(family)
+    path = str(tmp_path_factory.mktemp(f"hf_{family}"))
+    torch_model.save_pretrained(path)
+    out[family] = (torch_model, path, reft_jax.load_hf(path))
+  return out

@@ -13,7 +13,7 @@ import torch
 import transformers
 from flax import nnx
 
-from helpers import load_config_module, perturbed_torch_model
+from helpers import load_config_module, perturbed_torch_model, saved_hf_models
 
 import reft_jax
 from reft_jax import LoraConfig, RunOptions, plan, save_peft_adapter
@@ -58,13 +58,7 @@ def make_hf_model(family: str, seed: int = 0):
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
   """family -> (torch model, checkpoint dir, our model loaded from it)."""
-  out = {}
-  for family in FAMILIES:
-    torch_model = make_hf_model(family)
-    path = str(tmp_path_factory.mktemp(f"hf_{family}"))
-    torch_model.save_pretrained(path)
-    out[family] = (torch_model, path, reft_jax.load_hf(path))
-  return out
+  return saved_hf_models(FAMILIES, make_hf_model, tmp_path_factory)
 
 
 def batch(padding: str):
