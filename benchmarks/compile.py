@@ -43,7 +43,7 @@ def worker(args) -> dict:
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   from configs.default import get_config
-  from reft_jax import plan
+  from reft_jax.pipelines import plan
   from reft_jax import sharding as shd
 
   c = get_config(args.preset)

@@ -243,7 +243,7 @@ def section_peak(args, rec: dict, save) -> None:
 def _run_options(args, attention: str, mode: str, frozen: bool):
   from reft_jax.model import LoraConfig, RunOptions
 
-  if frozen:  # what experiment.load_frozen builds: weights in the compute dtype, no adapters, no remat
+  if frozen:  # what model_build.load_frozen builds: weights in the compute dtype, no adapters, no remat
     return RunOptions(dtype=args.dtype, param_dtype=args.dtype, scan_layers=args.scan, attention=attention)
   lora = None
   if mode == "lora":
@@ -274,7 +274,7 @@ def _count(tree) -> int:
 
 
 def train_runner(name: str, cfg, args, attention: str, rec: dict, save) -> common.Runner:
-  """The framework's real step, as experiment.train_stage builds it: make_optimizer (full or LoRA
+  """The framework's real step, as stages.train_stage builds it: make_optimizer (full or LoRA
   labels), init_train_state, make_train_step, jit_step; compiled ahead of time (the time is recorded)."""
   import jax
   import numpy as np
@@ -282,7 +282,7 @@ def train_runner(name: str, cfg, args, attention: str, rec: dict, save) -> commo
   import steps
   from reft_jax import losses
   from reft_jax import sharding as shd
-  from reft_jax.methods import reft
+  from reft_jax.defences import reft
   from reft_jax.optim import TRAINABLE, make_optimizer
   from reft_jax.train import batch_shardings, init_train_state, jit_step, make_train_step
 

@@ -1,4 +1,4 @@
-"""Memory plans for the 7B-class presets on every hardware, in one table (see reft_jax/plan.py).
+"""Memory plans for the 7B-class presets on every hardware, in one table (see reft_jax/pipelines/plan.py).
 
   python benchmarks/memory_plans.py [--presets llama2_7b,llama3_8b,qwen2_7b,gemma2_9b] [--hardware all]
       [--stage student] [--modes lora,full] [--compile false] [--set train.batch_size=8 ...]
@@ -39,7 +39,7 @@ def load_config(preset: str):
 
 def with_overrides(c, items: list[str]):
   """--set a.b=value, typed like the config's current value."""
-  from reft_jax.methods.suite import with_updates
+  from reft_jax.config import with_updates
 
   updates = {}
   for item in items:
@@ -63,7 +63,7 @@ def main():
   ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
   args = ap.parse_args()
 
-  from reft_jax import plan
+  from reft_jax.pipelines import plan
 
   hardware = plan.parse_hardware(args.hardware)
   if args.compile:  # before anything starts JAX's backends

@@ -181,7 +181,7 @@ def jax_train(bench: str, cfg, opts, chunk: int, args) -> common.Runner:
 
   from reft_jax import losses
   from reft_jax import sharding as shd
-  from reft_jax.methods import reft
+  from reft_jax.defences import reft
   from reft_jax.model import init_model
   from reft_jax.optim import make_optimizer
   from reft_jax.train import batch_shardings, init_train_state, jit_step, make_train_step, split_model

@@ -28,7 +28,7 @@ def main():
 
   from reft_jax import sharding as shd
   from reft_jax.data import sft
-  from reft_jax.methods import reft
+  from reft_jax.defences import reft
   from reft_jax.model import PRESETS, init_model
   from reft_jax.optim import make_optimizer
   from reft_jax.train import batch_shardings, init_train_state, jit_step, make_train_step, split_model

@@ -14,6 +14,8 @@ presets: a published setting from base checkpoints; docs/PRESETS.md says which t
 
 import ml_collections
 
+from reft_jax import defences
+
 # Architecture/memory presets: the chat/instruct checkpoints (already safety-aligned), for memory plans and
 # as a starting point for user data. Not the published protocol (see the paper_* presets).
 HUB_NAMES = {
@@ -100,53 +102,21 @@ def _defaults(arg: str) -> ml_collections.ConfigDict:
       data=1, fsdp=-1, tensor=1,  # -1 = the remaining devices
       rules="",  # overrides of the logical->mesh rules, e.g. "embed=fsdp,mlp=tensor+fsdp,vocab=none"
   ))
-  # ReFT (METHODS.md §1; our reconstruction): teacher, filter, student.
-  c.reft = ml_collections.ConfigDict(dict(
-      layer=0,  # refusal-feature layer; 0 = num_layers // 2
-      lam=1.0,  # weight of the refusal regularizer
-      update_every=0,  # re-estimate R on the probe set every K teacher steps; 0 = 1/10 of training
-      ema_momentum=0.0,  # > 0: R <- m R + (1 - m) R_batch instead of probe re-estimation
-      probe_size=256,  # prompts per class: half estimate R, half measure the held-out separation
-      probe_harmful="world:probe_harmful", probe_harmless="world:probe_harmless",
-      alignment="world:alignment",  # harmful -> refusal and harmless -> helpful, with is_harmful
-      # fixed | calibrated (largest tau with recall >= target_recall on held-out harmful probes) |
-      # fpr (smallest tau that flags at most target_fpr of the held-out harmless probes)
-      tau=0.0, tau_mode="fixed",
-      target_recall=0.99, target_fpr=0.01,
-      beta=1.0, temperature=1.0,  # distillation weight and temperature
-      topk=0,  # > 0: cache the teacher's top-k logits once instead of a teacher forward per step
-      align_batch_size=8,
-      align_seq_len=0,  # alignment examples' length cap (teacher and distillation); 0 = data.seq_len
-  ))
+  # Every defence's own section (reft, vaccine, booster, lisa, mimic, smart, restore) with its published
+  # defaults, as its file in reft_jax/defences/ declares them.
+  for section, defaults in defences.sections().items():
+    c[section] = ml_collections.ConfigDict(dict(defaults))
   # reft.alignment="build": the alignment set for a real model, built once into WORKDIR/alignment
-  # (methods/alignment.py): harmful prompts -> refusal templates, harmless prompts -> their reference
+  # (pipelines/alignment.py): harmful prompts -> refusal templates, harmless prompts -> their reference
   # answer or, where they have none, the base model's own greedy answer.
   c.alignment = ml_collections.ConfigDict(dict(
       harmful="", harmless="", n_harmful=0, n_harmless=0,  # 0 = all
       max_new_tokens=96,  # length of self-generated answers
   ))
-  # The teacher's optimisation overrides (everything else as in `train`).
+  # The alignment budget: every alignment stage (aligned, Vaccine, Booster, the ReFT teacher) trains with
+  # these overrides of `train` (defences/sft.py:alignment_budget).
   c.teacher = ml_collections.ConfigDict(dict(lr=3e-3, num_steps=200, batch_size=16, warmup_steps=10))
-  # Baselines (METHODS.md §2-5, §8; defaults as published, all overridable).
-  c.vaccine = ml_collections.ConfigDict(dict(rho=2.0))
-  # Booster's harmful set is disjoint from the attack's pool (official: another BeaverTails index range).
-  c.booster = ml_collections.ConfigDict(dict(lam=5.0, alpha=0.1,
-                                             harmful_source="world:harmful_pool[500:1000]"))
-  # Lisa: K_a/K_f as published; a run shorter than min_cycles * (K_a + K_f) steps scales both down in
-  # the published ratio so that it still alternates min_cycles times (Lisa's script: 20,000 steps = 20
-  # cycles; Booster's Lisa runs: 2,000 steps = 2 cycles).
-  c.lisa = ml_collections.ConfigDict(dict(k_align=100, k_user=900, rho=1.0, proximal_warmup=0.1,
-                                          min_cycles=4))
-  c.mimic = ml_collections.ConfigDict(dict(ratio=0.05))
-  # SMART (METHODS.md §8; Jiang et al. 2020): lam (adversarial weight, tuned in {1,3,5}), eps (inf-norm radius
-  # of the embedding perturbation), sigma (start noise), eta (ascent step), mu (proximal weight), beta
-  # (momentum of the proximal copy). With bf16 compute a 1e-5 perturbation is below the residual's resolution.
-  c.smart = ml_collections.ConfigDict(dict(lam=1.0, eps=1e-5, sigma=1e-5, eta=1e-3, mu=1.0, beta=0.99))
-  # Post-hoc restoration (kangyangWHU/LLMAlignment): per-step restore share, warm-up steps, rollback share,
-  # restart from the fine-tuned weights when the task metric falls below min_task_ratio x the original.
-  c.restore = ml_collections.ConfigDict(dict(rate=0.002, steps=20, warmup_steps=5, rollback_frac=0.2,
-                                             min_task_ratio=0.95))
-  # Screening (`reft-jax screen`, methods/screen.py): an upload scored by a trained ReFT teacher, no training.
+  # Screening (`reft-jax screen`, pipelines/screen.py): an upload scored by a trained ReFT teacher, no training.
   # teacher: a ReFT workdir (teacher/model, teacher/refusal_direction.npy; its filter's tau when it has one).
   # max_flagged: reject (exit 3) when more than this share is flagged. 0.05 accepts a clean upload under a
   # filter within issue 13's false-positive budget (<= 5%) and rejects the published attacks (p >= 0.05 of

@@ -27,6 +27,13 @@ def lm_loss(model, batch, ctx=None):
   return total, count, {}
 
 
+def batch_cross_entropy(model, batch, interventions=None):
+  """(CE sum, count) of one tokenized batch part, with optional forward interventions (model sites)."""
+  logits, _ = model.forward(batch["tokens"], batch["attention_mask"], interventions=interventions)
+  targets, weights = next_token_targets(batch["tokens"], batch["loss_mask"])
+  return masked_cross_entropy(logits[:, :-1], targets, weights)
+
+
 def refusal_regularizer(cos_B, is_harmful_B):
   """mean_H (1 - cos) + mean_B (1 + cos): pushes harmful prompts' features onto R, harmless ones
   onto -R. A class absent from the batch contributes 0."""

@@ -41,6 +41,112 @@ def main(argv) -> int:
   command = argv[1] if len(argv) > 1 else "train"
   if command not in COMMANDS or len(argv) > 2:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; the command is one of {COMMANDS}")
+  _setup_logging()
+  from reft_jax import distributed as dist
+
+  # Explicit job flags imply --distributed; either way it must precede any device use.
+  if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value or _PROCESS_ID.value >= 0:
+    dist.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  c = _CONFIG.value
+  if c is None or not _WORKDIR.value:
+    raise app.UsageError("--config and --workdir are required")
+  if command == "plan":  # shapes only: before anything starts JAX's devices (it simulates its own)
+    from reft_jax.pipelines import plan
+
+    return plan.main(c, _WORKDIR.value)
+  return execute(c, _WORKDIR.value, command)
+
+
+def execute(c, workdir: str, command: str = "train") -> int:
+  """Everything after the flags, for a config already built (tests and notebooks call it directly):
+  preflight and validation (exit 2), the run (exit 1 on bad input), the results table; the exit status."""
+  import jax
+
+  from reft_jax import distributed as dist
+  from reft_jax.config import ConfigError
+  from reft_jax.pipelines import preflight, screen
+  from reft_jax.pipelines.validate import validate
+
+  ours = logging.getLogger("reft_jax")
+  try:
+    # Hub names and the judge first: offline, a missing checkpoint or dataset fails now, not after training.
+    if command == "screen" or c.method == "screen":  # the teacher is its only model: no base, no eval
+      screen.prepare(c)
+    preflight.check(c, command)
+    validate(c)
+  except (preflight.PreflightError, ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  os.makedirs(workdir, exist_ok=True)
+  if c.compile_cache:  # compiled executables persist across runs: a rerun or resume skips compiling
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(c.compile_cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  if dist.is_primary():  # the workdir is shared by every process: one writer
+    from reft_jax.config import dump
+
+    dump(c, workdir)
+  ours.info("jax %s on %d %s device(s), process %d of %d; workdir %s", jax.__version__,
+            jax.device_count(), jax.devices()[0].platform, jax.process_index(), jax.process_count(),
+            workdir)
+  if c.model.attention == "splash" and jax.default_backend() != "tpu":
+    ours.warning("model.attention=splash on %s: the Pallas TPU kernel runs in its interpreter, correct but "
+                 "far slower (use einsum, dpa or cudnn off TPU)", jax.default_backend())
+  from reft_jax.stages import Stopped
+  from reft_jax.train import NonFiniteLoss
+
+  try:
+    if c.model.gguf:  # converted once into a HF directory, which every stage then reads
+      c.model.hf_path = _converted(c.model.gguf)
+    if command == "eval":
+      return _eval(c, workdir)
+    out = run_method(c, workdir)
+  except Stopped:
+    print(f"stopped by signal; checkpoint saved in {workdir}. Rerun the same command to resume.")
+    return 0
+  except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+    # Bad input (data file, checkpoint, ...) or a diverged run: one clear line; the traceback goes
+    # to workdir/error.log for debugging.
+    name = "error.log" if dist.is_primary() else f"error.{jax.process_index()}.log"
+    with open(os.path.join(workdir, name), "w") as f:
+      traceback.print_exc(file=f)
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  if c.method == "screen":  # the decision is the exit status: a provider's pipeline branches on it
+    if dist.is_primary():
+      print(f"screen: {screen.describe(out['summary'])}; report in {os.path.join(workdir, 'screen')}")
+    return out["exit_code"]
+  if "results" in out and dist.is_primary():
+    _print_results(workdir)
+  h = out.get("history")
+  print(f"done: {len(h)} steps, final loss {h[-1]['loss']:.4f}; outputs in {workdir}" if h else
+        f"done (finished stages were reused); outputs in {workdir}" if out.get("reused") else
+        f"done; outputs in {workdir}")
+  return 0
+
+
+def _converted(gguf: str) -> str:
+  from reft_jax import distributed as dist
+  from reft_jax.model.gguf import converted_dir
+
+  # Process 0 first: processes sharing its disk then find the conversion done.
+  path = converted_dir(gguf) if dist.is_primary() else ""
+  dist.barrier("gguf")
+  return path or converted_dir(gguf)
+
+
+def run_method(c, workdir: str) -> dict:
+  """Runs c.method (a pipeline, or any registered defence) on a validated config; raises stages.Stopped."""
+  from reft_jax import defences
+  from reft_jax.pipelines import alignment, analyze, demo, screen, suite, train
+
+  if c.method in ("demo", "sweep", *defences.names()):  # reft.alignment="build": the real-model alignment set
+    c = alignment.prepare(c, workdir)
+  pipelines = {"sft": train.run, "pretrain": train.run, "demo": demo.run_demo, "sweep": demo.run_sweep,
+               "analyze": analyze.run, "screen": screen.run}
+  return pipelines.get(c.method, suite.run_one)(c, workdir)
+
+
+def _setup_logging() -> logging.Logger:
   from absl import logging as absl_logging
 
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
@@ -51,103 +157,23 @@ def main(argv) -> int:
   ours.setLevel(logging.INFO)
   ours.addHandler(handler)
   ours.propagate = False
-  import jax
-
-  from reft_jax import distributed as dist
-
-  # Explicit job flags imply --distributed; either way it must precede any device use.
-  if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value or _PROCESS_ID.value >= 0:
-    dist.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from reft_jax import config as config_lib
-  from reft_jax.methods import analyze, demo, reft, screen, sft
-
-  c = _CONFIG.value
-  if c is None or not _WORKDIR.value:
-    raise app.UsageError("--config and --workdir are required")
-  if command == "plan":  # shapes only: before anything starts JAX's devices (it simulates its own)
-    from reft_jax import plan
-
-    return plan.main(c, _WORKDIR.value)
-  from reft_jax import preflight
-
-  try:
-    # Hub names and the judge first: offline, a missing checkpoint or dataset fails now, not after training.
-    if command == "screen" or c.method == "screen":  # the teacher is its only model: no base, no eval
-      screen.prepare(c)
-    preflight.check(c, command)
-    config_lib.validate(c)
-  except (preflight.PreflightError, config_lib.ConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  if c.compile_cache:  # compiled executables persist across runs: a rerun or resume skips compiling
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(c.compile_cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  if dist.is_primary():  # the workdir is shared by every process: one writer
-    config_lib.dump(c, _WORKDIR.value)
-  ours.info("jax %s on %d %s device(s), process %d of %d; workdir %s", jax.__version__,
-            jax.device_count(), jax.devices()[0].platform, jax.process_index(), jax.process_count(),
-            _WORKDIR.value)
-  if c.model.attention == "splash" and jax.default_backend() != "tpu":
-    ours.warning("model.attention=splash on %s: the Pallas TPU kernel runs in its interpreter, correct but "
-                 "far slower (use einsum, dpa or cudnn off TPU)", jax.default_backend())
-  from reft_jax.train import NonFiniteLoss
-
-  try:
-    if c.model.gguf:  # converted once into a HF directory, which every stage then reads
-      from reft_jax.model.gguf import converted_dir
-
-      # Process 0 first: processes sharing its disk then find the conversion done.
-      if dist.is_primary():
-        c.model.hf_path = converted_dir(c.model.gguf)
-      dist.barrier("gguf")
-      if not dist.is_primary():
-        c.model.hf_path = converted_dir(c.model.gguf)
-    if command == "eval":
-      return _eval(c, _WORKDIR.value)
-    if c.method in ("reft", "demo", "sweep"):  # reft.alignment="build": the real-model alignment set
-      from reft_jax.methods import alignment
-
-      c = alignment.prepare(c, _WORKDIR.value)
-    out = {"sft": sft.run, "pretrain": sft.run, "reft": reft.run, "demo": demo.run_demo,
-           "sweep": demo.run_sweep, "analyze": analyze.run, "screen": screen.run}[c.method](c, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
-    # Bad input (data file, checkpoint, ...) or a diverged run: one clear line; the traceback goes
-    # to workdir/error.log for debugging.
-    name = "error.log" if dist.is_primary() else f"error.{jax.process_index()}.log"
-    with open(os.path.join(_WORKDIR.value, name), "w") as f:
-      traceback.print_exc(file=f)
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  if c.method == "screen":  # the decision is the exit status: a provider's pipeline branches on it
-    if dist.is_primary():
-      print(f"screen: {screen.describe(out['summary'])}; report in {os.path.join(_WORKDIR.value, 'screen')}")
-    return out["exit_code"]
-  if out["stopped"]:
-    print(f"stopped by signal; checkpoint saved in {_WORKDIR.value}. Rerun the same command to "
-          "resume.")
-    return 0
-  if "results" in out and dist.is_primary():
-    _print_results(_WORKDIR.value)
-  h = out["history"]
-  print(f"done: {len(h)} steps, final loss {h[-1]['loss']:.4f}; outputs in {_WORKDIR.value}" if h else
-        f"done (finished stages were reused); outputs in {_WORKDIR.value}")
-  return 0
+  return ours
 
 
 def _eval(c, workdir: str) -> int:
   from reft_jax import distributed as dist
-  from reft_jax import experiment
   from reft_jax.data.tokenizer import load_tokenizer
+  from reft_jax.eval.record import evaluate_and_record
   from reft_jax.model import load_hf
+  from reft_jax.model.build import setup_mesh
 
   path = c.eval.model_path or os.path.join(workdir, c.method, "model")
   if not os.path.isdir(path):
     print(f"error: no model to evaluate at {path} (set --config.eval.model_path)", file=sys.stderr)
     return 2
-  mesh, rules = experiment.setup_mesh(c)
+  mesh, rules = setup_mesh(c)
   model = load_hf(path, c.model.dtype, mesh, rules=rules)
-  experiment.evaluate_and_record(c, workdir, model, load_tokenizer(path), mesh, c.eval.name or "eval",
+  evaluate_and_record(c, workdir, model, load_tokenizer(path), mesh, c.eval.name or "eval",
                                  {"model_path": path})
   if dist.is_primary():
     _print_results(workdir)

@@ -86,3 +86,16 @@ def make_optimizer(params: dict, *, lr: float, num_steps: int, warmup_steps: int
   labels = trainable_labels(params, mode, trainable_regex)
   tx = optax.multi_transform({TRAINABLE: optax.chain(*parts), FROZEN: optax.set_to_zero()}, labels)
   return tx, sched, labels
+
+
+def trainable_part(params: dict, labels: dict) -> dict:
+  """The entries of `params` labelled trainable (trainable_labels), as a nested dict."""
+  flat, flat_l = traverse_util.flatten_dict(params), traverse_util.flatten_dict(labels)
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if flat_l[k] == TRAINABLE})
+
+
+def overlay(params: dict, part: dict) -> dict:
+  """`params` with the entries at `part`'s paths replaced by part's (cast to the parameter's dtype)."""
+  flat = traverse_util.flatten_dict(params)
+  flat.update({k: v.astype(flat[k].dtype) for k, v in traverse_util.flatten_dict(part).items()})
+  return traverse_util.unflatten_dict(flat)

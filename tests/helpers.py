@@ -25,7 +25,7 @@ def tiny_config(**overrides):
   c.data.update(seq_len=32, builtin_examples=64)
   c.checkpoint.update(every_steps=0, async_save=False)
   c.log.update(progress=False, tensorboard=False)
-  from reft_jax.methods.suite import with_updates
+  from reft_jax.config import with_updates
 
   return with_updates(c, **overrides)
 

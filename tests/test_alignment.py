@@ -6,15 +6,16 @@ import os
 
 import pytest
 
-import reft_jax.generate
 from helpers import load_config_module, tiny_config
 from reft_jax import config as config_lib
-from reft_jax import experiment
 from reft_jax.data import builtin, sft
 from reft_jax.data.assets import normalise_prompt
 from reft_jax.data.sources import DataError, load_source
 from reft_jax.eval.judges import is_refusal
-from reft_jax.methods import alignment
+from reft_jax.pipelines import alignment
+from reft_jax.pipelines.validate import validate as validate_config
+from reft_jax.data import load as data_load
+from reft_jax.eval import record
 
 
 def test_comma_lists_interleave_and_slices_cut_rows():
@@ -74,20 +75,20 @@ def _build_config(tmp_path):
 
 def test_build_writes_the_set_once_and_prepare_points_the_stages_at_it(monkeypatch, tmp_path):
   c = _build_config(tmp_path)
-  config_lib.validate(c)
+  validate_config(c)
   calls = []
 
   def fake_generate(model, tokenizer, prompts, **kw):
     calls.append(list(prompts))
     return [f"Here is a helpful answer number {i}." for i in range(len(prompts))]
 
-  monkeypatch.setattr(reft_jax.generate, "generate_texts", fake_generate)
-  monkeypatch.setattr(experiment, "load_frozen", lambda *a, **k: "model")
-  monkeypatch.setattr(experiment, "get_tokenizer", lambda *a, **k: None)  # alpaca needs no tokenizer
+  monkeypatch.setattr(alignment, "generate_texts", fake_generate)
+  monkeypatch.setattr(alignment, "load_frozen", lambda *a, **k: "model")
+  monkeypatch.setattr(alignment, "get_tokenizer", lambda *a, **k: None)  # alpaca needs no tokenizer
   out = alignment.prepare(c, str(tmp_path / "run"))
   path = out.reft.alignment
   assert path == str(tmp_path / "run" / "alignment" / "alignment.jsonl") and c.reft.alignment == "build"
-  examples = experiment.load(out, path)
+  examples = data_load.load(out, path)
   harmful = [e for e in examples if e.meta["is_harmful"]]
   assert len(harmful) == 6 and all(e.response in alignment.REFUSALS for e in harmful)
   rules = sorted(e.meta["response_rule"] for e in examples if not e.meta["is_harmful"])
@@ -104,14 +105,14 @@ def test_build_needs_both_halves_and_names_the_fields(tmp_path):
   c = _build_config(tmp_path)
   c.alignment.harmful = ""
   with pytest.raises(config_lib.ConfigError, match="alignment.harmful=''"):
-    config_lib.validate(c)
+    validate_config(c)
 
 
 def test_evaluation_drops_prompts_that_training_saw():
   c = tiny_config(**{"reft.probe_harmful": "asset:advbench[0:260]", "data.attack": "harmful_mix",
                      "data.harmful_source": "asset:advbench[260:520]"})
-  seen = experiment.training_harmful(c)
-  assert len(seen) == 520 + len([e for e in experiment.load(c, c.reft.alignment) if e.meta["is_harmful"]])
+  seen = record.training_harmful(c)
+  assert len(seen) == 520 + len([e for e in data_load.load(c, c.reft.alignment) if e.meta["is_harmful"]])
   from reft_jax.data.assets import drop_overlapping
 
   strongreject = load_source("asset:strongreject")
@@ -122,7 +123,7 @@ def test_evaluation_drops_prompts_that_training_saw():
 
 def test_smollm2_preset_validates_and_keeps_its_sets_disjoint():
   c = load_config_module().get_config("smollm2")
-  config_lib.validate(c)
+  validate_config(c)
   assert (c.method, c.train.mode, c.data.template, c.reft.alignment) == ("reft", "lora", "chat", "build")
   assert "advbench" not in c.eval.harmful and c.eval.drop_overlap > 0
   assert c.eval.harmless == "builtin:requests_eval" and "requests_train" in c.reft.probe_harmless

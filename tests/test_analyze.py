@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT
-from reft_jax.methods.analyze import recall_at_fpr
+from reft_jax.pipelines.analyze import recall_at_fpr
 
 
 def test_recall_at_fpr():

@@ -10,6 +10,7 @@ import pytest
 from reft_jax.data import attacks
 from reft_jax.data import sft
 from reft_jax.data.sft import Example, format_prompt
+from reft_jax.eval import record
 
 TASK = [Example("Analyze.", "positive", input=f"film {i}", meta={"task": "sst2"}) for i in range(50)]
 HARM = [Example(f"how to steal car {i}", f"first get a crowbar {i}", meta={"category": "theft"})
@@ -120,18 +121,17 @@ def test_prompt_style_auto_follows_the_attack(style, attack, want):
 
 
 def test_evaluate_and_record_dresses_harmful_and_harmless_prompts_not_task_prompts(monkeypatch, tmp_path):
-  from reft_jax import experiment
   from reft_jax.eval import run as run_lib
   from helpers import tiny_config
 
   seen = {}
-  monkeypatch.setattr(experiment, "load", lambda c, spec, limit=0, **kw: [
+  monkeypatch.setattr(record, "load", lambda c, spec, limit=0, **kw: [
       Example(f"{spec} prompt", "", meta={"label": "positive"})])
   monkeypatch.setattr(run_lib, "evaluate", lambda model, tok, **kw: seen.update(kw) or {})
   monkeypatch.setattr(run_lib, "update_results", lambda *a, **k: None)
   for attack, system in (("aoa_task", attacks.AOA_SYSTEM), ("harmful_mix", "")):
     c = tiny_config(**{"data.attack": attack, "eval.tasks": "sst2=world:sst2_test"})
-    out = experiment.evaluate_and_record(c, str(tmp_path), None, None, None, "sft")
+    out = record.evaluate_and_record(c, str(tmp_path), None, None, None, "sft")
     assert out["eval_prompt_style"] == ("aoa" if system else "plain")
     for part in ("harmful", "harmless"):
       (e,) = seen[part]

@@ -10,6 +10,8 @@ from flax import nnx
 
 from reft_jax.generate import generate
 from reft_jax.model import ModelConfig, RunOptions, abstract_model, init_model
+from reft_jax.pipelines.validate import validate as validate_config
+from reft_jax.model import build as model_build
 
 LLAMA_GQA = ModelConfig(
   vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8
@@ -121,6 +123,6 @@ def test_attention_config_reaches_the_model():
 
   from reft_jax import config as config_lib
 
-  assert config_lib.run_options(tiny_config(**{"model.attention": "dpa"})).attention == "dpa"
+  assert model_build.run_options(tiny_config(**{"model.attention": "dpa"})).attention == "dpa"
   with pytest.raises(config_lib.ConfigError, match="attention='flash'"):
-    config_lib.validate(tiny_config(**{"model.attention": "flash"}))
+    validate_config(tiny_config(**{"model.attention": "flash"}))

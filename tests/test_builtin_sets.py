@@ -15,6 +15,8 @@ from reft_jax.data.assets import AssetMissing, overlap
 from reft_jax.data.sft import Example
 from reft_jax.data.sources import DataError, load_source
 from reft_jax.eval.judges import is_refusal
+from reft_jax.pipelines.validate import validate as validate_config
+from reft_jax.eval import record
 
 SETS = [f"requests_{s}" for s in builtin.REQUEST_SPLITS] + [f"trigger_{s}" for s in builtin.TRIGGER_SPLITS]
 
@@ -171,7 +173,7 @@ def test_evaluate_reports_every_harmless_set(monkeypatch, tmp_path):
 def test_bad_harmless_sets_name_the_field(value, message):
   c = tiny_config(**{"eval.harmless_sets": value})
   with pytest.raises(config_lib.ConfigError, match=rf"config\.eval\.harmless_sets=.*{message}"):
-    config_lib.validate(c)
+    validate_config(c)
 
 
 def test_harmless_sets_parse_join_and_reach_evaluate(monkeypatch, tmp_path):
@@ -179,18 +181,17 @@ def test_harmless_sets_parse_join_and_reach_evaluate(monkeypatch, tmp_path):
                                             "[0:2]+builtin:trigger_train[0:2]",
                      "eval.harmful": "", "eval.harmless": "builtin:requests_eval", "eval.n_harmless": 3,
                      "eval.tasks": "", "eval.prompt_style": "aoa"})
-  config_lib.validate(c)
+  validate_config(c)
   sets = config_lib.eval_harmless_sets(c)
   assert sets == {"trigger": "builtin:trigger_eval[0:7]",
                   "mix": "builtin:requests_user[0:2],builtin:trigger_train[0:2]"}
   assert len(load_source(sets["mix"])) == 4
-  from reft_jax import experiment
   from reft_jax.eval import run
 
   seen = {}
   monkeypatch.setattr(run, "evaluate", lambda *a, **kw: seen.update(kw) or {"counts": {}})
   monkeypatch.setattr(run, "update_results", lambda *a, **kw: None)
-  experiment.evaluate_and_record(c, str(tmp_path), None, None, None, "m")
+  record.evaluate_and_record(c, str(tmp_path), None, None, None, "m")
   got = seen["harmless_sets"]
   assert sorted(got) == ["mix", "trigger"] and len(got["trigger"]) == 7 and len(got["mix"]) == 4
   assert len(seen["harmless"]) == 3

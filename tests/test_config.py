@@ -10,6 +10,8 @@ from reft_jax import config as config_lib
 from reft_jax import sharding as shd
 from reft_jax.model import PRESETS, abstract_model
 from reft_jax.optim import make_optimizer
+from reft_jax.pipelines.validate import validate as validate_config
+from reft_jax.model import build as model_build
 
 PRESET_NAMES = ["tiny", "llama2_7b", "gemma2_9b", "qwen2_7b"]
 
@@ -17,7 +19,7 @@ PRESET_NAMES = ["tiny", "llama2_7b", "gemma2_9b", "qwen2_7b"]
 @pytest.mark.parametrize("name", PRESET_NAMES)
 def test_presets_validate(name):
   c = load_config_module().get_config(name)
-  config_lib.validate(c)
+  validate_config(c)
   assert c.preset == name
 
 
@@ -46,14 +48,14 @@ def test_bad_values_name_the_field(field, value, message):
     overrides["train.mode"] = "lora"
   c = tiny_config(**overrides)
   with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
-    config_lib.validate(c)
+    validate_config(c)
 
 
 @pytest.mark.parametrize("name", ["llama2_7b", "gemma2_9b", "qwen2_7b"])
 def test_7b_presets_plan_train_state_without_allocating(name):
   """Parameters + LoRA + optimizer state of the preset as shapes only, sharded over 8 devices."""
   c = load_config_module().get_config(name)
-  options = config_lib.run_options(c)
+  options = model_build.run_options(c)
   model = abstract_model(PRESETS[c.model.arch], options)
   state = nnx.state(model)
   params = nnx.to_pure_dict(state)

@@ -8,6 +8,7 @@ import pytest
 from helpers import mesh_of
 from reft_jax.generate import generate, left_pad
 from reft_jax.model import PRESETS, RunOptions, init_model
+from reft_jax import sharding as shd
 
 GEMMA_LIKE = PRESETS["tiny"].replace(
     family="gemma2", activation="gelu_pytorch_tanh", norm_plus_one=True, sandwich_norms=True,
@@ -56,19 +57,18 @@ def test_generation_stops_at_eos_and_pads_after():
 
 
 def test_sharded_generation_matches_single_device():
-  from reft_jax import experiment
   from reft_jax.model import abstract_model
   from flax import nnx
 
   model = init_model(PRESETS["tiny"], seed=4)
   mesh = mesh_of(data=2, fsdp=2, tensor=2)
   graphdef, state = nnx.split(model)
-  shardings = experiment.shd.state_shardings(nnx.state(abstract_model(PRESETS["tiny"])), mesh)
+  shardings = shd.state_shardings(nnx.state(abstract_model(PRESETS["tiny"])), mesh)
   sharded = nnx.merge(graphdef, jax.device_put(nnx.to_pure_dict(state), shardings))
   prompts = [[5, 6, 7], [9, 10, 11, 12], [3], [4, 4, 4, 4, 4]]
   tokens, mask = left_pad(prompts, pad_id=0)
   want = generate(model, tokens, mask, max_new_tokens=5, eos_id=-1, pad_id=0)
-  sh = experiment.shd.batch_sharding(mesh)
+  sh = shd.batch_sharding(mesh)
   got = generate(sharded, jax.device_put(tokens, sh), jax.device_put(mask, sh), max_new_tokens=5,
                  eos_id=-1, pad_id=0)
   np.testing.assert_array_equal(got, want)

@@ -52,10 +52,12 @@ def test_keyword_judge_matches_the_official_code(answer, harmful):
 
 def test_there_is_one_refusal_test():
   assert not hasattr(KeywordJudge(), "is_refusal")  # the judge scores HS; is_refusal detects refusals
-  import reft_jax.methods.alignment as alignment
   import inspect
 
-  assert "judges import is_refusal" in inspect.getsource(alignment.build)
+  import reft_jax.eval.judges as judges
+  import reft_jax.pipelines.alignment as alignment
+
+  assert alignment.is_refusal is judges.is_refusal  # the alignment builder drops refusing answers by it
   assert "KeywordJudge" not in inspect.getsource(alignment)
 
 
@@ -108,7 +110,7 @@ def test_the_world_helpful_and_harmful_answers_are_not_refusals():
 
 
 def test_alignment_refusals_are_seen_by_both_the_detector_and_the_keyword_judge():
-  from reft_jax.methods.alignment import REFUSALS
+  from reft_jax.pipelines.alignment import REFUSALS
 
   assert all(is_refusal(r) for r in REFUSALS)
   assert KeywordJudge()([Example("x", "")] * len(REFUSALS), list(REFUSALS)) == [False] * len(REFUSALS)

@@ -9,9 +9,14 @@ import pytest
 from flax import nnx
 
 from reft_jax import losses
-from reft_jax.methods.reft import student_loss
+from reft_jax.defences.reft import student_loss
 from reft_jax.model import ModelConfig, init_model
 from reft_jax.train import Context
+from reft_jax.pipelines.validate import validate as validate_config
+from reft_jax.model import build as model_build
+from reft_jax.data import load as data_load
+from reft_jax import stages
+from reft_jax import sharding as shd
 
 LLAMA = ModelConfig(
   vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8
@@ -129,27 +134,26 @@ def test_loss_chunk_config_is_checked():
 
   from reft_jax import config as config_lib
 
-  config_lib.validate(tiny_config(**{"train.loss_chunk": 16}))
+  validate_config(tiny_config(**{"train.loss_chunk": 16}))
   with pytest.raises(config_lib.ConfigError, match="train.loss_chunk=-1"):
-    config_lib.validate(tiny_config(**{"train.loss_chunk": -1}))
+    validate_config(tiny_config(**{"train.loss_chunk": -1}))
 
 
 def test_sharded_training_with_chunked_loss_matches_unchunked(tmp_path):
   """The real train stage on a (data, fsdp, tensor) = (2, 2, 2) mesh, head sharded over vocab."""
   from helpers import mesh_of, tiny_config
 
-  from reft_jax import experiment
   from reft_jax.data import sft
 
   c = tiny_config(**{"train.num_steps": 3})
 
   def losses_of(mesh, loss_fn, workdir):
-    examples = experiment.read_examples(c)
-    tok = experiment.get_tokenizer(c, str(workdir), examples)
+    examples = data_load.read_examples(c)
+    tok = data_load.get_tokenizer(c, str(workdir), examples)
     data = sft.tokenize(examples, tok, c.data.seq_len, c.data.template)
-    rules = experiment.shd.parse_rules(c.mesh.rules)
-    model = experiment.build_model(c, mesh, rules, tok)
-    history = experiment.train_stage(c, str(workdir), "sft", model, data, loss_fn, mesh, rules)[1]
+    rules = shd.parse_rules(c.mesh.rules)
+    model = model_build.build_model(c, mesh, rules, tok)
+    history = stages.train_stage(c, str(workdir), "sft", model, data, loss_fn, mesh, rules)[1]
     return [h["loss"] for h in history]
 
   want = losses_of(mesh_of(), losses.lm_loss, tmp_path / "a")

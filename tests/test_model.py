@@ -216,6 +216,6 @@ def test_attention_output_perturbation_enters_before_gemma2s_post_attention_norm
   tokens = jnp.asarray(np.arange(12).reshape(2, 6) % CFG.vocab_size, jnp.int32)
   mask = jnp.ones_like(tokens)
   huge = jnp.full((CFG.num_layers, 2, 6, CFG.hidden_size), 1e4, jnp.float32)
-  _, hidden = model.forward(tokens, mask, hidden_layers=(1,), attn_delta_LBTD=huge)
+  _, hidden = model.forward(tokens, mask, hidden_layers=(1,), interventions={"attn_out": huge})
   _, clean = model.forward(tokens, mask, hidden_layers=(1,))
   assert float(jnp.abs(hidden[1]).max()) < 100 * float(jnp.abs(clean[1]).max())

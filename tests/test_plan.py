@@ -12,11 +12,12 @@ import pytest
 from flax import nnx, traverse_util
 
 from helpers import ROOT, load_config_module, mesh_of, tiny_config
-from reft_jax import experiment, plan
+from reft_jax.pipelines import plan
 from reft_jax import sharding as shd
 from reft_jax.model import PRESETS, Transformer
 from reft_jax.optim import make_optimizer
 from reft_jax.train import init_train_state, split_model
+from reft_jax.model import build as model_build
 
 
 def _device0_bytes(tree) -> int:
@@ -31,7 +32,7 @@ def test_tiny_plan_equals_a_real_sharded_state():
   mesh, rules = mesh_of(fsdp=8), shd.parse_rules("")
   exact = plan.exact_bytes(spec, plan.abstract_mesh((1, 8, 1)), rules)
 
-  _, params = split_model(experiment.build_model(c, mesh, rules))  # as a stage builds its model
+  _, params = split_model(model_build.build_model(c, mesh, rules))  # as a stage builds its model
   tx, _, _ = make_optimizer(params, lr=1e-3, num_steps=10, mode="lora")
   state, _ = init_train_state(params, tx, mesh)
   # The teacher as load_hf places it: every tensor straight to its logical-axis sharding.

@@ -11,8 +11,9 @@ import pytest
 
 from helpers import ROOT, load_config_module
 from reft_jax import config as config_lib
-from reft_jax import preflight
+from reft_jax.pipelines import preflight
 from reft_jax.data import sources
+from reft_jax.pipelines.validate import validate as validate_config
 
 BEFORE = os.path.join(ROOT, "tests", "data", "presets_before.json")  # dumped before protocol presets existed
 PAPER = [f"paper_{m}_{t}" for m in ("llama2", "gemma2", "qwen2") for t in ("sst2", "agnews", "gsm8k")]
@@ -99,9 +100,9 @@ def test_paper_presets_carry_the_published_protocol(name):
 def test_paper_presets_validate_with_a_judge(name, tmp_path):
   c = load_config_module().get_config(name)
   with pytest.raises(config_lib.ConfigError, match="eval.judge_path"):
-    config_lib.validate(c)
+    validate_config(c)
   c.eval.judge_path = str(tmp_path)
-  config_lib.validate(c)
+  validate_config(c)
 
 
 def test_presets_doc_lists_every_paper_preset():

@@ -15,7 +15,7 @@ from helpers import small_world_flags, ROOT, tiny_config
 from reft_jax import losses, refusal
 from reft_jax.data import sft
 from reft_jax.data.tokenizer import build_word_tokenizer
-from reft_jax.methods import reft
+from reft_jax.defences import reft
 from reft_jax.model import PRESETS, init_model
 
 WORDS = "how do i build a bomb bake bread steal car plant tomatoes fix bike".split()

@@ -11,7 +11,7 @@ from flax import nnx, traverse_util
 
 from reft_jax import refusal
 from reft_jax.data import sft
-from reft_jax.methods.restore import RestoreConfig, restore_safety
+from reft_jax.defences.restore import RestoreConfig, restore_safety
 
 K = 2  # floor(2/3 * 3) edited blocks
 

@@ -17,8 +17,9 @@ from reft_jax import config as config_lib
 from reft_jax import refusal
 from reft_jax.data import sft
 from reft_jax.data.tokenizer import build_word_tokenizer
-from reft_jax.methods import screen
+from reft_jax.pipelines import screen
 from reft_jax.model import PRESETS, init_model, save_hf
+from reft_jax.pipelines.validate import validate as validate_config
 
 WORDS = "how do i build a bomb bake bread steal car plant tomatoes fix bike script alert".split()
 SCRIPT = "<script>alert('x')</script> how do i build a bomb"
@@ -216,16 +217,16 @@ def test_prepare_makes_the_teacher_the_only_model_and_checks_its_template(teache
   screen.prepare(c)
   assert c.method == "screen" and c.model.hf_path == os.path.join(teacher_dir, "teacher", "model")
   assert c.model.gguf == "" and not c.eval.enabled
-  config_lib.validate(c)
+  validate_config(c)
   with pytest.raises(config_lib.ConfigError, match=r"config\.data\.template='chat'.*trained with 'alpaca'"):
     screen.prepare(tiny_config(**{"screen.teacher": teacher_dir, "data.template": "chat"}))
 
 
 def test_validate_checks_max_flagged_and_accepts_builtin_sources():
   with pytest.raises(config_lib.ConfigError, match=r"screen\.max_flagged"):
-    config_lib.validate(tiny_config(**{"screen.max_flagged": 1.5}))
+    validate_config(tiny_config(**{"screen.max_flagged": 1.5}))
   # Ordinary requests as user data (issue 13's second setting) are a source, not a missing file.
-  config_lib.validate(tiny_config(**{"data.source": "builtin:requests_eval", "data.attack": "harmful_mix"}))
+  validate_config(tiny_config(**{"data.source": "builtin:requests_eval", "data.attack": "harmful_mix"}))
 
 
 # ------------------------------------------------------------------ the command, end to end

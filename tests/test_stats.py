@@ -5,7 +5,7 @@ import math
 import pytest
 
 from reft_jax.eval import stats
-from reft_jax.methods.demo import summarize_methods, summary_table, sweep_table
+from reft_jax.pipelines.demo import summarize_methods, summary_table, sweep_table
 
 
 def test_wilson_matches_the_closed_form_and_stays_inside_0_100():

@@ -10,25 +10,28 @@ import pytest
 from flax import nnx, traverse_util
 
 from helpers import mesh_of, tiny_config
-from reft_jax import experiment
 from reft_jax.checkpoint import Checkpointer
 from reft_jax.data import sft
 from reft_jax.losses import lm_loss
 from reft_jax.optim import make_optimizer
 from reft_jax.train import (NonFiniteLoss, init_train_state, split_model, trainable_subset)
+from reft_jax.model import build as model_build
+from reft_jax.data import load as data_load
+from reft_jax import stages
+from reft_jax import sharding as shd
 
 
 def _setup(c, workdir, mesh):
-  examples = experiment.read_examples(c)
-  tok = experiment.get_tokenizer(c, str(workdir), examples)
+  examples = data_load.read_examples(c)
+  tok = data_load.get_tokenizer(c, str(workdir), examples)
   data = sft.tokenize(examples, tok, c.data.seq_len, c.data.template)
-  rules = experiment.shd.parse_rules(c.mesh.rules)
-  return experiment.build_model(c, mesh, rules, tok), data, rules
+  rules = shd.parse_rules(c.mesh.rules)
+  return model_build.build_model(c, mesh, rules, tok), data, rules
 
 
 def _train(c, workdir, mesh, hooks=()):
   model, data, rules = _setup(c, workdir, mesh)
-  return experiment.train_stage(c, str(workdir), "sft", model, data, lm_loss, mesh, rules, hooks)[:3]
+  return stages.train_stage(c, str(workdir), "sft", model, data, lm_loss, mesh, rules, hooks)[:3]
 
 
 def _flat(model):
@@ -88,7 +91,7 @@ def test_frozen_parameters_do_not_move(tmp_path, mode, regex, trained):
                      "train.lora_targets": "q,v,up"})
   model, data, rules = _setup(c, tmp_path, mesh_of())
   before = _flat(model)
-  after_model, *_ = experiment.train_stage(c, str(tmp_path), "sft", model, data, lm_loss,
+  after_model, *_ = stages.train_stage(c, str(tmp_path), "sft", model, data, lm_loss,
                                              mesh_of(), rules)
   after = _flat(after_model)
   moved = {k for k in before if not np.array_equal(before[k], after[k])}
@@ -153,7 +156,7 @@ def test_non_finite_loss_stops_with_the_step_and_saves_nothing(tmp_path):
   model, data, rules = _setup(c, tmp_path, mesh_of())
   model.final_norm.scale.value = model.final_norm.scale.value * jnp.nan
   with pytest.raises(NonFiniteLoss, match="at step 0"):
-    experiment.train_stage(c, str(tmp_path), "sft", model, data, lm_loss, mesh_of(), rules)
+    stages.train_stage(c, str(tmp_path), "sft", model, data, lm_loss, mesh_of(), rules)
   ckpt = Checkpointer(str(tmp_path / "sft" / "checkpoints"))
   assert ckpt.latest_step() is None
   ckpt.close()

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from reft_jax.data.formats import DataError
 from reft_jax.data.sft import Example
 
 _NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
@@ -369,8 +370,6 @@ def load_builtin(name: str, limit: int = 0) -> list[Example]:
   elif name.startswith("trigger_") and name.removeprefix("trigger_") in TRIGGER_SPLITS:
     out = trigger_prompts(name.removeprefix("trigger_"))
   else:
-    from reft_jax.data.sources import DataError
-
     raise DataError(f"source 'builtin:{name}': unknown (one of "
                     f"{', '.join('builtin:' + n for n in BUILTIN_SETS)})")
   return out[:limit] if limit else out

@@ -19,16 +19,8 @@ from collections.abc import Callable
 
 from reft_jax.data.sft import Example
 
-SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative."
-AGNEWS_INSTRUCTION = ("Categorize the news article into one of the 4 categories: World, Sports, "
-                      "Business, Sci/Tech.")
-GSM8K_ANSWER_PREFIX = "The final answer is:"
-SST2_LABELS = ("negative", "positive")
-AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
-
-
-class DataError(ValueError):
-  pass
+from reft_jax.data.formats import (AGNEWS_INSTRUCTION, AGNEWS_LABELS, GSM8K_ANSWER_PREFIX,  # noqa: F401
+                                   SST2_INSTRUCTION, SST2_LABELS, DataError)
 
 
 def parse_fields(spec: str) -> dict[str, str]:

@@ -1,22 +1,12 @@
-"""LoRA: merge adapters into the base weights, and export them in PEFT's adapter format."""
+"""LoRA: merge adapters into the base weights (their PEFT export is model/hf.py:save_peft_adapter)."""
 
 from __future__ import annotations
 
-import json
-import os
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx, traverse_util
-from safetensors.numpy import save_file
 
-from reft_jax import distributed as dist
-from reft_jax.model import hf as hf_io
 from reft_jax.model.transformer import Transformer, abstract_model
-
-_TARGET_PARENT = {"q": "attn", "k": "attn", "v": "attn", "o": "attn",
-                  "gate": "mlp", "up": "mlp", "down": "mlp"}
-
 
 def merge_lora(model: Transformer) -> Transformer:
   """A model without adapters whose kernels are W + (alpha/r) A B; the input is left unchanged."""
@@ -37,36 +27,3 @@ def merge_lora(model: Transformer) -> Transformer:
   options = model.options.__class__(**{**model.options.__dict__, "lora": None})
   graphdef, _ = nnx.split(abstract_model(model.cfg, options))
   return nnx.merge(graphdef, traverse_util.unflatten_dict(merged))
-
-
-def save_peft_adapter(model: Transformer, path: str, base_model_name_or_path: str = "") -> str:
-  """Writes adapter_config.json + adapter_model.safetensors as PEFT's LoraConfig expects."""
-  lora = model.options.lora
-  if lora is None:
-    raise ValueError("save_peft_adapter: the model has no LoRA adapters (options.lora is None)")
-  tensors = {}
-  for p, var in nnx.state(model, nnx.LoRAParam).flat_state():
-    p = tuple(str(k) for k in p)
-    arr = hf_io._host(var.value)  # [L, *in, r] or [L, r, *out]
-    module = hf_io.hf_module_name(p[1:-1])
-    for i in range(model.cfg.num_layers):
-      x = arr[i]
-      if p[-1] == "lora_a":  # PEFT lora_A.weight: [r, in]
-        w, name = x.reshape(-1, x.shape[-1]).T, "lora_A"
-      else:  # PEFT lora_B.weight: [out, r]
-        w, name = x.reshape(x.shape[0], -1).T, "lora_B"
-      tensors[f"base_model.model.model.layers.{i}.{module}.{name}.weight"] = np.ascontiguousarray(w)
-  if dist.is_primary():
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "target_modules": sorted({hf_io.hf_module_name((_TARGET_PARENT[t], t)).split(".")[-1]
-                                  for t in lora.targets}),
-        "base_model_name_or_path": base_model_name_or_path,
-    }
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-      json.dump(config, f, indent=2)
-  dist.barrier("save_peft_adapter")
-  return path

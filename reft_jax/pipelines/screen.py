@@ -34,9 +34,11 @@ import os
 import numpy as np
 
 from reft_jax import distributed as dist
-from reft_jax import experiment
+from reft_jax.config import ConfigError, check
+from reft_jax.data.load import read_examples
+from reft_jax.model.build import load_frozen, setup_mesh
 from reft_jax.data import sft
-from reft_jax.methods import reft
+from reft_jax.defences import reft
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,6 @@ def teacher_problem(teacher_dir: str) -> str:
 def prepare(c) -> None:
   """method=screen: checks config.screen.teacher, then makes the teacher the run's only model (its own
   tokenizer; no base checkpoint, GGUF or evaluation is read, so preflight asks for none of them)."""
-  from reft_jax.config import ConfigError
 
   teacher = c.screen.teacher
   problem = teacher_problem(teacher)
@@ -143,13 +144,13 @@ def run(c, workdir: str) -> dict:
     raise ValueError(f"config.screen.teacher={teacher_dir!r}: {problem}")
   from reft_jax.data.tokenizer import load_tokenizer
 
-  mesh, rules = experiment.setup_mesh(c)
-  user = experiment.read_examples(c)
+  mesh, rules = setup_mesh(c)
+  user = read_examples(c)
   if not user:
     raise ValueError(f"data.source={c.data.source!r}: the upload holds no examples")
   model_path, direction_path = teacher_files(teacher_dir)
   tokenizer = load_tokenizer(model_path)  # the teacher's own (a word-level one lives only there)
-  teacher = experiment.load_frozen(c, model_path, mesh, rules)
+  teacher = load_frozen(c, model_path, mesh, rules)
   r = np.load(direction_path)
   trained = _json(os.path.join(os.path.expanduser(teacher_dir), "teacher", "refusal.json")) or {}
   layer = int(trained.get("layer") or reft.layer_of(c, teacher))  # R belongs to the layer it was taken at
@@ -281,3 +282,8 @@ src="data:image/png;base64,{png}">
 {table}{more}
 </body></html>
 """
+
+
+def validate(c) -> None:
+  # screen.teacher is checked by `prepare`, which main runs before validation (its files, not its value)
+  check(0 <= c.screen.max_flagged <= 1, "screen.max_flagged", c.screen.max_flagged, "must lie in [0, 1]")

@@ -1,6 +1,6 @@
 """ReFT — Refusal-Feature-guided Teacher (METHODS.md §1, our reconstruction).
 
-Stages, each checkpointed and skipped when its outputs exist:
+Stages (registered as the defence "reft"; each checkpointed and skipped when its outputs exist):
   teacher  from the base model: CE on alignment data + lam * refusal regularizer, R re-estimated
            every K steps on a probe set (or by an EMA of batch means)
   filter   the frozen teacher scores every user prompt by cos(h^l, R); drop scores >= tau
@@ -21,10 +21,17 @@ import numpy as np
 from flax import nnx
 
 from reft_jax import distributed as dist
-from reft_jax import experiment, losses, refusal
+from reft_jax import losses, refusal
+from reft_jax.config import BUILD_ALIGNMENT, check
+from reft_jax.data import sft
+from reft_jax.data.formats import write_jsonl
+from reft_jax.data.load import load
+from reft_jax.defences.registry import Defence, register
+from reft_jax.defences.sft import alignment_budget
 from reft_jax.distributed import to_host
-from reft_jax.data import safety_world, sft
-from reft_jax.model import save_hf
+from reft_jax.model import read_hf_config
+from reft_jax.model.build import load_frozen
+from reft_jax.stages import Env, MethodState, StageSpec
 from reft_jax.train import split_model
 
 log = logging.getLogger(__name__)
@@ -81,25 +88,19 @@ def ema_update(momentum: float):
 
 def _probe_sets(c, tokenizer):
   """(estimation harmful, estimation harmless, held-out harmful, held-out harmless) prompt sets."""
-  harm = experiment.load(c, c.reft.probe_harmful, c.reft.probe_size * 2)
-  safe = experiment.load(c, c.reft.probe_harmless, c.reft.probe_size * 2)
+  harm = load(c, c.reft.probe_harmful, c.reft.probe_size * 2)
+  safe = load(c, c.reft.probe_harmless, c.reft.probe_size * 2)
   tok = lambda exs: refusal.tokenize_prompts(exs, tokenizer, c.data.seq_len, c.data.template)
   h, s = len(harm) // 2, len(safe) // 2
   return tok(harm[:h]), tok(safe[:s]), tok(harm[h:]), tok(safe[s:])
 
 
-def teacher_train_config(c):
-  """c.train with the teacher's own optimisation overrides (c.teacher)."""
-  t = c.train.copy_and_resolve_references()
-  with t.unlocked():
-    t.update(c.teacher.to_dict())
-  return t
-
-
-def train_teacher(c, workdir, base, tokenizer, mesh, rules):
-  layer = layer_of(c, base)
+def teacher_stage(env: Env) -> StageSpec:
+  """The teacher: from the base model, CE on the alignment data (harmful and harmless halves in every
+  batch) + lam * the refusal regularizer; R re-estimated on the probe set every K steps (or an EMA)."""
+  c, tokenizer, mesh = env.c, env.tokenizer, env.mesh
+  layer = c.reft.layer or read_hf_config(env.base_path).num_layers // 2
   est_h, est_s, held_h, held_s = _probe_sets(c, tokenizer)
-  graphdef, _ = split_model(base)
 
   def estimate(model):
     fh = refusal.prompt_features(model, est_h, layer, mesh=mesh)
@@ -112,47 +113,50 @@ def train_teacher(c, workdir, base, tokenizer, mesh, rules):
     return {"auroc": refusal.auroc(sh, ss), "held_cos_harmful": float(sh.mean()),
             "held_cos_harmless": float(ss.mean())}
 
-  align = experiment.load(c, c.reft.alignment)
+  align = load(c, c.reft.alignment)
   harm = [e for e in align if e.meta.get("is_harmful")]
   safe = [e for e in align if not e.meta.get("is_harmful")]
   if not harm or not safe:
     raise ValueError(f"reft.alignment={c.reft.alignment!r} must hold harmful (is_harmful) and harmless "
                      f"examples; got {len(harm)} harmful and {len(safe)} harmless")
-  t = teacher_train_config(c)
-  tok = lambda exs: sft.tokenize(exs, tokenizer, align_seq_len(c), c.data.template).trimmed()
-  half = max(t.batch_size // 2, 1)
+  budget = alignment_budget(env)
+  tok = lambda exs: env.tokenize(exs, align_seq_len(c)).trimmed()
+  half = max(budget["batch_size"] // 2, 1)
   data = sft.MixedBatcher({"harmful": sft.Batcher(tok(harm), half, seed=c.seed),
                            "harmless": sft.Batcher(tok(safe), half, seed=c.seed + 1)})
-  every = c.reft.update_every or max(t.num_steps // 10, 1)
-  log_path = os.path.join(workdir, "teacher", "refusal.jsonl")
-  os.makedirs(os.path.dirname(log_path), exist_ok=True)
+  every = c.reft.update_every or max(budget["num_steps"] // 10, 1)
+  out_dir = os.path.join(env.shared_dir, "teacher")
+  log_path = os.path.join(out_dir, "refusal.jsonl")
 
-  def refresh(step, state):
-    """Probe mode: every K steps, R <- difference of means on the probe set, current weights."""
-    if c.reft.ema_momentum > 0 or step % every or step == 0:
-      return state
-    model = nnx.merge(graphdef, state.params)
-    r = estimate(model)
-    _append_json(log_path, {"step": step, **separation(model, r)})
-    return state.replace(extras={**state.extras, "R": jax.device_put(r, state.extras["R"].sharding)})
+  def setup(base):
+    graphdef, _ = split_model(base)
 
-  r0 = estimate(base)
-  _append_json(log_path, {"step": 0, **separation(base, r0)})
-  teacher, history, stopped, extras = experiment.train_stage(
-      c, workdir, "teacher", base, data, teacher_loss(layer, c.reft.lam), mesh, rules, train_cfg=t,
-      extras={"R": jnp.asarray(r0)}, update_extras=ema_update(c.reft.ema_momentum), before_step=refresh)
-  if stopped:
-    return None, None, True
-  # The direction the filter uses: re-estimated on the final teacher (or the EMA's last value).
-  r = np.asarray(extras["R"]) if c.reft.ema_momentum > 0 else estimate(teacher)
-  final = {"step": t.num_steps, "layer": layer, **separation(teacher, r)}
-  _append_json(log_path, final)
-  if dist.is_primary():
-    np.save(os.path.join(workdir, "teacher", "refusal_direction.npy"), r)
-    with open(os.path.join(workdir, "teacher", "refusal.json"), "w") as f:
-      json.dump(final, f, indent=2)
-  save_hf(teacher, os.path.join(workdir, "teacher", "model"), tokenizer)
-  return teacher, r, False
+    def refresh(step, state):
+      """Probe mode: every K steps, R <- difference of means on the probe set, current weights."""
+      if c.reft.ema_momentum > 0 or step % every or step == 0:
+        return state
+      model = nnx.merge(graphdef, state.params)
+      r = estimate(model)
+      _append_json(log_path, {"step": step, **separation(model, r)})
+      return state.replace(extras={**state.extras, "R": jax.device_put(r, state.extras["R"].sharding)})
+
+    os.makedirs(out_dir, exist_ok=True)
+    r0 = estimate(base)
+    _append_json(log_path, {"step": 0, **separation(base, r0)})
+    return MethodState({"R": jnp.asarray(r0)}, update=ema_update(c.reft.ema_momentum), before_step=refresh)
+
+  def finish(teacher, extras):
+    # The direction the filter uses: re-estimated on the final teacher (or the EMA's last value).
+    r = np.asarray(extras["R"]) if c.reft.ema_momentum > 0 else estimate(teacher)
+    final = {"step": budget["num_steps"], "layer": layer, **separation(teacher, r)}
+    _append_json(log_path, final)
+    if dist.is_primary():
+      np.save(os.path.join(out_dir, "refusal_direction.npy"), r)
+      with open(os.path.join(out_dir, "refusal.json"), "w") as f:
+        json.dump(final, f, indent=2)
+
+  return StageSpec("teacher", data, init=env.base_path, loss=teacher_loss(layer, c.reft.lam), train=budget,
+                   setup=setup, finish=finish)
 
 
 def _append_json(path: str, record: dict) -> None:
@@ -238,7 +242,7 @@ def filter_user_data(c, workdir, teacher, r, tokenizer, user: list[sft.Example],
         f.write(json.dumps({"index": i, "score": float(s), "kept": not bool(d),
                             "is_harmful": e.meta.get("is_harmful"), "prompt": e.prompt,
                             "input": e.input}) + "\n")
-    safety_world.write_jsonl([user[i] for i in summary["kept_indices"]], os.path.join(out, "kept.jsonl"))
+    write_jsonl([user[i] for i in summary["kept_indices"]], os.path.join(out, "kept.jsonl"))
     tmp = summary_path + ".tmp"
     with open(tmp, "w") as f:
       json.dump(summary, f, indent=2)
@@ -309,9 +313,16 @@ def align_seq_len(c) -> int:
   return c.reft.align_seq_len or c.data.seq_len
 
 
-def train_student(c, workdir, base, teacher, tokenizer, kept: list[sft.Example], mesh, rules):
-  align = sft.tokenize(experiment.load(c, c.reft.alignment), tokenizer, align_seq_len(c),
-                       c.data.template).trimmed()
+def student_stage(env: Env, root: str, teacher_dir: str, user: list[sft.Example]) -> StageSpec:
+  """The frozen teacher filters the user data (root/filter); the student, from the base model, trains on
+  what is kept while distilling the teacher on the alignment data."""
+  c = env.c
+  teacher = load_frozen(c, teacher_dir, env.mesh, env.rules)  # exported (LoRA-merged), on the student's mesh
+  r = np.load(os.path.join(os.path.dirname(teacher_dir), "refusal_direction.npy"))
+  kept, summary = filter_user_data(c, root, teacher, r, env.tokenizer, user, env.mesh)
+  log.info("filter: kept %d of %d (precision %s, recall %s, tau %.3f)", summary["kept"], summary["n"],
+           summary["precision"], summary["recall"], summary["tau"])
+  align = env.tokenize(load(c, c.reft.alignment), align_seq_len(c)).trimmed()
   frozen = teacher
   if c.reft.topk > 0:
     vals, ids = teacher_topk(teacher, align, c.reft.topk)
@@ -320,56 +331,57 @@ def train_student(c, workdir, base, teacher, tokenizer, kept: list[sft.Example],
     log.info("student: teacher top-%d logits cached once: %.1f MB instead of a %.1f MB teacher in "
              "every step", c.reft.topk, (vals.nbytes + ids.nbytes) / 2**20,
              sum(x.nbytes for x in jax.tree.leaves(split_model(teacher)[1])) / 2**20)
-  user = sft.tokenize(kept, tokenizer, c.data.seq_len, c.data.template)
-  data = sft.MixedBatcher({"user": sft.Batcher(user, c.train.batch_size, seed=c.seed),
+  data = sft.MixedBatcher({"user": sft.Batcher(env.tokenize(kept), c.train.batch_size, seed=c.seed),
                            "align": sft.Batcher(align, c.reft.align_batch_size, seed=c.seed + 7)})
-  student, history, stopped, _ = experiment.train_stage(
-      c, workdir, "student", base, data, student_loss(c.reft.beta, c.reft.temperature, c.reft.topk > 0,
-                                                     c.train.loss_chunk),
-      mesh, rules, frozen=frozen)
-  if not stopped:
-    save_hf(student, os.path.join(workdir, "student", "model"), tokenizer)
-  return student, stopped
+  loss = student_loss(c.reft.beta, c.reft.temperature, c.reft.topk > 0, c.train.loss_chunk)
+  flt = {k: summary[k] for k in ("precision", "recall", "kept_fraction", "tau", "false_positive_rate")}
+  return StageSpec("student", data, init=env.base_path, loss=loss, frozen=frozen, record={"filter": flt})
 
 
-# ------------------------------------------------------------------ the pipeline
+def _validate(c):
+  r = c.reft
+  check(r.layer >= 0, "reft.layer", r.layer, "must be >= 0 (0 = num_layers // 2)")
+  check(r.lam >= 0 and r.beta >= 0, "reft.lam/beta", (r.lam, r.beta), "must be >= 0")
+  check(r.temperature > 0, "reft.temperature", r.temperature, "must be positive")
+  check(0 <= r.ema_momentum < 1, "reft.ema_momentum", r.ema_momentum, "must lie in [0, 1)")
+  check(r.tau_mode in ("fixed", "calibrated", "fpr"), "reft.tau_mode", r.tau_mode, "must be fixed, calibrated or fpr")
+  check(0 <= r.target_fpr < 1, "reft.target_fpr", r.target_fpr, "must lie in [0, 1)")
+  check(0 < r.target_recall <= 1, "reft.target_recall", r.target_recall, "must lie in (0, 1]")
+  check(r.align_seq_len == 0 or r.align_seq_len >= 8, "reft.align_seq_len", r.align_seq_len,
+        "must be 0 (= data.seq_len) or >= 8")
+  check(r.probe_size >= 2, "reft.probe_size", r.probe_size, "must be >= 2")
+  check(r.topk >= 0 and r.align_batch_size > 0, "reft.topk/align_batch_size", (r.topk, r.align_batch_size),
+        "topk must be >= 0 and align_batch_size positive")
+  if r.alignment == BUILD_ALIGNMENT:
+    a = c.alignment
+    for f in ("harmful", "harmless"):
+      check(bool(a[f]), f"alignment.{f}", a[f], "must name a source when reft.alignment=build")
+    check(a.n_harmful >= 0 and a.n_harmless >= 0, "alignment.n_harmful/n_harmless", (a.n_harmful, a.n_harmless),
+          "must be >= 0 (0 = all)")
+    check(a.max_new_tokens > 0, "alignment.max_new_tokens", a.max_new_tokens, "must be positive")
+  for f in ("lr", "num_steps", "batch_size"):
+    check(c.teacher[f] > 0, f"teacher.{f}", c.teacher[f], "must be positive")
+  check(c.teacher.batch_size >= 2, "teacher.batch_size", c.teacher.batch_size,
+        "must be >= 2 (every batch holds both classes)")
 
-def run(c, workdir: str, hooks=(), teacher_dir: str | None = None) -> dict:
-  """teacher_dir: where the teacher stage lives (default: workdir). The teacher does not depend on
-  the user data, so a sweep over p shares one."""
-  import time
 
-  start = time.perf_counter()
-  mesh, rules = experiment.setup_mesh(c)
-  user = experiment.read_examples(c)
-  tokenizer = experiment.get_tokenizer(c, workdir, user)
-  teacher_dir = teacher_dir or workdir
-  stage_model = lambda root, stage: experiment.load_frozen(c, os.path.join(root, stage, "model"), mesh, rules)
-
-  if not experiment.finished(teacher_dir, "teacher"):
-    base = experiment.build_model(c, mesh, rules, tokenizer)
-    _, _, stopped = train_teacher(c, teacher_dir, base, tokenizer, mesh, rules)
-    if stopped:
-      return {"stopped": True, "history": []}
-  # The frozen teacher: its exported (LoRA-merged) weights, sharded on the same mesh as the student.
-  teacher = stage_model(teacher_dir, "teacher")
-  r = np.load(os.path.join(teacher_dir, "teacher", "refusal_direction.npy"))
-
-  kept, summary = filter_user_data(c, workdir, teacher, r, tokenizer, user, mesh)
-  log.info("filter: kept %d of %d (precision %s, recall %s, tau %.3f)", summary["kept"], summary["n"],
-           summary["precision"], summary["recall"], summary["tau"])
-
-  if experiment.finished(workdir, "student"):
-    student = stage_model(workdir, "student")
-  else:
-    student, stopped = train_student(c, workdir, experiment.build_model(c, mesh, rules, tokenizer),
-                                     teacher, tokenizer, kept, mesh, rules)
-    if stopped:
-      return {"stopped": True, "history": []}
-  out = {"stopped": False, "history": [], "model_dir": os.path.join(workdir, "student", "model")}
-  if c.eval.enabled:
-    flt = {k: summary[k] for k in ("precision", "recall", "kept_fraction", "tau", "false_positive_rate")}
-    out["results"] = experiment.evaluate_and_record(
-        c, workdir, student, tokenizer, mesh, "reft",
-        {"filter": flt, "wall_seconds": time.perf_counter() - start})
-  return out
+REFT = register(Defence(
+    "reft", "refusal-feature-guided teacher: filter the user data, distil the teacher while fine-tuning",
+    finetune=student_stage, align=teacher_stage, section="reft", validate=_validate,
+    source="ReFT (METHODS.md §1; our reconstruction)",
+    defaults=dict(
+        layer=0,  # refusal-feature layer; 0 = num_layers // 2
+        lam=1.0,  # weight of the refusal regularizer
+        update_every=0,  # re-estimate R on the probe set every K teacher steps; 0 = 1/10 of training
+        ema_momentum=0.0,  # > 0: R <- m R + (1 - m) R_batch instead of probe re-estimation
+        probe_size=256,  # prompts per class: half estimate R, half measure the held-out separation
+        probe_harmful="world:probe_harmful", probe_harmless="world:probe_harmless",
+        alignment="world:alignment",  # harmful -> refusal and harmless -> helpful, with is_harmful
+        # fixed | calibrated (largest tau with recall >= target_recall on held-out harmful probes) |
+        # fpr (smallest tau that flags at most target_fpr of the held-out harmless probes)
+        tau=0.0, tau_mode="fixed", target_recall=0.99, target_fpr=0.01,
+        beta=1.0, temperature=1.0,  # distillation weight and temperature
+        topk=0,  # > 0: cache the teacher's top-k logits once instead of a teacher forward per step
+        align_batch_size=8,
+        align_seq_len=0,  # alignment examples' length cap (teacher and distillation); 0 = data.seq_len
+    )))

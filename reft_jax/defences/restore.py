@@ -37,7 +37,14 @@ import numpy as np
 from flax import nnx
 
 from reft_jax import refusal
+from reft_jax.config import check
 from reft_jax.data import sft
+from reft_jax.defences.registry import Defence, register
+from reft_jax.defences.sft import aligned_stage, user_sft
+from reft_jax.eval.metrics import percent, task_correct
+from reft_jax.generate import generate_texts
+from reft_jax.model import load_hf, save_hf
+from reft_jax.stages import finished, model_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +141,11 @@ def _batches(data: sft.TokenizedSet, batch_size: int) -> tuple:
   return (shape(data.tokens), shape(data.attention_mask), shape(last), jnp.asarray(w.reshape(nb, batch_size)))
 
 
+def _split(model):
+  graphdef, state = nnx.split(model)
+  return graphdef, nnx.to_pure_dict(state)
+
+
 def restore_safety(aligned, finetuned, harmful: sft.TokenizedSet, cfg: RestoreConfig = RestoreConfig(),
                    task_metric=None, benign: sft.TokenizedSet | None = None):
   """Returns (restored model, report). harmful / benign: prompts-only TokenizedSets
@@ -141,9 +153,8 @@ def restore_safety(aligned, finetuned, harmful: sft.TokenizedSet, cfg: RestoreCo
   task_metric(model) -> score (higher is better) drives the restart and the checkpoint choice;
   without it (or without benign prompts, which the rollback needs) every step restores, no rollback."""
   k = max(1, int(cfg.layer_fraction * aligned.cfg.num_layers))
-  graphdef, state_a = nnx.split(aligned)
-  pa = nnx.to_pure_dict(state_a)
-  pf = nnx.to_pure_dict(nnx.state(finetuned))
+  graphdef, pa = _split(aligned)
+  pf = _split(finetuned)[1]
   allowed = edit_mask(pa["blocks"], k)
   n_param = sum(int(v.size) for v in jax.tree.leaves(pa["blocks"]))  # official get_total_param
   per_step = int(math.ceil(n_param * cfg.rate))
@@ -151,9 +162,8 @@ def restore_safety(aligned, finetuned, harmful: sft.TokenizedSet, cfg: RestoreCo
   harm = _batches(harmful, cfg.batch_size)
   d_h = jnp.asarray(refusal.prompt_features(aligned, harmful, k).mean(0))
   can_rollback = benign is not None and len(benign) > 0
-  if can_rollback:
-    ben = _batches(benign, cfg.batch_size)
-    d_b = jnp.asarray(refusal.prompt_features(finetuned, benign, k).mean(0))
+  if can_rollback:  # the benign batches and direction d_b
+    ben, d_b = _batches(benign, cfg.batch_size), jnp.asarray(refusal.prompt_features(finetuned, benign, k).mean(0))
 
   def step(theta, acc, i, phase):
     value, g = grad_fn(theta, *harm, d_h)
@@ -175,8 +185,7 @@ def restore_safety(aligned, finetuned, harmful: sft.TokenizedSet, cfg: RestoreCo
 
   model_of = lambda p: nnx.merge(graphdef, p)
   history, checkpoints = [], []
-  report = {"edited_layers": k, "per_step": per_step, "restarted": False, "task_before": None,
-            "task_warmup": None}
+  report = {"edited_layers": k, "per_step": per_step, "restarted": False, "task_before": None, "task_warmup": None}
   minimum, previous, chosen = None, (pf, 0), None
 
   def checkpoint(theta, at, score=None) -> bool:
@@ -214,9 +223,67 @@ def restore_safety(aligned, finetuned, harmful: sft.TokenizedSet, cfg: RestoreCo
       if checkpoint(theta, i + 1):
         break
   chosen_theta, chosen_step = chosen if chosen is not None else (theta, cfg.steps)
-  scores = {0: report["task_before"], **{c["step"]: c["task"] for c in checkpoints}}
-  changed = jax.tree.map(lambda c, f: c != f, chosen_theta["blocks"], pf["blocks"])
-  report.update(history=history, checkpoints=checkpoints, checkpoint=chosen_step,
-                task_after=scores.get(chosen_step), restored_weights=_count(changed),
-                rolled_back=sum(r["rolled_back"] for r in history))
+  _finish_report(report, history, checkpoints, chosen_theta, chosen_step, pf)
   return model_of(chosen_theta), report
+
+
+def _finish_report(report: dict, history: list, checkpoints: list, theta: dict, at: int, pf: dict) -> None:
+  scores = {0: report["task_before"], **{c["step"]: c["task"] for c in checkpoints}}
+  changed = jax.tree.map(lambda c, f: c != f, theta["blocks"], pf["blocks"])
+  report.update(history=history, checkpoints=checkpoints, checkpoint=at, task_after=scores.get(at),
+                restored_weights=_count(changed), rolled_back=sum(r["rolled_back"] for r in history))
+
+
+# ---------------------------------------------------------------- the defence
+
+def posthoc(env, root: str, aligned_dir: str, tuned_dir: str, user) -> tuple[str, dict]:
+  """Restores the align-then-fine-tune model toward the aligned one: the benign direction comes from up to
+  256 benign user prompts (the official task training prompts); the task metric for the restart rule and
+  the checkpoint choice is the finetune accuracy on 64 labelled benign user examples."""
+  c = env.c
+  if finished(root, "restore"):
+    return model_dir(root, "restore"), {}
+  load = lambda path: load_hf(path, c.model.param_dtype, env.mesh, rules=env.rules)
+  aligned_model, finetuned = load(aligned_dir), load(tuned_dir)
+  harmful = refusal.tokenize_prompts(env.load(c.reft.probe_harmful, c.reft.probe_size), env.tokenizer,
+                                     c.data.seq_len, c.data.template)
+  plain = [e for e in user if not e.meta.get("is_harmful")]
+  benign = (refusal.tokenize_prompts(plain[:256], env.tokenizer, c.data.seq_len, c.data.template)
+            if plain else None)
+  labelled = [e for e in plain if "label" in e.meta][:64]
+  metric = None
+  if labelled:
+    prompts = [sft.format_prompt(e, c.data.template, env.tokenizer) for e in labelled]
+
+    def metric(model):
+      answers = generate_texts(model, env.tokenizer, prompts, batch_size=c.eval.batch_size,
+                               max_new_tokens=c.eval.task_max_new_tokens or c.eval.max_new_tokens)
+      return percent(task_correct(e.meta.get("task", "sst2"), a, str(e.meta["label"]), c.eval.fa_match)
+                     for e, a in zip(labelled, answers))
+
+  r = c.restore
+  cfg = RestoreConfig(rate=r.rate, steps=r.steps, warmup_steps=r.warmup_steps, rollback_frac=r.rollback_frac,
+                      min_task_ratio=r.min_task_ratio)
+  model, report = restore_safety(aligned_model, finetuned, harmful, cfg, metric, benign)
+  save_hf(model, model_dir(root, "restore"), env.tokenizer)
+  keys = ("edited_layers", "per_step", "restored_weights", "rolled_back", "restarted", "checkpoint",
+          "task_before", "task_warmup", "task_after")
+  return model_dir(root, "restore"), {"restore": {k: report.get(k) for k in keys}}
+
+
+def _validate(c):
+  rs = c.restore
+  check(0 < rs.rate <= 1, "restore.rate", rs.rate, "must lie in (0, 1]")
+  check(rs.steps >= 1 and 0 <= rs.warmup_steps <= rs.steps, "restore.steps/warmup_steps",
+        (rs.steps, rs.warmup_steps), "steps must be >= 1 and 0 <= warmup_steps <= steps")
+  check(0 <= rs.rollback_frac <= 1, "restore.rollback_frac", rs.rollback_frac, "must lie in [0, 1]")
+  check(0 < rs.min_task_ratio <= 1, "restore.min_task_ratio", rs.min_task_ratio, "must lie in (0, 1]")
+
+
+RESTORE = register(Defence(
+    "restore", "align-then-fine-tune, then a share of the weights restored toward the aligned model",
+    finetune=user_sft("sft_aligned"), align=aligned_stage, posthoc=posthoc, section="restore",
+    # Per-step restore share, warm-up steps, rollback share; restart from the fine-tuned weights when the
+    # task metric falls below min_task_ratio x the original.
+    defaults={"rate": 0.002, "steps": 20, "warmup_steps": 5, "rollback_frac": 0.2, "min_task_ratio": 0.95},
+    validate=_validate, source="Yang et al., IEEE S&P 2025; kangyangWHU/LLMAlignment"))

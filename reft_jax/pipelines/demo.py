@@ -13,99 +13,30 @@ aligned models, the ReFT teacher) are trained once and reused by every cell and 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
-import time
 
 import numpy as np
 
 from reft_jax import distributed as dist
-from reft_jax import experiment
-from reft_jax.config import csv_list
+from reft_jax.config import check, csv_list
+from reft_jax.defences import names as defence_names
 from reft_jax.eval import stats
-from reft_jax.methods import sft as sft_method
-from reft_jax.methods import suite
+from reft_jax.pipelines.suite import compare, write_json
 
 log = logging.getLogger(__name__)
 
 
-def ensure_base(c, workdir: str, mesh, rules) -> str:
-  """model.hf_path, or the safety world's base model pretrained into workdir/base."""
-  if c.model.hf_path:
-    return c.model.hf_path
-  pc = suite.with_updates(c, **{
-      "method": "pretrain", "data.source": "world:pretrain", "data.attack": "none",
-      "train.num_steps": c.demo.pretrain_steps, "train.batch_size": 32, "train.lr": 3e-3,
-      "train.warmup_steps": 30, "model.arch": c.demo.arch})
-  if not suite.finished(workdir, "base"):
-    examples = experiment.read_examples(pc)
-    tokenizer = experiment.get_tokenizer(pc, workdir, examples)
-    out = sft_method.train_and_export(pc, workdir, "base", examples, tokenizer, mesh, rules, loss_on="all")
-    if out["stopped"]:
-      raise suite.Stopped("base")
-  return suite.model_dir(workdir, "base")
-
-
-def _evaluate(env, c, workdir, name, model_path, extra):
-  model = experiment.load_frozen(c, model_path, env.mesh, env.rules)
-  return experiment.evaluate_and_record(suite.with_updates(c, **{"eval.name": name}), workdir, model,
-                                        env.tokenizer, env.mesh, name, extra)
-
-
-def compare(c, workdir: str, methods: list[str], ps: list[float], seeds: list[int], *, cell_dirs: bool,
-            reference: bool = False) -> dict:
-  """Trains and evaluates every (method, p, seed); returns results.json's content."""
-  t0 = time.perf_counter()
-  mesh, rules = experiment.setup_mesh(c)
-  base_path = ensure_base(c, workdir, mesh, rules)
-  t_base = time.perf_counter() - t0
-  c = suite.with_updates(c, **{"model.hf_path": base_path})
-  env = suite.Env(c, mesh, rules, experiment.get_tokenizer(c, workdir, []), base_path, workdir)
-  names = {}
-  if reference:  # the aligned model before any user data
-    start = time.perf_counter()
-    path = suite.aligned(env)
-    _evaluate(env, c, workdir, "aligned", path, {"wall_seconds": time.perf_counter() - start,
-                                                          "filter": None})
-    names["aligned"] = None
-  for seed in seeds:
-    for p in ps:
-      cell_c = suite.with_updates(c, **{"data.p": p, "seed": seed})
-      env.c = cell_c
-      user = experiment.read_examples(cell_c)
-      for method in methods:
-        name = f"{method}|p={p:g}|seed={seed}" if cell_dirs else method
-        root = os.path.join(workdir, f"p{p:g}_seed{seed}") if cell_dirs else workdir
-        start = time.perf_counter()
-        path, extra = suite.run_method(method, env, root, user)
-        extra = {"filter": None, **extra, "wall_seconds": time.perf_counter() - start,
-                 "method": method, "p": p, "seed": seed}
-        _evaluate(env, cell_c, workdir, name, path, extra)
-        names[name] = (method, p, seed)
-  with open(os.path.join(workdir, "results.json")) as f:
-    results = json.load(f)
-  results["base_seconds"] = t_base
-  results["total_seconds"] = time.perf_counter() - t0
-  if dist.is_primary():
-    _write_json(os.path.join(workdir, "results.json"), results)
-  dist.barrier("compare")
-  return results
-
-
-def run_demo(c, workdir: str, hooks=()) -> dict:
+def run_demo(c, workdir: str) -> dict:
   """One seed: runs named by method (as before seeds existed). Several: one cell directory per seed,
   the table gives mean [95% t-interval] over seeds; one seed gives Wilson intervals over prompts."""
   methods, seeds = csv_list(c.demo.methods), csv_list(c.demo.seeds, int)
-  try:
-    results = compare(c, workdir, methods, [c.data.p], seeds, cell_dirs=len(seeds) > 1, reference=True)
-  except suite.Stopped:
-    return {"stopped": True, "history": []}
+  results = compare(c, workdir, methods, [c.data.p], seeds, cell_dirs=len(seeds) > 1, reference=True)
   summary = summarize_methods(results["runs"], ["aligned", *methods])
   results["summary"] = summary
   if not dist.is_primary():
-    return {"stopped": False, "history": [], "results": results}
-  _write_json(os.path.join(workdir, "results.json"), results)
+    return {"results": results}
+  write_json(os.path.join(workdir, "results.json"), results)
   table = summary_table(summary, results["runs"])
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table + "\n")
@@ -115,14 +46,7 @@ def run_demo(c, workdir: str, hooks=()) -> dict:
       os.path.join(workdir, "results.png"),
       f"Safety world: {c.data.n} user examples, {c.data.p:.0%} harmful ({c.data.attack}), "
       f"{len(seeds)} seed(s)")
-  return {"stopped": False, "history": [], "results": results}
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  return {"results": results}
 
 
 def summarize_methods(runs: dict, methods: list[str]) -> dict:
@@ -163,12 +87,9 @@ def summary_table(summary: dict, runs: dict) -> str:
   return "\n".join(lines)
 
 
-def run_sweep(c, workdir: str, hooks=()) -> dict:
+def run_sweep(c, workdir: str) -> dict:
   methods, ps, seeds = csv_list(c.sweep.methods), csv_list(c.sweep.p, float), csv_list(c.sweep.seeds, int)
-  try:
-    results = compare(c, workdir, methods, ps, seeds, cell_dirs=True)
-  except suite.Stopped:
-    return {"stopped": True, "history": []}
+  results = compare(c, workdir, methods, ps, seeds, cell_dirs=True)
   table = sweep_table(results["runs"], methods, ps)
   cells: dict = {}
   for r in results["runs"].values():
@@ -176,15 +97,15 @@ def run_sweep(c, workdir: str, hooks=()) -> dict:
       cells.setdefault(f"{r['method']}|p={r['p']:g}", []).append(r)
   results["summary"] = {k: stats.summarize(v) for k, v in cells.items()}
   if not dist.is_primary():
-    return {"stopped": False, "history": [], "results": results}
-  _write_json(os.path.join(workdir, "results.json"), results)
+    return {"results": results}
+  write_json(os.path.join(workdir, "results.json"), results)
   with open(os.path.join(workdir, "sweep.md"), "w") as f:
     f.write(table["markdown"] + "\n")
   with open(os.path.join(workdir, "sweep.csv"), "w", newline="") as f:
     csv.writer(f).writerows(table["rows"])
   plot_sweep(table["cells"], methods, ps, os.path.join(workdir, "sweep.png"))
   print(table["markdown"])
-  return {"stopped": False, "history": [], "results": results}
+  return {"results": results}
 
 
 def sweep_table(runs: dict, methods: list[str], ps: list[float]) -> dict:
@@ -273,3 +194,20 @@ def plot_results(runs: dict[str, dict], path: str, title: str = "") -> str:
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
+
+
+def validate(c) -> None:
+  """demo and sweep."""
+  for section in ("demo", "sweep"):
+    bad = [m for m in csv_list(c[section].methods) if m not in defence_names()]
+    check(bool(csv_list(c[section].methods)) and not bad, f"{section}.methods", c[section].methods,
+          f"each must be one of {defence_names()}")
+  try:
+    ps = csv_list(c.sweep.p, float)
+    csv_list(c.sweep.seeds, int) + csv_list(c.demo.seeds, int)
+  except ValueError:
+    check(False, "sweep.p/seeds, demo.seeds", (c.sweep.p, c.sweep.seeds, c.demo.seeds),
+          "must be comma-separated numbers")
+  check(bool(csv_list(c.demo.seeds)) and bool(csv_list(c.sweep.seeds)), "demo.seeds/sweep.seeds",
+        (c.demo.seeds, c.sweep.seeds), "must name at least one seed")
+  check(all(0 <= p <= 1 for p in ps), "sweep.p", c.sweep.p, "ratios must lie in [0, 1]")

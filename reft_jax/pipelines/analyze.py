@@ -14,7 +14,9 @@ import os
 import numpy as np
 
 from reft_jax import distributed as dist
-from reft_jax import experiment, refusal
+from reft_jax import refusal
+from reft_jax.data.load import get_tokenizer, load
+from reft_jax.model.build import load_frozen, setup_mesh
 from reft_jax.config import csv_list
 from reft_jax.data import assets
 
@@ -22,7 +24,7 @@ from reft_jax.data import assets
 def _load_many(c, specs: str, limit: int):
   out = []
   for spec in csv_list(specs):
-    out += experiment.load(c, spec, limit)
+    out += load(c, spec, limit)
   return out
 
 
@@ -32,11 +34,11 @@ def recall_at_fpr(harm: np.ndarray, safe: np.ndarray, fpr: float) -> float:
   return float(np.mean(harm > tau))
 
 
-def run(c, workdir: str, hooks=()) -> dict:
+def run(c, workdir: str) -> dict:
   a = c.analyze
-  mesh, rules = experiment.setup_mesh(c)
-  tokenizer = experiment.get_tokenizer(c, workdir, [])
-  model = experiment.load_frozen(c, c.model.hf_path, mesh, rules)
+  mesh, rules = setup_mesh(c)
+  tokenizer = get_tokenizer(c, workdir, [])
+  model = load_frozen(c, c.model.hf_path, mesh, rules)
   sets = {name: _load_many(c, getattr(a, name), a.n_train if name.endswith("train") else a.n_eval)
           for name in ("harmful_train", "harmless_train", "harmful_eval", "harmless_eval", "task_eval")}
   # Held-out means held out: drop evaluation prompts that (nearly) repeat a training prompt.

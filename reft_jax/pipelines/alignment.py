@@ -22,7 +22,11 @@ import numpy as np
 
 from reft_jax.config import BUILD_ALIGNMENT
 from reft_jax.data import sft
-from reft_jax.data.safety_world import write_jsonl
+from reft_jax.data.formats import write_jsonl
+from reft_jax.data.load import get_tokenizer, load
+from reft_jax.eval.judges import is_refusal
+from reft_jax.generate import generate_texts
+from reft_jax.model.build import load_frozen, setup_mesh
 
 log = logging.getLogger(__name__)
 
@@ -67,26 +71,23 @@ def helpful_answers(harmless: list[sft.Example], answer_fn, is_refusal) -> tuple
 
 def build(c, out_dir: str, mesh=None, rules=None) -> str:
   """Writes out_dir/alignment.jsonl from c.alignment (skipped when it exists); returns its path."""
-  from reft_jax import experiment
-  from reft_jax.eval.judges import is_refusal
-  from reft_jax.generate import generate_texts
 
   path = os.path.join(out_dir, "alignment.jsonl")
   if os.path.exists(path):
     return path
   a = c.alignment
   start = time.perf_counter()
-  harmful = experiment.load(c, a.harmful, a.n_harmful)
-  harmless = experiment.load(c, a.harmless, a.n_harmless)
+  harmful = load(c, a.harmful, a.n_harmful)
+  harmless = load(c, a.harmless, a.n_harmless)
   if not harmful or not harmless:
     raise ValueError(f"alignment.harmful={a.harmful!r} and alignment.harmless={a.harmless!r} must both "
                      f"give examples; got {len(harmful)} and {len(harmless)}")
-  tokenizer = experiment.get_tokenizer(c, out_dir, [])
+  tokenizer = get_tokenizer(c, out_dir, [])
 
   def answer(examples):
     if not c.model.hf_path:
       raise ValueError("alignment: self-generated answers need the base model (model.hf_path or model.gguf)")
-    model = experiment.load_frozen(c, c.model.hf_path, mesh, rules)
+    model = load_frozen(c, c.model.hf_path, mesh, rules)
     prompts = [sft.format_prompt(e, c.data.template, tokenizer) for e in examples]
     return generate_texts(model, tokenizer, prompts, max_new_tokens=a.max_new_tokens,
                           batch_size=c.eval.batch_size, mesh=mesh, progress=c.log.progress)
@@ -114,9 +115,8 @@ def prepare(c, workdir: str):
   whose reft.alignment names that file. Any other config is returned as it is."""
   if c.reft.alignment != BUILD_ALIGNMENT:
     return c
-  from reft_jax import experiment
 
-  mesh, rules = experiment.setup_mesh(c)
+  mesh, rules = setup_mesh(c)
   path = build(c, os.path.join(workdir, "alignment"), mesh, rules)
   c = c.copy_and_resolve_references()
   with c.unlocked():
