@@ -60,8 +60,21 @@ def worker(args) -> dict:
 
 
 def run_worker(args, variant: str, cache_dir: str = "") -> dict:
-  cmd = [sys.executable, __file__, "--worker", "--preset", args.preset, "--stage", args.stage,
-         "--variant", variant, "--devices", str(args.devices), "--cache_dir", cache_dir]
+  cmd = [
+    sys.executable,
+    __file__,
+    "--worker",
+    "--preset",
+    args.preset,
+    "--stage",
+    args.stage,
+    "--variant",
+    variant,
+    "--devices",
+    str(args.devices),
+    "--cache_dir",
+    cache_dir,
+  ]
   root = os.path.dirname(HERE)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
   r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
@@ -74,8 +87,9 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--preset", default="smollm2", help="a configs/default.py preset")
   ap.add_argument("--stage", default="student", choices=("sft", "teacher", "student"))
-  ap.add_argument("--variants", default="unrolled,scan,scan_remat,scan_chunked_loss",
-                  help=f"comma list of {tuple(VARIANTS)}")
+  ap.add_argument(
+    "--variants", default="unrolled,scan,scan_remat,scan_chunked_loss", help=f"comma list of {tuple(VARIANTS)}"
+  )
   ap.add_argument("--cache", default="scan", help="variant to compile cold then warm ('' to skip)")
   ap.add_argument("--devices", type=int, default=1)
   ap.add_argument("--out", default=os.path.join(HERE, "results", "compile.json"))
@@ -105,12 +119,13 @@ def main():
   print("| variant | trace + lower s | XLA compile s | total s | temp MiB | peak MiB | donated (alias) MiB |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['variant']} | {r['seconds'] - r['compile_seconds']:.1f} | {r['compile_seconds']:.1f} | "
-          f"{r['seconds']:.1f} | {mib(r['temp'])} | {mib(r['peak'])} | {mib(r['alias'])} |")
+    print(
+      f"| {r['variant']} | {r['seconds'] - r['compile_seconds']:.1f} | {r['compile_seconds']:.1f} | "
+      f"{r['seconds']:.1f} | {mib(r['temp'])} | {mib(r['peak'])} | {mib(r['alias'])} |"
+    )
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
-    json.dump({"preset": args.preset, "stage": args.stage, "devices": args.devices, "rows": rows}, f,
-              indent=1)
+    json.dump({"preset": args.preset, "stage": args.stage, "devices": args.devices, "rows": rows}, f, indent=1)
   print(f"\nwrote {args.out}")
 
 

@@ -77,10 +77,29 @@ SMOKE_BOX_S = 60  # every section's time box under --smoke
 MIN_START_S = 10  # a section is skipped when less than this is left of the run's budget
 LORA_TARGETS = "q,k,v,o,gate,up,down"
 # Tiny shapes for --smoke; explicit flags still win.
-SMOKE = dict(layers=2, d=64, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=512, batch=2, seq=32,
-             steps=2, filter_prompts=8, filter_seq=32, filter_batch=4, gen_batch=2, gen_prompt=8, gen_new=4,
-             peak_n=256, peak_reps=4, dtype="float32", budget_s=240.0,
-             out=os.path.join(HERE, "results", "device_smoke.json"))
+SMOKE = dict(
+  layers=2,
+  d=64,
+  heads=4,
+  kv_heads=2,
+  head_dim=16,
+  ffn=128,
+  vocab=512,
+  batch=2,
+  seq=32,
+  steps=2,
+  filter_prompts=8,
+  filter_seq=32,
+  filter_batch=4,
+  gen_batch=2,
+  gen_prompt=8,
+  gen_new=4,
+  peak_n=256,
+  peak_reps=4,
+  dtype="float32",
+  budget_s=240.0,
+  out=os.path.join(HERE, "results", "device_smoke.json"),
+)
 
 
 def parse_args(argv=None):
@@ -147,10 +166,19 @@ def model_config(args):
   from reft_jax.model import ModelConfig
 
   return ModelConfig(
-    family="llama", vocab_size=args.vocab, hidden_size=args.d, intermediate_size=args.ffn,
-    num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
-    rms_norm_eps=1e-5, rope_theta=args.rope_theta, tie_embeddings=args.tie_embeddings,
-    max_position_embeddings=max(2048, args.seq, args.filter_seq, args.gen_prompt + args.gen_new))
+    family="llama",
+    vocab_size=args.vocab,
+    hidden_size=args.d,
+    intermediate_size=args.ffn,
+    num_layers=args.layers,
+    num_heads=args.heads,
+    num_kv_heads=args.kv_heads,
+    head_dim=args.head_dim,
+    rms_norm_eps=1e-5,
+    rope_theta=args.rope_theta,
+    tie_embeddings=args.tie_embeddings,
+    max_position_embeddings=max(2048, args.seq, args.filter_seq, args.gen_prompt + args.gen_new),
+  )
 
 
 def train_flops_per_token(cfg, seq: int, mode: str) -> float:
@@ -195,8 +223,11 @@ def timed_steps(max_steps: int, step_s: float, remaining_s: float, reserve_s: fl
 def _device_memory(jax) -> dict:
   stats = jax.devices()[0].memory_stats() or {}
   gib = lambda k: stats[k] / 2**30 if k in stats else None
-  return {"device_peak_gib": gib("peak_bytes_in_use"), "device_in_use_gib": gib("bytes_in_use"),
-          "device_limit_gib": gib("bytes_limit")}
+  return {
+    "device_peak_gib": gib("peak_bytes_in_use"),
+    "device_in_use_gib": gib("bytes_in_use"),
+    "device_limit_gib": gib("bytes_limit"),
+  }
 
 
 def _max_rss_mb() -> float:
@@ -216,8 +247,12 @@ def section_peak(args, rec: dict, save) -> None:
   import numpy as np
 
   dev = jax.devices()[0]
-  rec.update(backend=jax.default_backend(), device_kind=dev.device_kind, device_count=jax.device_count(),
-             **common.versions("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"))
+  rec.update(
+    backend=jax.default_backend(),
+    device_kind=dev.device_kind,
+    device_count=jax.device_count(),
+    **common.versions("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"),
+  )
   n, reps, dtype = args.peak_n, args.peak_reps, jnp.dtype(args.dtype)
   k1, k2 = jax.random.split(jax.random.key(0))
   x = jax.random.normal(k1, (n, n), jnp.float32).astype(dtype)
@@ -234,9 +269,17 @@ def section_peak(args, rec: dict, save) -> None:
     out = chain(x, w).block_until_ready()
     times.append(time.perf_counter() - t0)
   flops = 2.0 * n**3 * reps
-  rec.update(n=n, reps=reps, dtype=str(dtype), best_s=min(times), times=times, flops_per_s=flops / min(times),
-             tflops=flops / min(times) / 1e12, finite=bool(jnp.isfinite(out.astype(jnp.float32)).all()),
-             **_device_memory(jax))
+  rec.update(
+    n=n,
+    reps=reps,
+    dtype=str(dtype),
+    best_s=min(times),
+    times=times,
+    flops_per_s=flops / min(times),
+    tflops=flops / min(times) / 1e12,
+    finite=bool(jnp.isfinite(out.astype(jnp.float32)).all()),
+    **_device_memory(jax),
+  )
   save()
 
 
@@ -247,10 +290,12 @@ def _run_options(args, attention: str, mode: str, frozen: bool):
     return RunOptions(dtype=args.dtype, param_dtype=args.dtype, scan_layers=args.scan, attention=attention)
   lora = None
   if mode == "lora":
-    lora = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank,
-                      targets=tuple(t for t in args.lora_targets.split(",") if t))
-  return RunOptions(dtype=args.dtype, param_dtype="float32", scan_layers=args.scan, remat=args.remat,
-                    lora=lora, attention=attention)
+    lora = LoraConfig(
+      rank=args.lora_rank, alpha=2.0 * args.lora_rank, targets=tuple(t for t in args.lora_targets.split(",") if t)
+    )
+  return RunOptions(
+    dtype=args.dtype, param_dtype="float32", scan_layers=args.scan, remat=args.remat, lora=lora, attention=attention
+  )
 
 
 def init_params(cfg, options, seed: int):
@@ -291,8 +336,9 @@ def train_runner(name: str, cfg, args, attention: str, rec: dict, save) -> commo
   rng = np.random.default_rng(0)
   t0 = time.perf_counter()
   graphdef, params = init_params(cfg, _run_options(args, attention, mode, False), seed=0)
-  tx, sched, labels = make_optimizer(params, lr=1e-5, num_steps=10**6, schedule="constant", weight_decay=0.01,
-                                     grad_clip=1.0, mode=mode)
+  tx, sched, labels = make_optimizer(
+    params, lr=1e-5, num_steps=10**6, schedule="constant", weight_decay=0.01, grad_clip=1.0, mode=mode
+  )
   state, state_sh = init_train_state(params, tx, mesh)
   trainable = [x for x, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels)) if l == TRAINABLE]
   rec.update(params=_count(params), trainable_params=int(sum(x.size for x in trainable)))
@@ -403,8 +449,7 @@ def run_section(args) -> dict:
       flops, units, unit = section_flops(args.section, cfg, args)
       rec.update(flops_per_step=flops, units_per_step=units, unit=unit)
       if kind == "train":
-        rec.update(batch=args.batch, seq=args.seq, scan=args.scan, remat=args.remat,
-                   loss_chunk=args.loss_chunk)
+        rec.update(batch=args.batch, seq=args.seq, scan=args.scan, remat=args.remat, loss_chunk=args.loss_chunk)
         runner = train_runner(args.section, cfg, args, attention, rec, save)
       else:
         runner = forward_runner(args.section, cfg, args, attention, rec)
@@ -416,9 +461,18 @@ def run_section(args) -> dict:
       n = timed_steps(args.steps, est, args.deadline - time.time())
       m = common.measure({args.section: runner}, warmup=1, steps=n)[args.section]
       step_s = m["step_s"]
-      rec.update(steps_timed=n, times=m["times"], step_s=step_s, step_ms=1000 * step_s,
-                 units_per_s=units / step_s, flops_per_s=flops / step_s, tflops=flops / step_s / 1e12,
-                 rss_delta_mb=m["rss_delta_mb"], max_rss_mb=_max_rss_mb(), **_device_memory(jax))
+      rec.update(
+        steps_timed=n,
+        times=m["times"],
+        step_s=step_s,
+        step_ms=1000 * step_s,
+        units_per_s=units / step_s,
+        flops_per_s=flops / step_s,
+        tflops=flops / step_s / 1e12,
+        rss_delta_mb=m["rss_delta_mb"],
+        max_rss_mb=_max_rss_mb(),
+        **_device_memory(jax),
+      )
       if kind == "forward":  # its first call compiled
         rec["compile_s"] = max(first - step_s, 0.0)
       if args.section == "gen":
@@ -428,8 +482,7 @@ def run_section(args) -> dict:
         rec["weight_read_tb_per_s"] = cfg.num_params() * _itemsize(args.dtype) * args.gen_new / step_s / 1e12
     rec["status"] = "ok"
   except BaseException as e:  # noqa: BLE001 -- the record must say what stopped the section
-    rec.update(status="error", error=f"{type(e).__name__}: {e}"[:4000],
-               traceback=traceback.format_exc()[-4000:])
+    rec.update(status="error", error=f"{type(e).__name__}: {e}"[:4000], traceback=traceback.format_exc()[-4000:])
     save()
     raise
   save()
@@ -485,8 +538,9 @@ def run_child(cmd: list[str], limit_s: float, result_path: str, env_extra: dict 
   env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
   env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
   t0 = time.perf_counter()
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
-                          start_new_session=True)  # its own process group: a time-out kills all of it
+  proc = subprocess.Popen(
+    cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env, start_new_session=True
+  )  # its own process group: a time-out kills all of it
   _CHILD.update(proc=proc, result=result_path)
   tail: collections.deque = collections.deque(maxlen=30)
 
@@ -529,8 +583,7 @@ def run_with_fallback(run, name: str, attention: str, left_s) -> dict:
   """run(attention) -> record. A cuDNN section that errors (not a time-out) is rerun once with XLA
   attention while time is left; the record keeps the cuDNN error."""
   rec = run(attention)
-  if (rec.get("status") == "error" and attention == "cudnn" and SECTIONS[name][0] != "peak"
-      and left_s() >= MIN_START_S):
+  if rec.get("status") == "error" and attention == "cudnn" and SECTIONS[name][0] != "peak" and left_s() >= MIN_START_S:
     retry = run("dpa")
     retry["cudnn_error"] = rec.get("error")
     retry["cudnn_attempt_s"] = rec.get("wall_s")
@@ -541,8 +594,11 @@ def run_with_fallback(run, name: str, attention: str, left_s) -> dict:
 def derive(out: dict) -> None:
   """MFU of every section against the given peak or the larger measured one."""
   secs = out["sections"]
-  measured = [secs[p]["flops_per_s"] for p in ("peak", "peak_end")
-              if secs.get(p, {}).get("status") == "ok" and secs[p].get("flops_per_s")]
+  measured = [
+    secs[p]["flops_per_s"]
+    for p in ("peak", "peak_end")
+    if secs.get(p, {}).get("status") == "ok" and secs[p].get("flops_per_s")
+  ]
   peak = out["args"]["peak_flops"] or (max(measured) if measured else None)
   out["peak_flops"] = peak
   out["peak_source"] = "given" if out["args"]["peak_flops"] else ("measured" if peak else None)
@@ -558,8 +614,9 @@ def _nvidia_smi() -> str | None:
     return None
   q = "name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.draw,temperature.gpu"
   try:
-    r = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True,
-                       text=True, timeout=20)
+    r = subprocess.run(
+      ["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+    )
     return r.stdout.strip() or r.stderr.strip()
   except (OSError, subprocess.SubprocessError) as e:
     return f"nvidia-smi failed: {e}"
@@ -567,19 +624,40 @@ def _nvidia_smi() -> str | None:
 
 def environment() -> dict:
   return {
-    "python": platform.python_version(), "cpu": common.cpu_model(), "cores": common.num_cores(),
-    "loadavg_start": os.getloadavg()[0], "nvidia_smi_start": _nvidia_smi(),
+    "python": platform.python_version(),
+    "cpu": common.cpu_model(),
+    "cores": common.num_cores(),
+    "loadavg_start": os.getloadavg()[0],
+    "nvidia_smi_start": _nvidia_smi(),
     **{k: os.environ.get(k, "") for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION", "JAX_PLATFORMS")},
-    **common.versions("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax",
-                      "orbax-checkpoint", "transformers", "torch", "numpy", "ml-collections"),
+    **common.versions(
+      "jax",
+      "jaxlib",
+      "jax-cuda13-plugin",
+      "jax-cuda12-plugin",
+      "flax",
+      "optax",
+      "orbax-checkpoint",
+      "transformers",
+      "torch",
+      "numpy",
+      "ml-collections",
+    ),
   }
 
 
 COLUMNS = [
-  ("name", "section", ""), ("status", "status", ""), ("attention", "attention", ""),
-  ("step_ms", "ms/step", ".1f"), ("units_per_s", "units/s", ",.0f"), ("unit", "unit", ""),
-  ("tflops", "TFLOP/s", ".3g"), ("mfu_pct", "MFU %", ".1f"), ("compile_s", "compile s", ".1f"),
-  ("device_peak_gib", "peak GiB", ".1f"), ("wall_s", "wall s", ".0f"),
+  ("name", "section", ""),
+  ("status", "status", ""),
+  ("attention", "attention", ""),
+  ("step_ms", "ms/step", ".1f"),
+  ("units_per_s", "units/s", ",.0f"),
+  ("unit", "unit", ""),
+  ("tflops", "TFLOP/s", ".3g"),
+  ("mfu_pct", "MFU %", ".1f"),
+  ("compile_s", "compile s", ".1f"),
+  ("device_peak_gib", "peak GiB", ".1f"),
+  ("wall_s", "wall s", ".0f"),
 ]
 
 
@@ -588,14 +666,18 @@ def drive(args, argv: list[str]) -> int:
   names = [s for s in SECTIONS if s in args.sections.split(",")]  # run in SECTIONS' order
   box = {n: SMOKE_BOX_S if args.smoke else SECTIONS[n][1] for n in names}
   out = {
-    "schema": SCHEMA, "status": "running", "smoke": args.smoke,
+    "schema": SCHEMA,
+    "status": "running",
+    "smoke": args.smoke,
     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     "command": " ".join([os.path.relpath(__file__, ROOT), *argv]),
     "args": {k: v for k, v in vars(args).items() if k not in ("section", "deadline", "result")},
     "env": environment(),
-    "model": {k: getattr(args, k) for k in ("layers", "d", "heads", "kv_heads", "head_dim", "ffn", "vocab",
-                                              "tie_embeddings")},
-    "time_boxes_s": box, "sections": {},
+    "model": {
+      k: getattr(args, k) for k in ("layers", "d", "heads", "kv_heads", "head_dim", "ffn", "vocab", "tie_embeddings")
+    },
+    "time_boxes_s": box,
+    "sections": {},
   }
   _write_json(args.out, out)
   print(f"device benchmark -> {args.out}; sections {names}; budget {args.budget_s:.0f} s", flush=True)
@@ -625,8 +707,19 @@ def drive(args, argv: list[str]) -> int:
       def run(att, name=name):
         limit = max(1.0, min(box[name], left()))
         path = os.path.join(workdir, f"{name}_{att}.json")
-        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--section", name, "--attention", att,
-               "--deadline", f"{time.time() + limit:.1f}", "--result", path]
+        cmd = [
+          sys.executable,
+          os.path.abspath(__file__),
+          *argv,
+          "--section",
+          name,
+          "--attention",
+          att,
+          "--deadline",
+          f"{time.time() + limit:.1f}",
+          "--result",
+          path,
+        ]
         print(f"[{time.perf_counter() - start:6.1f} s] {name} ({att}, time box {limit:.0f} s)", flush=True)
         return run_child(cmd, limit, path, env_extra)
 
@@ -656,8 +749,7 @@ def drive(args, argv: list[str]) -> int:
   out["wall_s"] = time.perf_counter() - start
   out["env"].update(loadavg_end=os.getloadavg()[0], nvidia_smi_end=_nvidia_smi())
   _write_json(args.out, out)
-  rows = [{"name": n, **r, "mfu_pct": 100 * r["mfu"] if r.get("mfu") else None}
-          for n, r in out["sections"].items()]
+  rows = [{"name": n, **r, "mfu_pct": 100 * r["mfu"] if r.get("mfu") else None} for n, r in out["sections"].items()]
   for r in rows:
     if SECTIONS[r["name"]][0] == "peak" and r.get("status") == "ok":
       r["unit"] = f"{r['dtype']} {r['n']}^3 matmul"

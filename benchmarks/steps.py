@@ -81,9 +81,7 @@ def parse_args(argv=None):
     "may use. On a shared machine 1 thread can beat 2 by far (threads wait for descheduled peers)",
   )
   ap.add_argument("--peak_flops", type=float, default=0.0, help="per-device peak FLOP/s; 0 = measure")
-  ap.add_argument(
-    "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "steps.json")
-  )
+  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "steps.json"))
   args = ap.parse_args(argv)
   if args.warmup < 1 or args.steps < 1:
     ap.error("--warmup and --steps must be >= 1 (the first call compiles)")
@@ -204,11 +202,7 @@ def jax_train(bench: str, cfg, opts, chunk: int, args) -> common.Runner:
   batch_sh = batch_shardings(batch, mesh)
   batch = jax.device_put(batch, batch_sh)
   step = jit_step(
-    make_train_step(graphdef, tx, loss_fn, sched, labels, 1, frozen_graphdef),
-    state_sh,
-    batch_sh,
-    mesh,
-    frozen_sh,
+    make_train_step(graphdef, tx, loss_fn, sched, labels, 1, frozen_graphdef), state_sh, batch_sh, mesh, frozen_sh
   )
   extra = () if frozen is None else (frozen,)
   t0 = time.perf_counter()
@@ -223,11 +217,7 @@ def jax_train(bench: str, cfg, opts, chunk: int, args) -> common.Runner:
 
   xla_temp = getattr(mem, "temp_size_in_bytes", 0) / 2**20 if mem else None
   return common.Runner(
-    run,
-    jax.block_until_ready,
-    compile_s,
-    {"xla_temp_mb": xla_temp},
-    lambda: {"device_peak_mb": _device_peak_mb(jax)},
+    run, jax.block_until_ready, compile_s, {"xla_temp_mb": xla_temp}, lambda: {"device_peak_mb": _device_peak_mb(jax)}
   )
 
 
@@ -245,9 +235,7 @@ def jax_forward(bench: str, cfg, opts, args) -> common.Runner:
   if bench == "filter":
     n, t = args.filter_prompts, args.seq
     tokens = rng.integers(4, args.vocab, size=(n, t)).astype(np.int32)
-    data = sft.TokenizedSet(
-      tokens, np.zeros_like(tokens), np.ones_like(tokens), 0, np.full((n,), t - 1, np.int32)
-    )
+    data = sft.TokenizedSet(tokens, np.zeros_like(tokens), np.ones_like(tokens), 0, np.full((n,), t - 1, np.int32))
     run = lambda: refusal.prompt_features(model, data, cfg.num_layers // 2, batch_size=args.filter_batch)
   else:
     p = args.seq // 2
@@ -255,9 +243,7 @@ def jax_forward(bench: str, cfg, opts, args) -> common.Runner:
     run = lambda: generate.generate(
       model, tokens, np.ones_like(tokens), max_new_tokens=args.seq - p, eos_id=-1, pad_id=0
     )
-  return common.Runner(
-    run, jax.block_until_ready, after_warmup=lambda: {"device_peak_mb": _device_peak_mb(jax)}
-  )
+  return common.Runner(run, jax.block_until_ready, after_warmup=lambda: {"device_peak_mb": _device_peak_mb(jax)})
 
 
 # ---------------------------------------------------------------- PyTorch + transformers
@@ -307,9 +293,7 @@ def torch_train(bench: str, args, compile_: bool, device: str) -> common.Runner:
 
   def ce_sum(logits, tokens, loss_mask):
     w = loss_mask[:, 1:].float()
-    nll = F.cross_entropy(
-      logits[:, :-1].float().reshape(-1, args.vocab), tokens[:, 1:].reshape(-1), reduction="none"
-    )
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, args.vocab), tokens[:, 1:].reshape(-1), reduction="none")
     return (nll * w.reshape(-1)).sum(), w.sum().clamp(min=1)
 
   if bench == "sft":
@@ -530,15 +514,7 @@ def run_all(args) -> dict:
     "measured_peaks": {"start": peaks_start, "end": peaks_end},
     "model": {
       k: getattr(cfg, k)
-      for k in (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_layers",
-        "num_heads",
-        "num_kv_heads",
-        "head_dim",
-      )
+      for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
     },
     "rows": rows,
   }

@@ -59,12 +59,18 @@ def validate_core(c: ml_collections.ConfigDict) -> None:
   check(t.loss_chunk >= 0, "train.loss_chunk", t.loss_chunk, "must be >= 0 (0 = unchunked)")
   check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
   check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1/b2", (t.b1, t.b2), "must lie in [0, 1)")
-  check(t.schedule in ("constant", "linear", "cosine"), "train.schedule", t.schedule,
-        "must be constant, linear or cosine")
-  check(t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
-        f"must divide train.batch_size={t.batch_size}")
-  check(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", c.checkpoint.every_steps,
-        "must be >= 0 (0 = only at the end)")
+  check(
+    t.schedule in ("constant", "linear", "cosine"), "train.schedule", t.schedule, "must be constant, linear or cosine"
+  )
+  check(
+    t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum, f"must divide train.batch_size={t.batch_size}"
+  )
+  check(
+    c.checkpoint.every_steps >= 0,
+    "checkpoint.every_steps",
+    c.checkpoint.every_steps,
+    "must be >= 0 (0 = only at the end)",
+  )
   check(c.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", c.checkpoint.max_to_keep, "must be >= 1")
   for f in ("data", "fsdp", "tensor"):
     v = c.mesh[f]

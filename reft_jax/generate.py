@@ -29,8 +29,16 @@ def _compiled(graphdef, max_new: int, eos_id: int, pad_id: int, temperature: flo
 
     rng, key = jax.random.split(rng)
     # Left padding puts every prompt's last real token in the last column.
-    init = (jnp.int32(0), cache, kv_mask, pick(logits[:, -1], key), jnp.sum(mask_BP, axis=1),
-            jnp.zeros((b,), bool), jnp.full((b, max_new), pad_id, jnp.int32), rng)
+    init = (
+      jnp.int32(0),
+      cache,
+      kv_mask,
+      pick(logits[:, -1], key),
+      jnp.sum(mask_BP, axis=1),
+      jnp.zeros((b,), bool),
+      jnp.full((b, max_new), pad_id, jnp.int32),
+      rng,
+    )
 
     def cond(s):
       return (s[0] < max_new) & ~jnp.all(s[5])
@@ -50,8 +58,17 @@ def _compiled(graphdef, max_new: int, eos_id: int, pad_id: int, temperature: flo
   return jax.jit(run)
 
 
-def generate(model: Transformer, tokens_BP, mask_BP, *, max_new_tokens: int, eos_id: int, pad_id: int,
-             temperature: float = 0.0, seed: int = 0) -> np.ndarray:
+def generate(
+  model: Transformer,
+  tokens_BP,
+  mask_BP,
+  *,
+  max_new_tokens: int,
+  eos_id: int,
+  pad_id: int,
+  temperature: float = 0.0,
+  seed: int = 0,
+) -> np.ndarray:
   """New tokens [B, max_new_tokens]; after EOS (included) every position holds pad_id.
 
   tokens_BP must be left-padded (see left_pad); a sharded model and batch stay sharded, and every
@@ -59,8 +76,11 @@ def generate(model: Transformer, tokens_BP, mask_BP, *, max_new_tokens: int, eos
   """
   graphdef, params = nnx.split(model)
   fn = _compiled(graphdef, int(max_new_tokens), int(eos_id), int(pad_id), float(temperature))
-  return to_host(fn(nnx.to_pure_dict(params), jnp.asarray(tokens_BP, jnp.int32),
-                    jnp.asarray(mask_BP, jnp.int32), jax.random.key(seed)))
+  return to_host(
+    fn(
+      nnx.to_pure_dict(params), jnp.asarray(tokens_BP, jnp.int32), jnp.asarray(mask_BP, jnp.int32), jax.random.key(seed)
+    )
+  )
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -72,14 +92,23 @@ def left_pad(sequences: list[list[int]], pad_id: int, multiple: int = 8) -> tupl
   mask = np.zeros((len(sequences), width), np.int32)
   for i, s in enumerate(sequences):
     if s:
-      tokens[i, -len(s):] = s
-      mask[i, -len(s):] = 1
+      tokens[i, -len(s) :] = s
+      mask[i, -len(s) :] = 1
   return tokens, mask
 
 
-def generate_texts(model: Transformer, tokenizer, prompts: list[str], *, max_new_tokens: int = 64,
-                   batch_size: int = 32, temperature: float = 0.0, seed: int = 0, mesh=None,
-                   progress: bool = False) -> list[str]:
+def generate_texts(
+  model: Transformer,
+  tokenizer,
+  prompts: list[str],
+  *,
+  max_new_tokens: int = 64,
+  batch_size: int = 32,
+  temperature: float = 0.0,
+  seed: int = 0,
+  mesh=None,
+  progress: bool = False,
+) -> list[str]:
   """Decodes answers to already-formatted prompt strings, batch by batch. With a mesh the batch is
   sharded over its data axes (the last batch is padded to a full one, so shapes stay fixed)."""
   from tqdm.auto import tqdm
@@ -92,7 +121,7 @@ def generate_texts(model: Transformer, tokenizer, prompts: list[str], *, max_new
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   out: list[str] = []
   for start in tqdm(range(0, len(encoded), batch_size), disable=not progress, desc="generate"):
-    chunk = encoded[start:start + batch_size]
+    chunk = encoded[start : start + batch_size]
     n = len(chunk)
     chunk = chunk + [chunk[-1]] * (batch_size - n)  # fixed batch shape
     # Prompt widths rounded up to a power of two: a handful of compiled shapes for a whole evaluation.
@@ -100,8 +129,16 @@ def generate_texts(model: Transformer, tokenizer, prompts: list[str], *, max_new
     if mesh is not None:
       sh = shd.batch_sharding(mesh)
       tokens, mask = put(tokens, sh), put(mask, sh)
-    new = generate(model, tokens, mask, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
-                   pad_id=pad, temperature=temperature, seed=seed + start)
+    new = generate(
+      model,
+      tokens,
+      mask,
+      max_new_tokens=max_new_tokens,
+      eos_id=tokenizer.eos_token_id,
+      pad_id=pad,
+      temperature=temperature,
+      seed=seed + start,
+    )
     for row in new[:n]:
       ids = [int(t) for t in row if t != pad]
       if ids and ids[-1] == tokenizer.eos_token_id:

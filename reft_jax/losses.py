@@ -52,8 +52,7 @@ def kl_teacher_student(teacher_logits_BTV, student_logits_BTV, weights_BT, tempe
   return jnp.sum(kl * weights_BT), jnp.sum(weights_BT)
 
 
-def kl_topk_student(topk_logits_BTK, topk_ids_BTK, student_logits_BTV, weights_BT,
-                    temperature: float = 1.0):
+def kl_topk_student(topk_logits_BTK, topk_ids_BTK, student_logits_BTV, weights_BT, temperature: float = 1.0):
   """KL with the teacher restricted to its (precomputed) top-k tokens, renormalised there."""
   log_t = jax.nn.log_softmax(topk_logits_BTK.astype(jnp.float32) / temperature, axis=-1)
   log_s = jax.nn.log_softmax(student_logits_BTV.astype(jnp.float32) / temperature, axis=-1)
@@ -82,8 +81,7 @@ def head_of(model):
   from flax import nnx
 
   out = "embed" if model.lm_head is None else "lm_head"
-  graphdef, head, rest = nnx.split(model, nnx.Any(nnx.PathContains("final_norm"), nnx.PathContains(out)),
-                                   ...)
+  graphdef, head, rest = nnx.split(model, nnx.Any(nnx.PathContains("final_norm"), nnx.PathContains(out)), ...)
   return (lambda h, r, x: nnx.merge(graphdef, h, r).head(x)), head, rest
 
 
@@ -139,8 +137,7 @@ def fused_chunked_sum(chunk_loss, chunk: int):
 
   def bwd(res, ct):
     g_p, g_h = res
-    return (jax.tree.map(lambda g: (g * ct).astype(g.dtype), g_p), (g_h * ct).astype(g_h.dtype), None,
-            None)
+    return (jax.tree.map(lambda g: (g * ct).astype(g.dtype), g_p), (g_h * ct).astype(g_h.dtype), None, None)
 
   f.defvjp(fwd, bwd)
   return f
@@ -157,8 +154,9 @@ def chunked_cross_entropy(model, hidden_BTD, targets_BT, weights_BT, chunk: int)
   return total, jnp.sum(weights_BT)
 
 
-def chunked_kl_teacher_student(teacher, teacher_hidden_BTD, student, student_hidden_BTD, weights_BT,
-                               temperature: float = 1.0, chunk: int = 128):
+def chunked_kl_teacher_student(
+  teacher, teacher_hidden_BTD, student, student_hidden_BTD, weights_BT, temperature: float = 1.0, chunk: int = 128
+):
   """kl_teacher_student on the two models' heads, `chunk` positions at a time; the teacher's logits are
   computed once per chunk and never differentiated."""
   t_fn, t_head, t_rest = head_of(teacher)
@@ -169,21 +167,22 @@ def chunked_kl_teacher_student(teacher, teacher_hidden_BTD, student, student_hid
     return kl_teacher_student(t_logits, s_fn(p, consts[2], hs), w, temperature)[0]
 
   consts = jax.lax.stop_gradient((t_head, t_rest)) + (s_rest,)
-  total = fused_chunked_sum(loss, chunk)(s_head, student_hidden_BTD, consts,
-                                         (jax.lax.stop_gradient(teacher_hidden_BTD), weights_BT))
+  total = fused_chunked_sum(loss, chunk)(
+    s_head, student_hidden_BTD, consts, (jax.lax.stop_gradient(teacher_hidden_BTD), weights_BT)
+  )
   return total, jnp.sum(weights_BT)
 
 
-def chunked_kl_topk_student(topk_logits_BTK, topk_ids_BTK, student, student_hidden_BTD, weights_BT,
-                            temperature: float = 1.0, chunk: int = 128):
+def chunked_kl_topk_student(
+  topk_logits_BTK, topk_ids_BTK, student, student_hidden_BTD, weights_BT, temperature: float = 1.0, chunk: int = 128
+):
   """kl_topk_student on the student's head, `chunk` positions at a time."""
   fn, head, rest = head_of(student)
 
   def loss(p, h, rest, vals, ids, w):
     return kl_topk_student(vals, ids, fn(p, rest, h), w, temperature)[0]
 
-  total = fused_chunked_sum(loss, chunk)(head, student_hidden_BTD, rest,
-                                         (topk_logits_BTK, topk_ids_BTK, weights_BT))
+  total = fused_chunked_sum(loss, chunk)(head, student_hidden_BTD, rest, (topk_logits_BTK, topk_ids_BTK, weights_BT))
   return total, jnp.sum(weights_BT)
 
 

@@ -24,14 +24,14 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:preset]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and results")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "join a multi-process job: jax.distributed.initialize()")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", "",
-                                   "host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS or detected)")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0,
-                                      "processes in the job (default: $JAX_NUM_PROCESSES or detected)")
-_PROCESS_ID = flags.DEFINE_integer("process_id", -1,
-                                   "this process's index (default: $JAX_PROCESS_ID or detected)")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "join a multi-process job: jax.distributed.initialize()")
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", "", "host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS or detected)"
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", 0, "processes in the job (default: $JAX_NUM_PROCESSES or detected)"
+)
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "this process's index (default: $JAX_PROCESS_ID or detected)")
 
 
 COMMANDS = ("train", "eval", "plan", "screen")
@@ -85,12 +85,21 @@ def execute(c, workdir: str, command: str = "train") -> int:
     from reft_jax.config import dump
 
     dump(c, workdir)
-  ours.info("jax %s on %d %s device(s), process %d of %d; workdir %s", jax.__version__,
-            jax.device_count(), jax.devices()[0].platform, jax.process_index(), jax.process_count(),
-            workdir)
+  ours.info(
+    "jax %s on %d %s device(s), process %d of %d; workdir %s",
+    jax.__version__,
+    jax.device_count(),
+    jax.devices()[0].platform,
+    jax.process_index(),
+    jax.process_count(),
+    workdir,
+  )
   if c.model.attention == "splash" and jax.default_backend() != "tpu":
-    ours.warning("model.attention=splash on %s: the Pallas TPU kernel runs in its interpreter, correct but "
-                 "far slower (use einsum, dpa or cudnn off TPU)", jax.default_backend())
+    ours.warning(
+      "model.attention=splash on %s: the Pallas TPU kernel runs in its interpreter, correct but "
+      "far slower (use einsum, dpa or cudnn off TPU)",
+      jax.default_backend(),
+    )
   from reft_jax.stages import Stopped
   from reft_jax.train import NonFiniteLoss
 
@@ -118,9 +127,13 @@ def execute(c, workdir: str, command: str = "train") -> int:
   if "results" in out and dist.is_primary():
     _print_results(workdir)
   h = out.get("history")
-  print(f"done: {len(h)} steps, final loss {h[-1]['loss']:.4f}; outputs in {workdir}" if h else
-        f"done (finished stages were reused); outputs in {workdir}" if out.get("reused") else
-        f"done; outputs in {workdir}")
+  print(
+    f"done: {len(h)} steps, final loss {h[-1]['loss']:.4f}; outputs in {workdir}"
+    if h
+    else f"done (finished stages were reused); outputs in {workdir}"
+    if out.get("reused")
+    else f"done; outputs in {workdir}"
+  )
   return 0
 
 
@@ -141,8 +154,14 @@ def run_method(c, workdir: str) -> dict:
 
   if c.method in ("demo", "sweep", *defences.names()):  # reft.alignment="build": the real-model alignment set
     c = alignment.prepare(c, workdir)
-  pipelines = {"sft": train.run, "pretrain": train.run, "demo": demo.run_demo, "sweep": demo.run_sweep,
-               "analyze": analyze.run, "screen": screen.run}
+  pipelines = {
+    "sft": train.run,
+    "pretrain": train.run,
+    "demo": demo.run_demo,
+    "sweep": demo.run_sweep,
+    "analyze": analyze.run,
+    "screen": screen.run,
+  }
   return pipelines.get(c.method, suite.run_one)(c, workdir)
 
 
@@ -173,8 +192,7 @@ def _eval(c, workdir: str) -> int:
     return 2
   mesh, rules = setup_mesh(c)
   model = load_hf(path, c.model.dtype, mesh, rules=rules)
-  evaluate_and_record(c, workdir, model, load_tokenizer(path), mesh, c.eval.name or "eval",
-                                 {"model_path": path})
+  evaluate_and_record(c, workdir, model, load_tokenizer(path), mesh, c.eval.name or "eval", {"model_path": path})
   if dist.is_primary():
     _print_results(workdir)
   return 0

@@ -45,10 +45,11 @@ def trainable_labels(params: dict, mode: str, regex: str = "") -> dict:
 
   labels = {p: label(p) for p in flat}
   if TRAINABLE not in labels.values():
-    what = {"lora": "no LoRA parameters (set train.lora_rank and targets)",
-            "regex": f"train.trainable_regex={regex!r} matches no parameter"}.get(mode, "none")
-    raise ValueError(f"nothing to train: {what}; parameter paths look like "
-                     f"{path_str(next(iter(flat)))!r}")
+    what = {
+      "lora": "no LoRA parameters (set train.lora_rank and targets)",
+      "regex": f"train.trainable_regex={regex!r} matches no parameter",
+    }.get(mode, "none")
+    raise ValueError(f"nothing to train: {what}; parameter paths look like {path_str(next(iter(flat)))!r}")
   return traverse_util.unflatten_dict(labels)
 
 
@@ -69,14 +70,23 @@ def make_schedule(lr: float, num_steps: int, warmup_steps: int = 0, kind: str = 
 
 def _decay_mask(params):
   # No weight decay on norms, biases and embeddings' norm-like vectors (standard practice).
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: x.ndim >= 2 and str(p[-1].key) != "bias", params)
+  return jax.tree_util.tree_map_with_path(lambda p, x: x.ndim >= 2 and str(p[-1].key) != "bias", params)
 
 
-def make_optimizer(params: dict, *, lr: float, num_steps: int, warmup_steps: int = 0,
-                   schedule: str = "cosine", weight_decay: float = 0.0, grad_clip: float = 1.0,
-                   b1: float = 0.9, b2: float = 0.999, mode: str = "full", trainable_regex: str = ""
-                   ) -> tuple[optax.GradientTransformation, Any, dict]:
+def make_optimizer(
+  params: dict,
+  *,
+  lr: float,
+  num_steps: int,
+  warmup_steps: int = 0,
+  schedule: str = "cosine",
+  weight_decay: float = 0.0,
+  grad_clip: float = 1.0,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  mode: str = "full",
+  trainable_regex: str = "",
+) -> tuple[optax.GradientTransformation, Any, dict]:
   """Returns (optimizer, learning-rate schedule, labels)."""
   sched = make_schedule(lr, num_steps, warmup_steps, schedule)
   parts = []

@@ -46,8 +46,9 @@ def direction(h_harm_ND, h_safe_MD):
 def last_prompt_features_layers(model, tokens_BT, mask_BT, last_prompt_B, layers: tuple[int, ...]):
   """[B, len(layers), D]: one forward (stopping at the deepest layer) for several layers."""
   _, hidden = model.forward(tokens_BT, mask_BT, hidden_layers=layers, stop_after=max(layers))
-  return jnp.stack([jnp.take_along_axis(hidden[l], last_prompt_B[:, None, None], axis=1)[:, 0]
-                    for l in layers], axis=1).astype(jnp.float32)
+  return jnp.stack(
+    [jnp.take_along_axis(hidden[l], last_prompt_B[:, None, None], axis=1)[:, 0] for l in layers], axis=1
+  ).astype(jnp.float32)
 
 
 @functools.lru_cache(maxsize=16)
@@ -60,11 +61,13 @@ def _features_fn(graphdef, layers, mesh=None):
       if isinstance(layers, int):
         return last_prompt_features(model, tokens, mask, last, layers)
       return last_prompt_features_layers(model, tokens, mask, last, layers)
+
   return run
 
 
-def prompt_features(model, data: sft.TokenizedSet, layer: int | tuple[int, ...], batch_size: int = 64,
-                    mesh=None) -> np.ndarray:
+def prompt_features(
+  model, data: sft.TokenizedSet, layer: int | tuple[int, ...], batch_size: int = 64, mesh=None
+) -> np.ndarray:
   """h^l at the last prompt token of every example of `data`: [N, D], or [N, len(layer), D] for a
   tuple of layers (fixed-shape batches, one compile)."""
   graphdef, state = nnx.split(model)
@@ -77,8 +80,7 @@ def prompt_features(model, data: sft.TokenizedSet, layer: int | tuple[int, ...],
   for start in range(0, n, batch_size):
     idx = np.arange(start, min(start + batch_size, n))
     idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])  # fixed batch shape
-    arrays = (data.tokens[idx, :width], data.attention_mask[idx, :width],
-              np.minimum(data.last_prompt[idx], width - 1))
+    arrays = (data.tokens[idx, :width], data.attention_mask[idx, :width], np.minimum(data.last_prompt[idx], width - 1))
     if mesh is not None:
       arrays = tuple(put(a, shd.batch_sharding(mesh, ndim=a.ndim)) for a in arrays)
     out.append(to_host(fn(params, *arrays))[: min(batch_size, n - start)])  # all rows, every process

@@ -16,16 +16,16 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of axes, or None = replicated).
 DEFAULT_RULES: dict[str, Any] = {
-    "batch": ("data", "fsdp"),
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "mlp": "tensor",
-    "kv": None,
-    "layers": None,
-    "norm": None,
-    "lora": None,
+  "batch": ("data", "fsdp"),
+  "vocab": "tensor",
+  "embed": "fsdp",
+  "heads": "tensor",
+  "kv_heads": "tensor",
+  "mlp": "tensor",
+  "kv": None,
+  "layers": None,
+  "norm": None,
+  "lora": None,
 }
 
 
@@ -33,17 +33,19 @@ def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int
   """Resolves one -1 to the remaining devices; errors name the sizes."""
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh sizes data={data} fsdp={fsdp} tensor={tensor}: use positive sizes and "
-                     "at most one -1")
+    raise ValueError(f"mesh sizes data={data} fsdp={fsdp} tensor={tensor}: use positive sizes and at most one -1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor}: {num_devices} devices "
-                       f"are not divisible by {known}")
+      raise ValueError(
+        f"mesh data={data} x fsdp={fsdp} x tensor={tensor}: {num_devices} devices are not divisible by {known}"
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
-                     f"{math.prod(sizes)} devices, but {num_devices} are available")
+    raise ValueError(
+      f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
+      f"{math.prod(sizes)} devices, but {num_devices} are available"
+    )
   return tuple(sizes)
 
 
@@ -68,8 +70,9 @@ def parse_rules(overrides: str = "") -> dict[str, Any]:
   return rules
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: dict[str, Any] | None = None) -> P:
+def logical_to_spec(
+  axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: dict[str, Any] | None = None
+) -> P:
   """PartitionSpec for an array; mesh axes that do not divide a dimension (e.g. 2 KV heads on a
   tensor axis of 4) or that an earlier dimension already uses are dropped, i.e. replicated."""
   rules = DEFAULT_RULES if rules is None else rules
@@ -152,5 +155,4 @@ def constrain(x, axes: Sequence[str | None], claim_order: Sequence[int] | None =
   for i, s in zip(order, claimed):
     spec[i] = s
   # A concrete mesh is named (the trace may have none in context); an abstract one is the context's.
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)) if isinstance(mesh, Mesh)
-                                         else P(*spec))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)) if isinstance(mesh, Mesh) else P(*spec))

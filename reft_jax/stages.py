@@ -31,8 +31,17 @@ from reft_jax.metrics import MetricWriter
 from reft_jax.model import Transformer, save_hf
 from reft_jax.model.build import build_model
 from reft_jax.optim import make_optimizer
-from reft_jax.train import (batch_shardings, flops_per_token, init_train_state, jit_step, make_train_step,
-                            split_model, train_loop, trainable_subset, with_trainable)
+from reft_jax.train import (
+  batch_shardings,
+  flops_per_token,
+  init_train_state,
+  jit_step,
+  make_train_step,
+  split_model,
+  train_loop,
+  trainable_subset,
+  with_trainable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +124,25 @@ def run_stage(env: Env, root: str, spec: StageSpec) -> StageResult:
   """Trains `spec` under root/<name> (or reuses it when finished); raises Stopped on a signal."""
   if finished(root, spec.name):
     return StageResult(model_dir(root, spec.name), [])
-  c = with_updates(env.c, **({"model.hf_path": spec.init} if spec.init else {}),
-                   **{f"train.{k}": v for k, v in spec.train.items()})
+  c = with_updates(
+    env.c, **({"model.hf_path": spec.init} if spec.init else {}), **{f"train.{k}": v for k, v in spec.train.items()}
+  )
   model = build_model(c, env.mesh, env.rules, env.tokenizer)
   state = spec.setup(model) if spec.setup else MethodState()
   model, history, stopped, extras = train_stage(
-      c, root, spec.name, model, spec.data, spec.loss or make_lm_loss(c.train.loss_chunk), env.mesh,
-      env.rules, frozen=spec.frozen, extras=state.extras, update_extras=state.update,
-      before_step=state.before_step)
+    c,
+    root,
+    spec.name,
+    model,
+    spec.data,
+    spec.loss or make_lm_loss(c.train.loss_chunk),
+    env.mesh,
+    env.rules,
+    frozen=spec.frozen,
+    extras=state.extras,
+    update_extras=state.update,
+    before_step=state.before_step,
+  )
   if stopped:
     raise Stopped(spec.name)
   if spec.finish:
@@ -130,36 +150,43 @@ def run_stage(env: Env, root: str, spec: StageSpec) -> StageResult:
   return StageResult(save_hf(model, model_dir(root, spec.name), env.tokenizer), history, model)
 
 
-def train_stage(c: ml_collections.ConfigDict, workdir: str, stage: str, model: Transformer,
-                data: sft.TokenizedSet | sft.MixedBatcher, loss_fn, mesh, rules, hooks=(), *,
-                frozen: Transformer | None = None, extras: dict | None = None, update_extras=None,
-                before_step=None):
+def train_stage(
+  c: ml_collections.ConfigDict,
+  workdir: str,
+  stage: str,
+  model: Transformer,
+  data: sft.TokenizedSet | sft.MixedBatcher,
+  loss_fn,
+  mesh,
+  rules,
+  hooks=(),
+  *,
+  frozen: Transformer | None = None,
+  extras: dict | None = None,
+  update_extras=None,
+  before_step=None,
+):
   """The loop under run_stage: trains `model` with `loss_fn` on `data` under c.train; checkpoints to
   workdir/<stage>/checkpoints and resumes from there. hooks: train_loop's per-step callbacks.
   Returns (trained model, metrics history, stopped_by_signal, final TrainState.extras)."""
   t = c.train
   stage_dir = os.path.join(workdir, stage)
   graphdef, params = split_model(model)
-  tx, schedule, labels = make_optimizer(
-      params, lr=t.lr, num_steps=t.num_steps, warmup_steps=t.warmup_steps, schedule=t.schedule,
-      weight_decay=t.weight_decay, grad_clip=t.grad_clip, b1=t.b1, b2=t.b2, mode=t.mode,
-      trainable_regex=t.trainable_regex)
+  optim_keys = ("lr", "num_steps", "warmup_steps", "schedule", "weight_decay", "grad_clip", "b1", "b2", "mode")
+  tx, schedule, labels = make_optimizer(params, **{k: t[k] for k in optim_keys}, trainable_regex=t.trainable_regex)
   state, state_sh = init_train_state(params, tx, mesh, extras)
-  if isinstance(data, sft.TokenizedSet):
-    batcher = sft.Batcher(data, t.batch_size, seed=c.seed, buckets=buckets(c))
-    seq_len = data.tokens.shape[1]
-  else:
-    batcher, seq_len = data, max(b.data.tokens.shape[1] for b in data.parts.values())
+  batcher, seq_len = _batcher(c, data)
   batch_sh = batch_shardings(batcher.local_batch(0), mesh, rules)
-  frozen_graphdef, frozen_params, frozen_sh = None, None, None
-  if frozen is not None:
-    frozen_graphdef, frozen_params = split_model(frozen)
-    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen_params)
-  jitted = jit_step(make_train_step(graphdef, tx, loss_fn, schedule, labels, t.grad_accum, frozen_graphdef,
-                                    update_extras), state_sh, batch_sh, mesh, frozen_sh, rules)
-  step_fn = jitted if frozen is None else (lambda s, b: jitted(s, b, frozen_params))
-  ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), c.checkpoint.every_steps,
-                      c.checkpoint.max_to_keep, c.checkpoint.async_save)
+  frozen_graphdef, frozen_params = split_model(frozen) if frozen is not None else (None, None)
+  step = make_train_step(graphdef, tx, loss_fn, schedule, labels, t.grad_accum, frozen_graphdef, update_extras)
+  if frozen is None:
+    step_fn = jit_step(step, state_sh, batch_sh, mesh, None, rules)
+  else:  # the frozen model rides along as an argument: sharded like the student, never donated
+    jitted = jit_step(step, state_sh, batch_sh, mesh, jax.tree.map(lambda x: x.sharding, frozen_params), rules)
+    step_fn = lambda s, b: jitted(s, b, frozen_params)
+  ckpt = Checkpointer(
+    os.path.join(stage_dir, "checkpoints"), c.checkpoint.every_steps, c.checkpoint.max_to_keep, c.checkpoint.async_save
+  )
   latest = ckpt.latest_step()
   if latest is not None:
     subset, meta = ckpt.restore(latest, trainable_subset(state, labels))
@@ -169,10 +196,21 @@ def train_stage(c: ml_collections.ConfigDict, workdir: str, stage: str, model: T
   start = time.perf_counter()
   try:
     state, history, stopped = train_loop(
-        state, step_fn, batcher, batch_sh, num_steps=t.num_steps, writer=writer, checkpointer=ckpt,
-        save_state=lambda s: trainable_subset(s, labels), log_every=c.log.every_steps,
-        flops_token=flops_per_token(model.cfg, seq_len), peak_flops=c.log.peak_flops,
-        hooks=hooks, progress=c.log.progress, before_step=before_step)
+      state,
+      step_fn,
+      batcher,
+      batch_sh,
+      num_steps=t.num_steps,
+      writer=writer,
+      checkpointer=ckpt,
+      save_state=lambda s: trainable_subset(s, labels),
+      log_every=c.log.every_steps,
+      flops_token=flops_per_token(model.cfg, seq_len),
+      peak_flops=c.log.peak_flops,
+      hooks=hooks,
+      progress=c.log.progress,
+      before_step=before_step,
+    )
     if not stopped:
       ckpt.save(t.num_steps, trainable_subset(state, labels), {"step": t.num_steps, "data_position": t.num_steps})
   finally:
@@ -183,10 +221,23 @@ def train_stage(c: ml_collections.ConfigDict, workdir: str, stage: str, model: T
   return nnx.merge(graphdef, state.params), history, stopped, state.extras
 
 
+def _batcher(c, data) -> tuple:
+  """(batcher, padded length): one TokenizedSet batched by c.train.batch_size, or a MixedBatcher as it is."""
+  if isinstance(data, sft.TokenizedSet):
+    return sft.Batcher(data, c.train.batch_size, seed=c.seed, buckets=buckets(c)), data.tokens.shape[1]
+  return data, max(b.data.tokens.shape[1] for b in data.parts.values())
+
+
 def _write_summary(stage_dir: str, stage: str, steps: int, history: list, seconds: float, stopped: bool):
   rates = sorted(h["tokens_per_sec"] for h in history[1:]) or [0.0]
-  summary = {"stage": stage, "steps": steps, "final_loss": history[-1]["loss"], "wall_seconds": seconds,
-             "tokens_per_sec": rates[len(rates) // 2], "stopped_by_signal": stopped}
+  summary = {
+    "stage": stage,
+    "steps": steps,
+    "final_loss": history[-1]["loss"],
+    "wall_seconds": seconds,
+    "tokens_per_sec": rates[len(rates) // 2],
+    "stopped_by_signal": stopped,
+  }
   if dist.is_primary():
     with open(os.path.join(stage_dir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)

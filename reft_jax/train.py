@@ -35,6 +35,7 @@ class TrainState:
 @flax.struct.dataclass
 class Context:
   """What a loss sees besides the model and the batch."""
+
   extras: dict  # TrainState.extras (constants inside the step)
   frozen: Any = None  # a frozen model passed into the step (the teacher), or None
 
@@ -61,8 +62,9 @@ def opt_state_shardings(abstract_opt_state, params: dict, mesh):
   return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
-def init_train_state(params: dict, tx: optax.GradientTransformation, mesh, extras: dict | None = None
-                     ) -> tuple[TrainState, Any]:
+def init_train_state(
+  params: dict, tx: optax.GradientTransformation, mesh, extras: dict | None = None
+) -> tuple[TrainState, Any]:
   """The train state and its shardings; optimizer moments are born sharded like their params,
   extras (small method state) are replicated."""
   opt_sh = opt_state_shardings(jax.eval_shape(tx.init, params), params, mesh)
@@ -74,8 +76,9 @@ def init_train_state(params: dict, tx: optax.GradientTransformation, mesh, extra
     sh = getattr(x, "sharding", None)
     return jnp.copy(x) if isinstance(sh, shd.NamedSharding) and sh.mesh == mesh else jax.device_put(x, rep)
 
-  state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), rep), params, opt_state,
-                     jax.tree.map(place, dict(extras or {})))
+  state = TrainState(
+    jax.device_put(jnp.zeros((), jnp.int32), rep), params, opt_state, jax.tree.map(place, dict(extras or {}))
+  )
   return state, jax.tree.map(lambda x: x.sharding, state)
 
 
@@ -86,11 +89,20 @@ def _microbatches(batch: dict, n: int) -> dict:
     if x.shape[0] % n:
       raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum={n}")
     return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+
   return jax.tree.map(split, batch)
 
 
-def make_train_step(graphdef, tx, loss_fn: Callable, schedule, labels: dict, grad_accum: int = 1,
-                    frozen_graphdef=None, update_extras: Callable | None = None):
+def make_train_step(
+  graphdef,
+  tx,
+  loss_fn: Callable,
+  schedule,
+  labels: dict,
+  grad_accum: int = 1,
+  frozen_graphdef=None,
+  update_extras: Callable | None = None,
+):
   """Builds the pure step `(state, batch[, frozen_params]) -> (state, metrics)`; `jit_step` compiles
   it with shardings and donation.
 
@@ -112,17 +124,22 @@ def make_train_step(graphdef, tx, loss_fn: Callable, schedule, labels: dict, gra
     if grad_accum == 1:
       (total, (count, aux)), grads = grad_fn(state.params, batch, state.extras, frozen_params)
     else:
+
       def body(carry, mb):
         (t, (c, a)), g = grad_fn(state.params, mb, state.extras, frozen_params)
         acc_t, acc_c, acc_g, acc_a = carry
-        return (acc_t + t, acc_c + c, jax.tree.map(jnp.add, acc_g, g),
-                jax.tree.map(jnp.add, acc_a, a)), None
+        return (acc_t + t, acc_c + c, jax.tree.map(jnp.add, acc_g, g), jax.tree.map(jnp.add, acc_a, a)), None
 
       mbs = _microbatches(batch, grad_accum)
-      (_, (_, aux0)), _ = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], mbs),
-                                         state.extras, frozen_params)
-      zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params),
-               jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux0))
+      (_, (_, aux0)), _ = jax.eval_shape(
+        grad_fn, state.params, jax.tree.map(lambda x: x[0], mbs), state.extras, frozen_params
+      )
+      zeros = (
+        jnp.zeros(()),
+        jnp.zeros(()),
+        jax.tree.map(jnp.zeros_like, state.params),
+        jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux0),
+      )
       (total, count, grads, aux), _ = jax.lax.scan(body, zeros, mbs)
       aux = jax.tree.map(lambda a: a / grad_accum, aux)
     denom = jnp.maximum(count, 1.0)
@@ -134,10 +151,14 @@ def make_train_step(graphdef, tx, loss_fn: Callable, schedule, labels: dict, gra
       extras, aux = update_extras(extras, aux)
     trainable = jax.tree.map(lambda g, l: g if l == TRAINABLE else jnp.zeros(()), grads, labels)
     masks = [x for k, x in traverse_util.flatten_dict(batch).items() if k[-1] == "attention_mask"]
-    metrics = {"loss": total / denom, "loss_tokens": count,
-               "tokens": sum(jnp.sum(m) for m in masks).astype(jnp.float32),
-               "grad_norm": optax.global_norm(trainable),
-               "lr": schedule(state.step), **aux}
+    metrics = {
+      "loss": total / denom,
+      "loss_tokens": count,
+      "tokens": sum(jnp.sum(m) for m in masks).astype(jnp.float32),
+      "grad_norm": optax.global_norm(trainable),
+      "lr": schedule(state.step),
+      **aux,
+    }
     return TrainState(state.step + 1, params, opt_state, extras), metrics
 
   return train_step
@@ -151,18 +172,28 @@ def batch_shardings(batch: dict, mesh, rules=None):
 def jit_step(step_fn, state_shardings, batch_sharding, mesh, frozen_shardings=None, rules=None):
   """The step jitted with explicit shardings, the state donated; the model's activations are constrained
   with `mesh` and `rules` (shd.activation_sharding), like the params and the batch."""
+
   def traced(*args):  # the context is entered inside the trace, so it binds to this jit only
     with shd.activation_sharding(mesh, rules):
       return step_fn(*args)
 
   if frozen_shardings is None:
-    return jax.jit(lambda s, b: traced(s, b), in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
-  return jax.jit(traced, in_shardings=(state_shardings, batch_sharding, frozen_shardings),
-                 out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
+    return jax.jit(
+      lambda s, b: traced(s, b),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, shd.replicated(mesh)),
+      donate_argnums=0,
+    )
+  return jax.jit(
+    traced,
+    in_shardings=(state_shardings, batch_sharding, frozen_shardings),
+    out_shardings=(state_shardings, shd.replicated(mesh)),
+    donate_argnums=0,
+  )
 
 
 # ---------------------------------------------------------------- checkpointed subset of the state
+
 
 def trainable_subset(state: TrainState, labels: dict) -> dict:
   """What a checkpoint holds: step, trainable parameters and optimizer state (frozen weights are
@@ -170,18 +201,22 @@ def trainable_subset(state: TrainState, labels: dict) -> dict:
   flat_p = traverse_util.flatten_dict(state.params)
   flat_l = traverse_util.flatten_dict(labels)
   params = {k: v for k, v in flat_p.items() if flat_l[k] == TRAINABLE}
-  return {"step": state.step, "params": traverse_util.unflatten_dict(params),
-          "opt_state": state.opt_state, "extras": state.extras}
+  return {
+    "step": state.step,
+    "params": traverse_util.unflatten_dict(params),
+    "opt_state": state.opt_state,
+    "extras": state.extras,
+  }
 
 
 def with_trainable(state: TrainState, subset: dict) -> TrainState:
   flat = traverse_util.flatten_dict(state.params)
   flat.update(traverse_util.flatten_dict(subset["params"]))
-  return TrainState(subset["step"], traverse_util.unflatten_dict(flat), subset["opt_state"],
-                    subset["extras"])
+  return TrainState(subset["step"], traverse_util.unflatten_dict(flat), subset["opt_state"], subset["extras"])
 
 
 # ---------------------------------------------------------------- the loop
+
 
 class StopSignal:
   """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
@@ -217,9 +252,41 @@ def flops_per_token(model_cfg, seq_len: int) -> float:
   return 6.0 * n + attn
 
 
-def train_loop(state, step_fn, batcher, batch_sharding, *, num_steps: int, writer=None,
-               checkpointer=None, save_state=None, log_every: int = 1, flops_token: float = 0.0,
-               peak_flops: float = 0.0, hooks=(), progress: bool = True, before_step=None):
+def step_metrics(step: int, metrics: dict, positions: int, dt: float, flops_token: float, peak_flops: float) -> dict:
+  """One step's metrics on the host, with throughput (real tokens/s, TFLOP/s over every position, MFU);
+  raises NonFiniteLoss on a NaN/inf loss."""
+  m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not math.isfinite(m["loss"]):
+    raise NonFiniteLoss(
+      f"loss became {m['loss']} at step {step}; stopping without saving "
+      "(the last checkpoint is intact). Lower train.lr or check the data."
+    )
+  m["step"] = step
+  m["tokens_per_sec"] = m["tokens"] / dt if dt > 0 else 0.0  # real (non-padding) tokens
+  flops = flops_token * positions / dt if dt > 0 else 0.0  # FLOPs are spent on every position, padding too
+  m["tflops_per_sec"] = flops / 1e12
+  if peak_flops:
+    m["mfu"] = flops / (peak_flops * jax.device_count())
+  return m
+
+
+def train_loop(
+  state,
+  step_fn,
+  batcher,
+  batch_sharding,
+  *,
+  num_steps: int,
+  writer=None,
+  checkpointer=None,
+  save_state=None,
+  log_every: int = 1,
+  flops_token: float = 0.0,
+  peak_flops: float = 0.0,
+  hooks=(),
+  progress: bool = True,
+  before_step=None,
+):
   """Runs steps state.step .. num_steps-1.
 
   Metrics of step t are fetched after step t+1 is dispatched, so the host never stalls the device.
@@ -232,21 +299,12 @@ def train_loop(state, step_fn, batcher, batch_sharding, *, num_steps: int, write
   history: list[dict] = []
   pending = None
   t_last = time.perf_counter()
-  bar = tqdm(total=num_steps, initial=start, disable=not progress or jax.process_index() != 0,
-             desc="train", mininterval=1.0)
+  bar = tqdm(
+    total=num_steps, initial=start, disable=not progress or jax.process_index() != 0, desc="train", mininterval=1.0
+  )
 
   def consume(step, metrics, positions, dt):
-    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not math.isfinite(m["loss"]):
-      raise NonFiniteLoss(f"loss became {m['loss']} at step {step}; stopping without saving "
-                          "(the last checkpoint is intact). Lower train.lr or check the data.")
-    m["step"] = step
-    m["tokens_per_sec"] = m["tokens"] / dt if dt > 0 else 0.0  # real (non-padding) tokens
-    # FLOPs are spent on every position, padding included.
-    flops = flops_token * positions / dt if dt > 0 else 0.0
-    m["tflops_per_sec"] = flops / 1e12
-    if peak_flops:
-      m["mfu"] = flops / (peak_flops * jax.device_count())
+    m = step_metrics(step, metrics, positions, dt, flops_token, peak_flops)
     history.append(m)
     if writer is not None and (step % log_every == 0 or step == num_steps - 1):
       writer.write(step, m)
@@ -266,8 +324,7 @@ def train_loop(state, step_fn, batcher, batch_sharding, *, num_steps: int, write
         now = time.perf_counter()
         consume(*pending, now - t_last)
         t_last = now
-      pending = (step, metrics, sum(x.size for k, x in traverse_util.flatten_dict(batch).items()
-                                    if k[-1] == "tokens"))
+      pending = (step, metrics, sum(x.size for k, x in traverse_util.flatten_dict(batch).items() if k[-1] == "tokens"))
       bar.update(1)
       done = step + 1
       if vote is None:

@@ -11,8 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config_module():
-  spec = importlib.util.spec_from_file_location("default_config",
-                                                os.path.join(ROOT, "configs", "default.py"))
+  spec = importlib.util.spec_from_file_location("default_config", os.path.join(ROOT, "configs", "default.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
@@ -39,13 +38,22 @@ def mesh_of(data=1, fsdp=1, tensor=1):
 
 def small_world_flags(**sizes) -> list[str]:
   """--config.world.* flags for a safety world small enough for end-to-end CLI tests."""
-  base = dict(n_alignment=40, n_probe=16, n_harmful_pool=20, n_eval_harmful=8, n_eval_harmless=8,
-              n_task_train=60, n_task_test=8, n_pretrain=64)
+  base = dict(
+    n_alignment=40,
+    n_probe=16,
+    n_harmful_pool=20,
+    n_eval_harmful=8,
+    n_eval_harmless=8,
+    n_task_train=60,
+    n_task_test=8,
+    n_pretrain=64,
+  )
   merged = {**base, **sizes}
   half = merged["n_harmful_pool"] // 2  # the attack's and Booster's disjoint halves of the pool
   return [f"--config.world.{k}={v}" for k, v in merged.items()] + [
-      f"--config.data.harmful_source=world:harmful_pool[0:{half}]",
-      f"--config.booster.harmful_source=world:harmful_pool[{half}:{2 * half}]"]
+    f"--config.data.harmful_source=world:harmful_pool[0:{half}]",
+    f"--config.booster.harmful_source=world:harmful_pool[{half}:{2 * half}]",
+  ]
 
 
 def perturbed_torch_model(cls, config, seed: int = 0):

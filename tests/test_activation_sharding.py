@@ -17,18 +17,24 @@ from reft_jax.model import ModelConfig, RunOptions, init_model
 from reft_jax.optim import make_optimizer
 from reft_jax.train import batch_shardings, init_train_state, jit_step, make_train_step
 
-CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=16)
+CFG = ModelConfig(
+  vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16
+)
 B, T = 16, 24  # T matches no weight dimension, so [B, T, ...] results are activations
-COLLECTIVE = re.compile(r"= (.+?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
-                        r"(?:-start)?\(")
+COLLECTIVE = re.compile(
+  r"= (.+?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+  r"(?:-start)?\("
+)
 
 
 def _batch():
   rng = np.random.RandomState(0)
   mask = (np.arange(T)[None] < rng.randint(T // 2, T + 1, size=(B, 1))).astype(np.int32)
-  return {"tokens": rng.randint(0, CFG.vocab_size, (B, T)).astype(np.int32) * mask,
-          "attention_mask": mask, "loss_mask": mask * (np.arange(T)[None] >= 4)}
+  return {
+    "tokens": rng.randint(0, CFG.vocab_size, (B, T)).astype(np.int32) * mask,
+    "attention_mask": mask,
+    "loss_mask": mask * (np.arange(T)[None] >= 4),
+  }
 
 
 def _run(mesh, options=RunOptions(), steps=3):
@@ -64,8 +70,7 @@ def runs():
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(shd, "constrain", lambda x, *a, **k: x)  # the model without activation constraints
     unconstrained = _run(mesh_of(data=2, fsdp=4))
-  return {"one": _run(mesh_of()), "constrained": _run(mesh_of(data=2, fsdp=4)),
-          "unconstrained": unconstrained}
+  return {"one": _run(mesh_of()), "constrained": _run(mesh_of(data=2, fsdp=4)), "unconstrained": unconstrained}
 
 
 def test_losses_unchanged(runs):
@@ -91,11 +96,14 @@ def test_constrain_is_a_no_op_without_a_mesh():
   assert jax.jit(lambda x: shd.constrain(x, ("batch", None, None)))(x).sharding.is_fully_replicated
 
 
-@pytest.mark.parametrize("batch, rules, spec", [
+@pytest.mark.parametrize(
+  "batch, rules, spec",
+  [
     (8, None, P(("data", "fsdp"), None, None)),
     (2, None, P("data", None, None)),  # fsdp=4 does not divide the rest: dropped, as for params
     (8, {**shd.DEFAULT_RULES, "batch": "data"}, P("data", None, None)),
-])
+  ],
+)
 def test_constraint_follows_the_rules(batch, rules, spec):
   mesh = mesh_of(data=2, fsdp=4)
   x = jnp.ones((batch, 4, 2))

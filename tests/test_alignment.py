@@ -37,10 +37,12 @@ def test_ordinary_requests_hold_out_both_templates_and_topics():
   assert not {e.prompt for e in train} & {e.prompt for e in held}
   # No held-out topic/activity phrase occurs in a training prompt, and no held-out template's opening.
   b = builtin
-  for phrase in b._ACTIVITIES[b._HELD_OUT_ACTIVITIES:] + b._TOPICS[b._HELD_OUT_TOPICS:]:
+  for phrase in b._ACTIVITIES[b._HELD_OUT_ACTIVITIES :] + b._TOPICS[b._HELD_OUT_TOPICS :]:
     assert not any(phrase in e.prompt for e in train), phrase
-  openings = {normalise_prompt(t.split("{")[0]) for t in
-              b._HOW_TEMPLATES[b._HELD_OUT_HOW:] + b._ABOUT_TEMPLATES[b._HELD_OUT_ABOUT:]}
+  openings = {
+    normalise_prompt(t.split("{")[0])
+    for t in b._HOW_TEMPLATES[b._HELD_OUT_HOW :] + b._ABOUT_TEMPLATES[b._HELD_OUT_ABOUT :]
+  }
   assert not any(normalise_prompt(e.prompt).startswith(o) for e in train for o in openings)
   assert all(e.meta["is_harmful"] is False and e.response == "" for e in train + held)
 
@@ -51,8 +53,11 @@ def test_refusals_and_helpful_answers_follow_the_documented_rule():
   assert refused[0].response in alignment.REFUSALS and refused[0].meta["is_harmful"] is True
   assert all(is_refusal(r) for r in alignment.REFUSALS)  # the detector reads them as refusals
 
-  harmless = [sft.Example("What is 2+2?", "4", "", {}), sft.Example("Bake bread", "", "", {}),
-              sft.Example("Plant tomatoes", "", "", {})]
+  harmless = [
+    sft.Example("What is 2+2?", "4", "", {}),
+    sft.Example("Bake bread", "", "", {}),
+    sft.Example("Plant tomatoes", "", "", {}),
+  ]
   asked = []
 
   def answer(examples):
@@ -62,15 +67,24 @@ def test_refusals_and_helpful_answers_follow_the_documented_rule():
   out, dropped = alignment.helpful_answers(harmless, answer, is_refusal)
   assert asked == ["Bake bread", "Plant tomatoes"]  # only prompts without a reference answer
   assert [(e.prompt, e.response, e.meta["response_rule"]) for e in out] == [
-      ("What is 2+2?", "4", "reference"), ("Bake bread", "Mix flour and water, then bake.", "self_generated")]
+    ("What is 2+2?", "4", "reference"),
+    ("Bake bread", "Mix flour and water, then bake.", "self_generated"),
+  ]
   assert dropped == 1 and not any(e.meta["is_harmful"] for e in out)
 
 
 def _build_config(tmp_path):
-  return tiny_config(**{
-      "reft.alignment": "build", "alignment.harmful": "world:probe_harmful",
-      "alignment.harmless": "builtin:requests_train,world:probe_harmless", "alignment.n_harmful": 6,
-      "alignment.n_harmless": 8, "model.hf_path": str(tmp_path), "world.n_probe": 16})
+  return tiny_config(
+    **{
+      "reft.alignment": "build",
+      "alignment.harmful": "world:probe_harmful",
+      "alignment.harmless": "builtin:requests_train,world:probe_harmless",
+      "alignment.n_harmful": 6,
+      "alignment.n_harmless": 8,
+      "model.hf_path": str(tmp_path),
+      "world.n_probe": 16,
+    }
+  )
 
 
 def test_build_writes_the_set_once_and_prepare_points_the_stages_at_it(monkeypatch, tmp_path):
@@ -109,8 +123,13 @@ def test_build_needs_both_halves_and_names_the_fields(tmp_path):
 
 
 def test_evaluation_drops_prompts_that_training_saw():
-  c = tiny_config(**{"reft.probe_harmful": "asset:advbench[0:260]", "data.attack": "harmful_mix",
-                     "data.harmful_source": "asset:advbench[260:520]"})
+  c = tiny_config(
+    **{
+      "reft.probe_harmful": "asset:advbench[0:260]",
+      "data.attack": "harmful_mix",
+      "data.harmful_source": "asset:advbench[260:520]",
+    }
+  )
   seen = record.training_harmful(c)
   assert len(seen) == 520 + len([e for e in data_load.load(c, c.reft.alignment) if e.meta["is_harmful"]])
   from reft_jax.data.assets import drop_overlapping

@@ -21,20 +21,40 @@ def test_recall_at_fpr():
 
 @pytest.mark.slow
 def test_analyze_command_on_a_small_world_model(tmp_path):
-  world = [f"--config.world.{k}={v}" for k, v in dict(
-      n_alignment=20, n_probe=32, n_harmful_pool=20, n_eval_harmful=16, n_eval_harmless=16,
-      n_task_train=20, n_task_test=16, n_pretrain=64).items()]
+  world = [
+    f"--config.world.{k}={v}"
+    for k, v in dict(
+      n_alignment=20,
+      n_probe=32,
+      n_harmful_pool=20,
+      n_eval_harmful=16,
+      n_eval_harmless=16,
+      n_task_train=20,
+      n_task_test=16,
+      n_pretrain=64,
+    ).items()
+  ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  run = lambda *args: subprocess.run([sys.executable, "-m", "reft_jax", *args, *world], cwd=ROOT, env=env,
-                                     capture_output=True, text=True, timeout=600)
-  r = run("--config=configs/default.py:world_base", f"--workdir={tmp_path / 'base'}",
-          "--config.model.arch=tiny", "--config.train.num_steps=3", "--config.eval.enabled=False",
-          "--config.log.progress=False")
+  run = lambda *args: subprocess.run(
+    [sys.executable, "-m", "reft_jax", *args, *world], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
+  r = run(
+    "--config=configs/default.py:world_base",
+    f"--workdir={tmp_path / 'base'}",
+    "--config.model.arch=tiny",
+    "--config.train.num_steps=3",
+    "--config.eval.enabled=False",
+    "--config.log.progress=False",
+  )
   assert r.returncode == 0, r.stderr[-3000:]
-  r = run("--config=configs/default.py:world_base", "--config.method=analyze",
-          f"--workdir={tmp_path / 'an'}",
-          f"--config.model.hf_path={tmp_path / 'base' / 'pretrain' / 'model'}",
-          "--config.analyze.n_train=16", "--config.analyze.n_eval=16")
+  r = run(
+    "--config=configs/default.py:world_base",
+    "--config.method=analyze",
+    f"--workdir={tmp_path / 'an'}",
+    f"--config.model.hf_path={tmp_path / 'base' / 'pretrain' / 'model'}",
+    "--config.analyze.n_train=16",
+    "--config.analyze.n_eval=16",
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.load(open(tmp_path / "an" / "refusal_layers.json"))
   assert [row["layer"] for row in out["rows"]] == [1, 2]

@@ -87,9 +87,7 @@ def test_dpa_gradients_match_einsum():
 
     return jax.grad(loss)(params)
 
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads("dpa"), grads("einsum")
-  )
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads("dpa"), grads("einsum"))
 
 
 def test_softcap_falls_back_to_einsum():
@@ -107,8 +105,7 @@ def test_dpa_kv_cache_decoding_matches(cfg):
   left = np.asarray(mask)[2:]  # a left-padded prompt next to an unpadded one
   prompts = jnp.concatenate([tokens[:1], tokens[2:]]), jnp.asarray(np.concatenate([np.ones_like(left), left]))
   out = {
-    a: generate(with_attention(ref, a), *prompts, max_new_tokens=6, eos_id=-1, pad_id=0)
-    for a in ("einsum", "dpa")
+    a: generate(with_attention(ref, a), *prompts, max_new_tokens=6, eos_id=-1, pad_id=0) for a in ("einsum", "dpa")
   }
   np.testing.assert_array_equal(out["dpa"], out["einsum"])
 

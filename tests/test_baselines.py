@@ -36,8 +36,7 @@ def _setup(tmp_path, **overrides):
 
 
 def _params(model):
-  return {"/".join(k): np.asarray(v) for k, v in
-          traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model))).items()}
+  return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model))).items()}
 
 
 def _assert_same(m1, m2, atol=1e-6):
@@ -62,8 +61,12 @@ def test_vaccine_with_rho_zero_is_sft(tmp_path):
 def test_booster_with_lambda_zero_is_sft_on_the_alignment_data(tmp_path):
   c, data, build, mesh, rules = _setup(tmp_path)
   sft_model = _train(c, tmp_path, "sft", build(), data, lm_loss, mesh, rules)
-  mixed = sft.MixedBatcher({"align": sft.Batcher(data, c.train.batch_size, seed=c.seed),
-                            "harmful": sft.Batcher(data, c.train.batch_size, seed=c.seed + 3)})
+  mixed = sft.MixedBatcher(
+    {
+      "align": sft.Batcher(data, c.train.batch_size, seed=c.seed),
+      "harmful": sft.Batcher(data, c.train.batch_size, seed=c.seed + 3),
+    }
+  )
   boo = _train(c, tmp_path, "boo", build(), mixed, booster.booster_loss(0.0, 0.1), mesh, rules)
   _assert_same(sft_model, boo)
 
@@ -71,8 +74,12 @@ def test_booster_with_lambda_zero_is_sft_on_the_alignment_data(tmp_path):
 def test_lisa_with_rho_zero_and_no_alignment_steps_is_sft(tmp_path):
   c, data, build, mesh, rules = _setup(tmp_path)
   sft_model = _train(c, tmp_path, "sft", build(), data, lm_loss, mesh, rules)
-  mixed = sft.MixedBatcher({"user": sft.Batcher(data, c.train.batch_size, seed=c.seed),
-                            "align": sft.Batcher(data, c.train.batch_size, seed=c.seed + 5)})
+  mixed = sft.MixedBatcher(
+    {
+      "user": sft.Batcher(data, c.train.batch_size, seed=c.seed),
+      "align": sft.Batcher(data, c.train.batch_size, seed=c.seed + 5),
+    }
+  )
   model = build()
   params = split_model(model)[1]
   extras = {"anchor": params, "align_phase": jnp.asarray(0, jnp.int32), "prox_on": jnp.asarray(1.0)}
@@ -87,8 +94,10 @@ def test_lisa_proximal_term_and_schedule():
 
 
 def _tiny_batch(c, data, n=4):
-  return {k: jnp.asarray(v[:n]) for k, v in dict(
-      tokens=data.tokens, loss_mask=data.loss_mask, attention_mask=data.attention_mask).items()}
+  return {
+    k: jnp.asarray(v[:n])
+    for k, v in dict(tokens=data.tokens, loss_mask=data.loss_mask, attention_mask=data.attention_mask).items()
+  }
 
 
 def test_vaccine_perturbation_gradient_matches_finite_differences(tmp_path):
@@ -152,19 +161,37 @@ def test_booster_gradient_is_grad_f_plus_lambda_grad_h_difference(tmp_path):
 @pytest.mark.slow
 def test_sweep_runs_every_cell_on_shared_stages_and_writes_the_table(tmp_path):
   world = small_world_flags()
-  args = ["--config=configs/default.py:sweep", f"--workdir={tmp_path}", "--config.demo.arch=tiny",
-          "--config.sweep.seeds=0",
-          "--config.demo.pretrain_steps=3", "--config.train.num_steps=2", "--config.teacher.num_steps=2",
-          "--config.reft.probe_size=8", "--config.data.n=20", "--config.train.batch_size=4",
-          "--config.teacher.batch_size=4", "--config.eval.max_new_tokens=4", "--config.eval.batch_size=8",
-          "--config.eval.n_harmless=4", "--config.log.progress=False", "--config.sweep.p=0,0.2",
-          "--config.lisa.k_align=1", "--config.lisa.k_user=1", "--config.data.buckets=",
-          "--config.reft.tau_mode=fixed", "--config.reft.tau=1.5", "--config.restore.steps=2",
-          "--config.restore.warmup_steps=1",
-          "--config.sweep.methods=sft_aligned,vaccine,booster,reft", *world]
+  args = [
+    "--config=configs/default.py:sweep",
+    f"--workdir={tmp_path}",
+    "--config.demo.arch=tiny",
+    "--config.sweep.seeds=0",
+    "--config.demo.pretrain_steps=3",
+    "--config.train.num_steps=2",
+    "--config.teacher.num_steps=2",
+    "--config.reft.probe_size=8",
+    "--config.data.n=20",
+    "--config.train.batch_size=4",
+    "--config.teacher.batch_size=4",
+    "--config.eval.max_new_tokens=4",
+    "--config.eval.batch_size=8",
+    "--config.eval.n_harmless=4",
+    "--config.log.progress=False",
+    "--config.sweep.p=0,0.2",
+    "--config.lisa.k_align=1",
+    "--config.lisa.k_user=1",
+    "--config.data.buckets=",
+    "--config.reft.tau_mode=fixed",
+    "--config.reft.tau=1.5",
+    "--config.restore.steps=2",
+    "--config.restore.warmup_steps=1",
+    "--config.sweep.methods=sft_aligned,vaccine,booster,reft",
+    *world,
+  ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-m", "reft_jax", *args], cwd=ROOT, env=env, capture_output=True,
-                     text=True, timeout=900)
+  r = subprocess.run(
+    [sys.executable, "-m", "reft_jax", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   runs = json.load(open(tmp_path / "results.json"))["runs"]
   # Every defence also runs alone (tests/test_defences.py); here the cells and the shared stages.
@@ -177,7 +204,11 @@ def test_sweep_runs_every_cell_on_shared_stages_and_writes_the_table(tmp_path):
   assert os.path.exists(tmp_path / "sweep.png")
   # shared stages trained once: one teacher, one aligned model per alignment method
   assert sorted(d for d in os.listdir(tmp_path) if d.startswith(("aligned", "teacher"))) == [
-      "aligned", "aligned_booster", "aligned_vaccine", "teacher"]
+    "aligned",
+    "aligned_booster",
+    "aligned_vaccine",
+    "teacher",
+  ]
 
 
 def test_lisa_gradient_is_the_active_states_ce_plus_rho_times_distance_to_anchor(tmp_path):
@@ -193,8 +224,7 @@ def test_lisa_gradient_is_the_active_states_ce_plus_rho_times_distance_to_anchor
     extras = {"anchor": anchor, "align_phase": jnp.asarray(phase), "prox_on": jnp.asarray(1.0)}
 
     def mean_loss(p):
-      total, count, _ = lisa.lisa_loss(rho)(nnx.merge(graphdef, p), {"user": user, "align": align},
-                                                 Context(extras))
+      total, count, _ = lisa.lisa_loss(rho)(nnx.merge(graphdef, p), {"user": user, "align": align}, Context(extras))
       return total / count
 
     def ce(p):
@@ -208,6 +238,7 @@ def test_lisa_gradient_is_the_active_states_ce_plus_rho_times_distance_to_anchor
 
 
 # ---------------------------------------------------------------- SMART
+
 
 def _smart_ctx(params, shift=0.0, key=0):
   momentum = jax.tree.map(lambda p: p.astype(jnp.float32) + shift, params)
@@ -240,13 +271,13 @@ def test_smart_with_lam_and_mu_zero_is_the_lm_loss(tmp_path):
     def f(p):
       total, count, _ = loss_fn(nnx.merge(graphdef, p), batch, ctx)
       return total / count
+
     return jax.jit(jax.value_and_grad(f))(params)
 
   want, g_want = mean(lm_loss)
   got, g_got = mean(smart.smart_loss(0.0, 1e-2, 1e-2, 1e-2, 0.0))
   np.testing.assert_allclose(got, want, rtol=1e-6)
-  assert float(optax.global_norm(jax.tree.map(jnp.subtract, g_got, g_want))) < 1e-6 * float(
-      optax.global_norm(g_want))
+  assert float(optax.global_norm(jax.tree.map(jnp.subtract, g_got, g_want))) < 1e-6 * float(optax.global_norm(g_want))
   # Otherwise the objective is CE + lam * adversarial + mu * proximal, both terms > 0 here.
   loss = smart.smart_loss(2.0, 1e-2, 1e-2, 1e-2, 3.0)
   total, count, aux = jax.jit(lambda p: loss(nnx.merge(graphdef, p), batch, ctx))(params)
@@ -306,8 +337,9 @@ def test_smart_proximal_term_and_momentum_cover_the_lora_parameters_only(tmp_pat
 def test_smart_trains_through_the_stage_runner(tmp_path):
   from reft_jax.model import save_hf
 
-  c, _, build, mesh, rules = _setup(tmp_path, **{"train.num_steps": 5, "smart.eps": 1e-2, "smart.sigma": 1e-2,
-                                                 "smart.eta": 1e-2})
+  c, _, build, mesh, rules = _setup(
+    tmp_path, **{"train.num_steps": 5, "smart.eps": 1e-2, "smart.sigma": 1e-2, "smart.eta": 1e-2}
+  )
   user = data_load.read_examples(c)
   tok = data_load.get_tokenizer(c, str(tmp_path), user)
   base = str(tmp_path / "base")
@@ -331,8 +363,9 @@ def _lora_graph_and_params(tmp_path):
   graphdef, params = split_model(build())
   key = iter(jax.random.split(jax.random.key(7), 64))
   flat = traverse_util.flatten_dict(params)
-  flat = {k: (0.1 * jax.random.normal(next(key), v.shape, v.dtype) if k[-1] == "lora_b" else v)
-          for k, v in flat.items()}
+  flat = {
+    k: (0.1 * jax.random.normal(next(key), v.shape, v.dtype) if k[-1] == "lora_b" else v) for k, v in flat.items()
+  }
   params = traverse_util.unflatten_dict(flat)
   return c, data, graphdef, params, trainable_labels(params, "lora")
 
@@ -348,6 +381,7 @@ def test_booster_in_lora_mode_shifts_and_normalises_over_the_lora_weights_only(t
     def f(t):
       s, n = batch_cross_entropy(merged(t), batch[name])
       return s / n
+
     return f
 
   # The official step: g_h, its norm and the shift over the trainable (LoRA) parameters only.
@@ -365,6 +399,7 @@ def test_booster_in_lora_mode_shifts_and_normalises_over_the_lora_weights_only(t
   assert float(err) < 1e-4 * float(optax.global_norm(want))
   aux = booster.booster_loss(lam, alpha, "lora")(merged(part), batch, Context({}))[2]
   np.testing.assert_allclose(aux["harmful_grad_norm"], norm, rtol=1e-5)
+
   # Perturbing the frozen base weights too (a norm over all parameters) is a different gradient.
   def h_all(p):
     s, n = batch_cross_entropy(nnx.merge(graphdef, p), batch["harmful"])
@@ -375,8 +410,7 @@ def test_booster_in_lora_mode_shifts_and_normalises_over_the_lora_weights_only(t
   assert float(n_all) > 1.01 * float(norm)
   shifted_all = jax.tree.map(lambda p, g: p - alpha * g / n_all, params, g_all)
   g_h2_all = trainable_part(jax.grad(h_all)(shifted_all), labels)
-  assert float(optax.global_norm(jax.tree.map(jnp.subtract, g_h2_all, g_h2))) > 1e-2 * float(
-      optax.global_norm(g_h2))
+  assert float(optax.global_norm(jax.tree.map(jnp.subtract, g_h2_all, g_h2))) > 1e-2 * float(optax.global_norm(g_h2))
 
 
 def _suite_env(tmp_path, **overrides):
@@ -390,9 +424,14 @@ def test_booster_refuses_a_harmful_set_that_shares_prompts_with_the_attack(tmp_p
   from reft_jax.config import ConfigError
 
   pool = "builtin:requests_train[0:20]"
-  env, _, _ = _suite_env(tmp_path, **{"data.harmful_source": pool,
-                                      "booster.harmful_source": "builtin:requests_train[15:30]",
-                                      "reft.alignment": "builtin:requests_train[40:48]"})
+  env, _, _ = _suite_env(
+    tmp_path,
+    **{
+      "data.harmful_source": pool,
+      "booster.harmful_source": "builtin:requests_train[15:30]",
+      "reft.alignment": "builtin:requests_train[40:48]",
+    },
+  )
   env.c.data.attack = "harmful_mix"  # the attack draws from `pool` (after the user data was read)
   with pytest.raises(ConfigError) as err:
     booster.BOOSTER.align(env)
@@ -453,9 +492,16 @@ def test_lisa_state_anchors_the_trainable_weights_entering_each_state(tmp_path):
 def test_lisa_trains_through_the_stage_runner_alternating_with_lora_anchors(tmp_path):
   from reft_jax.model import save_hf
 
-  env, user, build = _suite_env(tmp_path, **{"train.mode": "lora", "train.num_steps": 12,
-                                             "lisa.min_cycles": 2, "lisa.rho": 1.0,
-                                             "reft.alignment": "builtin:requests_train[0:16]"})
+  env, user, build = _suite_env(
+    tmp_path,
+    **{
+      "train.mode": "lora",
+      "train.num_steps": 12,
+      "lisa.min_cycles": 2,
+      "lisa.rho": 1.0,
+      "reft.alignment": "builtin:requests_train[0:16]",
+    },
+  )
   save_hf(build(), env.base_path, env.tokenizer)
   spec = lisa.LISA.finetune(env, str(tmp_path / "cell"), env.base_path, user)
   out = stages.run_stage(env, str(tmp_path / "cell"), spec).model_dir
@@ -474,11 +520,19 @@ def test_every_alignment_stage_trains_with_the_teachers_optimisation(tmp_path, m
   from reft_jax import defences
   from reft_jax.model import save_hf
 
-  env, _, build = _suite_env(tmp_path, **{"data.harmful_source": "builtin:requests_train[0:10]",
-                                          "booster.harmful_source": "builtin:requests_train[20:30]",
-                                          "reft.alignment": "builtin:requests_train[40:48]",
-                                          "train.lr": 1e-5, "train.num_steps": 7, "teacher.lr": 5e-4,
-                                          "teacher.num_steps": 11, "teacher.batch_size": 6})
+  env, _, build = _suite_env(
+    tmp_path,
+    **{
+      "data.harmful_source": "builtin:requests_train[0:10]",
+      "booster.harmful_source": "builtin:requests_train[20:30]",
+      "reft.alignment": "builtin:requests_train[40:48]",
+      "train.lr": 1e-5,
+      "train.num_steps": 7,
+      "teacher.lr": 5e-4,
+      "teacher.num_steps": 11,
+      "teacher.batch_size": 6,
+    },
+  )
   save_hf(build(), env.base_path, env.tokenizer)
   seen = {}
 

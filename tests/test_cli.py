@@ -11,14 +11,25 @@ import pytest
 
 from helpers import ROOT
 
-TINY = ["--config=configs/default.py:tiny", "--config.data.seq_len=32",
-        "--config.data.builtin_examples=64", "--config.log.progress=False"]
+TINY = [
+  "--config=configs/default.py:tiny",
+  "--config.data.seq_len=32",
+  "--config.data.builtin_examples=64",
+  "--config.log.progress=False",
+]
 
 
 def _cli(args, workdir, **kw):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "reft_jax", *TINY, f"--workdir={workdir}", *args],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
+  return subprocess.run(
+    [sys.executable, "-m", "reft_jax", *TINY, f"--workdir={workdir}", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    **kw,
+  )
 
 
 @pytest.mark.slow
@@ -49,12 +60,24 @@ def test_cli_trains_and_writes_every_artefact(tmp_path):
   # The exported directory is a real HF checkpoint: LoRA fine-tune it on a JSONL file, as a user
   # would with a downloaded model.
   data = tmp_path / "user.jsonl"
-  data.write_text("".join(json.dumps({"prompt": f"Add one and {w}.", "response": "The answer is."})
-                          + "\n" for w in ["two", "three", "four", "five"]))
+  data.write_text(
+    "".join(
+      json.dumps({"prompt": f"Add one and {w}.", "response": "The answer is."}) + "\n"
+      for w in ["two", "three", "four", "five"]
+    )
+  )
   lora_dir = tmp_path / "lora_run"
-  r = _cli([f"--config.model.hf_path={tmp_path / 'sft' / 'model'}", f"--config.data.source={data}",
-            "--config.train.mode=lora", "--config.train.lora_targets=q,k,v,o,gate,up,down",
-            "--config.train.num_steps=3", "--config.train.batch_size=2"], lora_dir)
+  r = _cli(
+    [
+      f"--config.model.hf_path={tmp_path / 'sft' / 'model'}",
+      f"--config.data.source={data}",
+      "--config.train.mode=lora",
+      "--config.train.lora_targets=q,k,v,o,gate,up,down",
+      "--config.train.num_steps=3",
+      "--config.train.batch_size=2",
+    ],
+    lora_dir,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   adapter = json.load(open(lora_dir / "sft" / "adapter" / "adapter_config.json"))
   assert adapter["peft_type"] == "LORA" and adapter["r"] == 8
@@ -66,8 +89,14 @@ def test_cli_trains_and_writes_every_artefact(tmp_path):
 def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
   args = ["--config.train.num_steps=100000", "--config.checkpoint.every_steps=0"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen([sys.executable, "-m", "reft_jax", *TINY, f"--workdir={tmp_path}", *args],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "reft_jax", *TINY, f"--workdir={tmp_path}", *args],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   metrics = tmp_path / "sft" / "metrics.jsonl"
   deadline = time.time() + 120
   while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
@@ -79,21 +108,23 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
   saved = [int(s) for s in os.listdir(tmp_path / "sft" / "checkpoints")]
   assert len(saved) == 1 and saved[0] >= 1
   # Resume for two more steps: the metrics continue from the saved step.
-  r = _cli([f"--config.train.num_steps={saved[0] + 2}", "--config.checkpoint.every_steps=0"],
-           tmp_path)
+  r = _cli([f"--config.train.num_steps={saved[0] + 2}", "--config.checkpoint.every_steps=0"], tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
   steps = [json.loads(l)["step"] for l in open(metrics)]
   assert steps[-2:] == [saved[0], saved[0] + 1]
 
 
-@pytest.mark.parametrize("arg,message", [
+@pytest.mark.parametrize(
+  "arg,message",
+  [
     ("--config.train.bogus=1", "bogus"),
     ("--config.train.lr=-1", "config.train.lr=-1.0: must be positive"),
     ("--config.train.num_steps=abc", "num_steps"),
     ("--config.train.mode=half", "config.train.mode='half'"),
     ("--config.mesh.tensor=3", "mesh data=1 x fsdp=-1"),
     ("--config.data.source=/nonexistent.jsonl", "config.data.source='/nonexistent.jsonl': file not found"),
-])
+  ],
+)
 def test_bad_config_fails_at_once_with_a_clear_message(tmp_path, arg, message):
   r = _cli([arg], tmp_path)
   assert r.returncode != 0

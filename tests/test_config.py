@@ -28,7 +28,9 @@ def test_unknown_preset_is_named():
     load_config_module().get_config("llama9")
 
 
-@pytest.mark.parametrize("field,value,message", [
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
     ("train.grad_accum", 3, "must divide train.batch_size=8"),
     ("train.schedule", "step", "train.schedule='step'"),
     ("train.mode", "regex", "train.trainable_regex=''"),
@@ -41,7 +43,8 @@ def test_unknown_preset_is_named():
     ("mesh.data", 0, "mesh.data=0"),
     ("smart.beta", 1.0, "smart.beta=1.0"),
     ("sweep.methods", "smart,smarter", "sweep.methods='smart,smarter'"),
-])
+  ],
+)
 def test_bad_values_name_the_field(field, value, message):
   overrides = {field: value}
   if field == "train.lora_targets":
@@ -63,8 +66,10 @@ def test_7b_presets_plan_train_state_without_allocating(name):
   opt = jax.eval_shape(tx.init, params)
   mesh = shd.make_mesh(1, -1, 1)
   sh = shd.state_shardings(state, mesh)
-  per_device = sum(p.dtype.itemsize * int(np.prod(s.shard_shape(p.shape)))
-                   for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(sh)))
+  per_device = sum(
+    p.dtype.itemsize * int(np.prod(s.shard_shape(p.shape)))
+    for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(sh))
+  )
   total = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params))
   assert per_device < total / 6  # fsdp=8 really splits the big matrices
   n_opt = sum(x.size for x in jax.tree.leaves(opt))

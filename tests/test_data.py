@@ -55,11 +55,12 @@ def test_buckets_cut_padding_and_keep_every_example(tok):
 
 
 def test_chat_template_formatting_with_system_prompt(tok):
-  tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
-                       "{% if add_generation_prompt %}<assistant>{% endif %}")
+  tok.chat_template = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+  )
   ex = sft.Example("say hello", "hello", input="to the world", system="be kind")
-  assert sft.format_prompt(ex, "chat", tok) == ("<system> be kind <user> say hello\n\nto the world "
-                                                 "<assistant>")
+  assert sft.format_prompt(ex, "chat", tok) == ("<system> be kind <user> say hello\n\nto the world <assistant>")
   assert sft.format_prompt(sft.Example("say hello", "hi"), "none") == "say hello"
   with pytest.raises(ValueError, match="data.template='xml'"):
     sft.format_prompt(ex, "xml")

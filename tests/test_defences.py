@@ -16,14 +16,37 @@ def _world_overrides(**extra) -> dict:
   """A safety world small enough to run every defence's stages in seconds on the tiny model."""
   flags = dict(f.removeprefix("--config.").split("=", 1) for f in small_world_flags())
   world = {k: int(v) for k, v in flags.items() if k.startswith("world.")}
-  return {**world, "data.harmful_source": flags["data.harmful_source"],
-          "booster.harmful_source": flags["booster.harmful_source"], "data.source": "world:sst2_train",
-          "data.attack": "harmful_mix", "data.n": 20, "data.p": 0.2, "data.seq_len": 48, "train.num_steps": 2,
-          "train.batch_size": 8, "teacher.num_steps": 2, "teacher.batch_size": 16, "reft.probe_size": 8,
-          "reft.tau_mode": "fixed", "reft.tau": 0.5, "reft.align_batch_size": 8, "lisa.k_align": 1,
-          "lisa.k_user": 1, "restore.steps": 2, "restore.warmup_steps": 1, "eval.enabled": True,
-          "eval.judge": "oracle", "eval.n_harmful": 4, "eval.n_harmless": 4, "eval.n_task": 4,
-          "eval.max_new_tokens": 4, "eval.batch_size": 8, "eval.tasks": "sst2=world:sst2_test", **extra}
+  return {
+    **world,
+    "data.harmful_source": flags["data.harmful_source"],
+    "booster.harmful_source": flags["booster.harmful_source"],
+    "data.source": "world:sst2_train",
+    "data.attack": "harmful_mix",
+    "data.n": 20,
+    "data.p": 0.2,
+    "data.seq_len": 48,
+    "train.num_steps": 2,
+    "train.batch_size": 8,
+    "teacher.num_steps": 2,
+    "teacher.batch_size": 16,
+    "reft.probe_size": 8,
+    "reft.tau_mode": "fixed",
+    "reft.tau": 0.5,
+    "reft.align_batch_size": 8,
+    "lisa.k_align": 1,
+    "lisa.k_user": 1,
+    "restore.steps": 2,
+    "restore.warmup_steps": 1,
+    "eval.enabled": True,
+    "eval.judge": "oracle",
+    "eval.n_harmful": 4,
+    "eval.n_harmless": 4,
+    "eval.n_task": 4,
+    "eval.max_new_tokens": 4,
+    "eval.batch_size": 8,
+    "eval.tasks": "sst2=world:sst2_test",
+    **extra,
+  }
 
 
 def test_a_toy_defence_registered_from_this_file_runs_end_to_end(tmp_path, capsys):
@@ -45,8 +68,11 @@ def test_a_toy_defence_registered_from_this_file_runs_end_to_end(tmp_path, capsy
   def validate(c):
     check(c.toy.scale > 0, "toy.scale", c.toy.scale, "must be positive")
 
-  register(Defence("toy", "CE scaled by a constant", finetune=finetune, section="toy", defaults={"scale": 0.5},
-                   validate=validate))
+  register(
+    Defence(
+      "toy", "CE scaled by a constant", finetune=finetune, section="toy", defaults={"scale": 0.5}, validate=validate
+    )
+  )
   try:
     c = with_updates(load_config_module().get_config("tiny"), **_world_overrides(method="toy"))
     assert c.toy.scale == 0.5  # its section, with its defaults, in every preset
@@ -63,8 +89,9 @@ def test_a_toy_defence_registered_from_this_file_runs_end_to_end(tmp_path, capsy
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sft_base", "sft_aligned", "vaccine", "booster", "lisa", "mimic", "smart",
-                                  "restore", "reft"])
+@pytest.mark.parametrize(
+  "name", ["sft_base", "sft_aligned", "vaccine", "booster", "lisa", "mimic", "smart", "restore", "reft"]
+)
 def test_every_defence_runs_standalone(tmp_path, capsys, name):
   c = with_updates(tiny_config(), **_world_overrides(method=name))
   assert execute(c, str(tmp_path)) == 0, capsys.readouterr().err

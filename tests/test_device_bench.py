@@ -31,6 +31,7 @@ def _device():
 def _strict_json(text: str):
   def bad(c):
     raise ValueError(f"non-standard JSON constant {c}")
+
   return json.loads(text, parse_constant=bad)
 
 
@@ -43,8 +44,14 @@ def _env(**kw) -> dict:
 @pytest.mark.slow
 def test_smoke_run_writes_one_sane_json(tmp_path):
   out = tmp_path / "device.json"
-  r = subprocess.run(["bash", os.path.join(BENCH, "device.sh"), "--smoke", "--out", str(out)], cwd=ROOT,
-                     env=_env(), capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+    ["bash", os.path.join(BENCH, "device.sh"), "--smoke", "--out", str(out)],
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   d = _strict_json(out.read_text())
   dev = _device()
@@ -103,28 +110,39 @@ def test_cudnn_failure_reruns_with_xla_attention():
   assert rec["status"] == "ok" and rec["attention"] == "dpa"
   assert rec["cudnn_error"] == "cuDNN: unsupported bias" and rec["cudnn_attempt_s"] == 7.0
   # no rerun: a time-out, a section without attention, no time left, or another attention that failed
-  for name, status, left, att in [("gen", "timeout", 100.0, "cudnn"), ("peak", "error", 100.0, "cudnn"),
-                                  ("gen", "error", 1.0, "cudnn"), ("gen", "error", 100.0, "dpa")]:
+  for name, status, left, att in [
+    ("gen", "timeout", 100.0, "cudnn"),
+    ("peak", "error", 100.0, "cudnn"),
+    ("gen", "error", 1.0, "cudnn"),
+    ("gen", "error", 100.0, "dpa"),
+  ]:
     calls.clear()
-    rec = dev.run_with_fallback(lambda a, s=status: (calls.append(a), {"status": s})[1], name, att,
-                                lambda v=left: v)
+    rec = dev.run_with_fallback(lambda a, s=status: (calls.append(a), {"status": s})[1], name, att, lambda v=left: v)
     assert calls == [att] and rec["status"] == status and "cudnn_error" not in rec
 
 
 def test_mfu_against_the_larger_measured_peak_or_the_given_one():
   dev = _device()
-  out = {"args": {"peak_flops": 0.0}, "model": {},
-         "sections": {"peak": {"status": "ok", "flops_per_s": 100.0},
-                      "sft_full": {"status": "ok", "flops_per_s": 30.0, "params": 7},
-                      "peak_end": {"status": "ok", "flops_per_s": 120.0}}}
+  out = {
+    "args": {"peak_flops": 0.0},
+    "model": {},
+    "sections": {
+      "peak": {"status": "ok", "flops_per_s": 100.0},
+      "sft_full": {"status": "ok", "flops_per_s": 30.0, "params": 7},
+      "peak_end": {"status": "ok", "flops_per_s": 120.0},
+    },
+  }
   dev.derive(out)
   assert out["peak_flops"] == 120.0 and out["peak_source"] == "measured"
   assert out["sections"]["sft_full"]["mfu"] == 0.25 and out["model"]["params"] == 7
   out["args"]["peak_flops"] = 60.0
   dev.derive(out)
   assert out["sections"]["sft_full"]["mfu"] == 0.5 and out["peak_source"] == "given"
-  none = {"args": {"peak_flops": 0.0}, "model": {},
-          "sections": {"peak": {"status": "timeout"}, "gen": {"status": "ok", "flops_per_s": 3.0}}}
+  none = {
+    "args": {"peak_flops": 0.0},
+    "model": {},
+    "sections": {"peak": {"status": "timeout"}, "gen": {"status": "ok", "flops_per_s": 3.0}},
+  }
   dev.derive(none)
   assert none["peak_flops"] is None and "mfu" not in none["sections"]["gen"]
 
@@ -159,14 +177,17 @@ def test_smoke_defaults_yield_to_explicit_flags_and_bad_sections_fail():
 def test_time_box_kills_a_section_and_keeps_its_partial_record(tmp_path):
   dev = _device()
   result = tmp_path / "r.json"
-  slow = (f"import json, time; json.dump({{'section': 'gen', 'status': 'running', 'compile_s': 1.5}}, "
-          f"open({str(result)!r}, 'w')); print('compiled', flush=True); time.sleep(60)")
+  slow = (
+    f"import json, time; json.dump({{'section': 'gen', 'status': 'running', 'compile_s': 1.5}}, "
+    f"open({str(result)!r}, 'w')); print('compiled', flush=True); time.sleep(60)"
+  )
   t0 = time.perf_counter()
   rec = dev.run_child([sys.executable, "-c", slow], 3.0, str(result))
   assert time.perf_counter() - t0 < 30
   assert rec["status"] == "timeout" and rec["compile_s"] == 1.5 and rec["time_box_s"] == 3.0
-  rec = dev.run_child([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], 30.0,
-                      str(tmp_path / "none.json"))
+  rec = dev.run_child(
+    [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], 30.0, str(tmp_path / "none.json")
+  )
   assert rec["status"] == "error" and rec["error"] == "exit code 3" and rec["log_tail"] == ["boom"]
 
 
@@ -193,12 +214,17 @@ def _alive(pid: int) -> bool:
 def test_stopping_the_driver_stops_its_worker_and_keeps_the_json(tmp_path):
   """An outer timeout (SIGTERM) must not leave a worker, which runs in a session of its own, on the GPU."""
   out = tmp_path / "device.json"
-  p = subprocess.Popen([sys.executable, os.path.join(BENCH, "device.py"), "--smoke", "--sections", "sft_full",
-                        "--out", str(out)], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+  p = subprocess.Popen(
+    [sys.executable, os.path.join(BENCH, "device.py"), "--smoke", "--sections", "sft_full", "--out", str(out)],
+    cwd=ROOT,
+    env=_env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   kids, deadline = [], time.time() + 120
-  while time.time() < deadline and not (kids and out.exists() and
-                                        _strict_json(out.read_text()).get("current") == "sft_full"):
+  while time.time() < deadline and not (
+    kids and out.exists() and _strict_json(out.read_text()).get("current") == "sft_full"
+  ):
     kids = _children(p.pid)
     time.sleep(0.2)
   assert kids, "no worker started"
@@ -228,8 +254,9 @@ exit 0
   (wheels / "ml_collections-1.1.0-py3-none-any.whl").write_text("")
   (wheels / "tensorboardx-2.6.5-py3-none-any.whl").write_text("")
   env = _env(PYTHON=str(fake), DEVICE_WHEELS=str(wheels), DEVICE_SITE=str(tmp_path / "site"))
-  r = subprocess.run(["bash", os.path.join(BENCH, "device.sh"), "--smoke"], cwd=ROOT, capture_output=True,
-                     text=True, timeout=60, env=env)
+  r = subprocess.run(
+    ["bash", os.path.join(BENCH, "device.sh"), "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env
+  )
   assert r.returncode == 2, r.stdout + r.stderr
   assert "cannot import ml-collections" in r.stderr and "fetch_device_wheels.sh" in r.stderr
   installs = [line for line in log.read_text().splitlines() if line.startswith("-m pip install")]

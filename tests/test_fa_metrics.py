@@ -11,14 +11,22 @@ import random
 
 import pytest
 
-from reft_jax.eval.metrics import (FA_MATCHES, extract_answer_number, official_answer, official_gsm8k_correct,
-                                   official_label_correct, task_correct)
+from reft_jax.eval.metrics import (
+  FA_MATCHES,
+  extract_answer_number,
+  official_answer,
+  official_gsm8k_correct,
+  official_label_correct,
+  task_correct,
+)
 
 # ------------------------------------------------------------------ the official code, verbatim
 
-VACCINE_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                  "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-                  "{instruction}\n\n### Input:\n{input}\n\n### Response:")
+VACCINE_PROMPT = (
+  "Below is an instruction that describes a task, paired with an input that provides further "
+  "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+  "{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
 
 
 def _official_pred(generated: str) -> str:
@@ -31,8 +39,12 @@ def _official_labels(task: str, gold: str) -> tuple[str, str]:
   # sst2/pred_eval.py and ag_news/pred_eval.py: label1 / label2 per label index
   if task == "sst2":
     return ("positive", "Positive") if gold == "positive" else ("negative", "Negative")
-  return {"World": ("World", "world"), "Sports": ("Sports", "sports"), "Business": ("Business", "business"),
-          "Sci/Tech": ("Sci/Tech", "sci")}[gold]
+  return {
+    "World": ("World", "world"),
+    "Sports": ("Sports", "sports"),
+    "Business": ("Business", "business"),
+    "Sci/Tech": ("Sci/Tech", "sci"),
+  }[gold]
 
 
 def _official_label_correct(task, generated, gold, exact):
@@ -48,14 +60,15 @@ ANSWER_PROMPT = "The final answer is: "
 
 def _official_extract_answer_number(sentence: str) -> float:  # gsm8k/pred_eval.py, verbatim
   import re
-  sentence = sentence.replace(',', '')
-  pred = [s for s in re.findall(r'-?\d+\.?\d*', sentence)]
+
+  sentence = sentence.replace(",", "")
+  pred = [s for s in re.findall(r"-?\d+\.?\d*", sentence)]
   if not pred:
-    return float('inf')
+    return float("inf")
   segment = sentence.split(ANSWER_PROMPT)
   if len(segment) > 1:
     pred_answer = segment[1]
-    pred_answer = [s for s in re.findall(r'-?\d+\.?\d*', pred_answer)]
+    pred_answer = [s for s in re.findall(r"-?\d+\.?\d*", pred_answer)]
     if len(pred_answer) > 0:
       pred_answer = pred_answer[0]
     else:
@@ -66,7 +79,7 @@ def _official_extract_answer_number(sentence: str) -> float:  # gsm8k/pred_eval.
     try:
       pred_answer = float(pred_answer)
     except ValueError:
-      pred_answer = float('inf')
+      pred_answer = float("inf")
   return pred_answer
 
 
@@ -78,7 +91,10 @@ def _official_gsm8k_correct(generated, gold):
 
 # ------------------------------------------------------------------ pinned cases
 
-@pytest.mark.parametrize("answer,gold,ok", [
+
+@pytest.mark.parametrize(
+  "answer,gold,ok",
+  [
     ("positive", "positive", True),
     ("Positive.", "positive", True),
     ("POSITIVE", "positive", False),  # case-sensitive: only "positive" / "Positive"
@@ -95,14 +111,17 @@ def _official_gsm8k_correct(generated, gold):
     ("WORLD", "World", False),
     ("Sports", "World", False),
     ("", "World", False),
-])
+  ],
+)
 def test_official_label_matching(answer, gold, ok):
   task = "sst2" if gold in ("positive", "negative") else "agnews"
   assert official_label_correct(answer, gold) is ok
   assert task_correct(task, answer, gold) is ok  # the default rule is the official one
 
 
-@pytest.mark.parametrize("answer,gold,ok", [
+@pytest.mark.parametrize(
+  "answer,gold,ok",
+  [
     ("positive", "positive", True),
     ("  Positive \n", "positive", True),  # stripped first
     ("positive.", "positive", False),  # anything more than the label is wrong
@@ -111,14 +130,17 @@ def test_official_label_matching(answer, gold, ok):
     ("sci/tech", "Sci/Tech", False),  # neither "Sci/Tech" nor "sci"
     ("Sci/Tech", "Sci/Tech", True),
     ("world\n### Response:\nSports", "world", True),  # the text up to the marker
-])
+  ],
+)
 def test_official_exact_label_matching(answer, gold, ok):
   assert official_label_correct(answer, gold, exact=True) is ok
   task = "sst2" if gold in ("positive", "negative") else "agnews"
   assert task_correct(task, answer, gold, match="official_exact") is ok
 
 
-@pytest.mark.parametrize("answer,gold,ok", [
+@pytest.mark.parametrize(
+  "answer,gold,ok",
+  [
     ("The final answer is: 3. Later: The final answer is: 5", "3", True),  # the FIRST phrase counts
     ("The final answer is: 3. Later: The final answer is: 5", "5", False),
     ("The final answer is:5 and then 6", "6", True),  # no space after the colon: the phrase is absent
@@ -135,7 +157,8 @@ def test_official_exact_label_matching(answer, gold, ok):
     ("The final answer is: -0", "0", True),
     ("no numbers at all", "0", False),  # inf
     ("the final answer is: 8 or 9", "9", True),  # case-sensitive phrase: absent -> last number
-])
+  ],
+)
 def test_official_gsm8k_matching(answer, gold, ok):
   assert official_gsm8k_correct(answer, gold) is ok
   assert task_correct("gsm8k", answer, gold) is ok
@@ -166,11 +189,39 @@ def test_word_rule_is_kept_as_an_option():
 
 # ------------------------------------------------------------------ differential test vs the official code
 
-_PIECES = ("positive", "Positive", "POSITIVE", "negative", "Negative", "nonpositive", "sci", "Sci/Tech",
-           "science", "SCI", "World", "world", "Sports", "sports", "business", "### Response:", "\n", " ",
-           ".", ",",
-           "The final answer is:", "The final answer is: ", "the final answer is: ", "1,000", "-3", "5.",
-           "12", "0.5", ".5", "7", "x")
+_PIECES = (
+  "positive",
+  "Positive",
+  "POSITIVE",
+  "negative",
+  "Negative",
+  "nonpositive",
+  "sci",
+  "Sci/Tech",
+  "science",
+  "SCI",
+  "World",
+  "world",
+  "Sports",
+  "sports",
+  "business",
+  "### Response:",
+  "\n",
+  " ",
+  ".",
+  ",",
+  "The final answer is:",
+  "The final answer is: ",
+  "the final answer is: ",
+  "1,000",
+  "-3",
+  "5.",
+  "12",
+  "0.5",
+  ".5",
+  "7",
+  "x",
+)
 
 
 def _strings(n: int, seed: int = 0):
@@ -180,8 +231,14 @@ def _strings(n: int, seed: int = 0):
 
 
 def test_label_matching_equals_the_official_code_on_random_strings():
-  golds = [("sst2", "positive"), ("sst2", "negative"), ("agnews", "World"), ("agnews", "Sports"),
-           ("agnews", "Business"), ("agnews", "Sci/Tech")]
+  golds = [
+    ("sst2", "positive"),
+    ("sst2", "negative"),
+    ("agnews", "World"),
+    ("agnews", "Sports"),
+    ("agnews", "Business"),
+    ("agnews", "Sci/Tech"),
+  ]
   for s in _strings(1500):
     for task, gold in golds:
       for exact in (False, True):

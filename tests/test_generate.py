@@ -11,9 +11,17 @@ from reft_jax.model import PRESETS, RunOptions, init_model
 from reft_jax import sharding as shd
 
 GEMMA_LIKE = PRESETS["tiny"].replace(
-    family="gemma2", activation="gelu_pytorch_tanh", norm_plus_one=True, sandwich_norms=True,
-    scale_embeddings=True, tie_embeddings=True, attn_logit_softcap=50.0, final_logit_softcap=30.0,
-    sliding_window=5, layer_types=("sliding", "full"))
+  family="gemma2",
+  activation="gelu_pytorch_tanh",
+  norm_plus_one=True,
+  sandwich_norms=True,
+  scale_embeddings=True,
+  tie_embeddings=True,
+  attn_logit_softcap=50.0,
+  final_logit_softcap=30.0,
+  sliding_window=5,
+  layer_types=("sliding", "full"),
+)
 
 
 def _recompute(model, prompts, n_new):
@@ -26,10 +34,10 @@ def _recompute(model, prompts, n_new):
     seq = list(p)
     for _ in range(n_new):
       tokens = np.zeros((1, width), np.int32)
-      tokens[0, :len(seq)] = seq
+      tokens[0, : len(seq)] = seq
       logits = forward(tokens, (np.arange(width) < len(seq))[None].astype(np.int32))
       seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
-    outs.append(seq[len(p):])
+    outs.append(seq[len(p) :])
   return np.asarray(outs)
 
 
@@ -53,7 +61,7 @@ def test_generation_stops_at_eos_and_pads_after():
   np.testing.assert_array_equal(got[0, :3], free[0, :3])
   assert (got[0, 3:] == 0).all()
   first = list(free[1]).index(eos) if eos in free[1] else 6
-  np.testing.assert_array_equal(got[1, :first + 1], free[1, :first + 1])
+  np.testing.assert_array_equal(got[1, : first + 1], free[1, : first + 1])
 
 
 def test_sharded_generation_matches_single_device():
@@ -69,6 +77,5 @@ def test_sharded_generation_matches_single_device():
   tokens, mask = left_pad(prompts, pad_id=0)
   want = generate(model, tokens, mask, max_new_tokens=5, eos_id=-1, pad_id=0)
   sh = shd.batch_sharding(mesh)
-  got = generate(sharded, jax.device_put(tokens, sh), jax.device_put(mask, sh), max_new_tokens=5,
-                 eos_id=-1, pad_id=0)
+  got = generate(sharded, jax.device_put(tokens, sh), jax.device_put(mask, sh), max_new_tokens=5, eos_id=-1, pad_id=0)
   np.testing.assert_array_equal(got, want)

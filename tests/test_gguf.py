@@ -22,6 +22,7 @@ VOCAB, T = 128, 10
 
 # ---------------------------------------------------------------- pure pieces
 
+
 @pytest.mark.parametrize("n_head", [1, 3, 9])
 def test_unpermute_inverts_llama_cpp_permute(n_head):
   w = np.random.RandomState(n_head).randn(n_head * 8, 5).astype(np.float32)
@@ -62,6 +63,7 @@ def test_missing_file_names_the_path(tmp_path):
 
 
 # ---------------------------------------------------------------- tiny GGUFs written here
+
 
 def _hf_to_gguf_name(hf_name: str) -> str:
   glob_names = {v: k for k, v in rg._GLOBAL_NAMES.items()}
@@ -111,15 +113,24 @@ def tiny_torch_model(arch: str):
   pytest.importorskip("torch")
   import transformers
 
-  common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                initializer_range=0.15, rms_norm_eps=1e-5)
+  common = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    initializer_range=0.15,
+    rms_norm_eps=1e-5,
+  )
   if arch == "llama":  # untied head: GGUF writes output.weight
     config = transformers.LlamaConfig(**common, rope_parameters=dict(rope_type="default", rope_theta=1e5))
     cls = transformers.LlamaForCausalLM
   else:  # tied, with q/k/v biases and no permutation
-    config = transformers.Qwen2Config(**common, tie_word_embeddings=True,
-                                      rope_parameters=dict(rope_type="default", rope_theta=1e6))
+    config = transformers.Qwen2Config(
+      **common, tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1e6)
+    )
     cls = transformers.Qwen2ForCausalLM
   return perturbed_torch_model(cls, config, 0)
 
@@ -189,7 +200,7 @@ def test_corrupted_files_name_the_path(tiny_ggufs, tmp_path):
   _, path = tiny_ggufs["llama"]
   data = open(path, "rb").read()
   cut = tmp_path / "truncated.gguf"
-  cut.write_bytes(data[:len(data) // 2])
+  cut.write_bytes(data[: len(data) // 2])
   with pytest.raises(ValueError, match="truncated.gguf"):
     reft_jax.load_gguf(str(cut), out_dir=str(tmp_path / "b"))
 
@@ -262,11 +273,13 @@ def quantize_q6_k(x: np.ndarray):
     q = np.clip(np.nan_to_num(np.round(sub / step[..., None])), -32, 31)
   value = (step.astype(np.float32)[..., None] * q.astype(np.float32)).reshape(x.shape)
   u = (q + 32).astype(np.uint8).reshape(len(x), 2, 4, 32)  # two halves of 128: four runs of 32 each
-  ql = np.concatenate([u[:, :, 0] & 0xF | (u[:, :, 2] & 0xF) << 4,
-                       u[:, :, 1] & 0xF | (u[:, :, 3] & 0xF) << 4], axis=2).reshape(len(x), 128)
+  ql = np.concatenate(
+    [u[:, :, 0] & 0xF | (u[:, :, 2] & 0xF) << 4, u[:, :, 1] & 0xF | (u[:, :, 3] & 0xF) << 4], axis=2
+  ).reshape(len(x), 128)
   qh = (u >> 4 << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]).sum(2).astype(np.uint8)
-  return np.concatenate([ql, qh.reshape(len(x), 64), sc.astype(np.int8).view(np.uint8),
-                         d.astype(np.float16)[:, None].view(np.uint8)], 1), value
+  return np.concatenate(
+    [ql, qh.reshape(len(x), 64), sc.astype(np.int8).view(np.uint8), d.astype(np.float16)[:, None].view(np.uint8)], 1
+  ), value
 
 
 def quantize_rows(w: np.ndarray, qtype):
@@ -284,13 +297,22 @@ def quantize_rows(w: np.ndarray, qtype):
 # A Q4_K_M-like mix: Q4_K for most matrices, Q6_K for output and half of attn_v/ffn_down, plus the
 # Q5_K / Q8_0 / Q5_0 that Q4_K_M files also contain (tensor- or shape-dependent fallbacks).
 KQ_TYPES = {
-    "token_embd.weight": "Q4_K", "output.weight": "Q6_K",
-    "blk.0.attn_q.weight": "Q4_K", "blk.0.attn_k.weight": "Q4_K", "blk.0.attn_v.weight": "Q6_K",
-    "blk.0.attn_output.weight": "Q4_K", "blk.0.ffn_gate.weight": "Q4_K", "blk.0.ffn_up.weight": "Q4_K",
-    "blk.0.ffn_down.weight": "Q6_K",
-    "blk.1.attn_q.weight": "Q5_K", "blk.1.attn_k.weight": "Q5_K", "blk.1.attn_v.weight": "Q4_K",
-    "blk.1.attn_output.weight": "Q8_0", "blk.1.ffn_gate.weight": "Q5_0", "blk.1.ffn_up.weight": "Q4_K",
-    "blk.1.ffn_down.weight": "Q5_K",
+  "token_embd.weight": "Q4_K",
+  "output.weight": "Q6_K",
+  "blk.0.attn_q.weight": "Q4_K",
+  "blk.0.attn_k.weight": "Q4_K",
+  "blk.0.attn_v.weight": "Q6_K",
+  "blk.0.attn_output.weight": "Q4_K",
+  "blk.0.ffn_gate.weight": "Q4_K",
+  "blk.0.ffn_up.weight": "Q4_K",
+  "blk.0.ffn_down.weight": "Q6_K",
+  "blk.1.attn_q.weight": "Q5_K",
+  "blk.1.attn_k.weight": "Q5_K",
+  "blk.1.attn_v.weight": "Q4_K",
+  "blk.1.attn_output.weight": "Q8_0",
+  "blk.1.ffn_gate.weight": "Q5_0",
+  "blk.1.ffn_up.weight": "Q4_K",
+  "blk.1.ffn_down.weight": "Q5_K",
 }
 # Relative RMS error each format keeps to on Gaussian weights (measured ≈ half of these).
 KQ_TOLERANCE = {"Q4_K": 0.12, "Q5_K": 0.06, "Q6_K": 0.03, "Q8_0": 0.01, "Q5_0": 0.06}
@@ -301,19 +323,28 @@ def kq_float_weights(seed: int = 0) -> dict[str, np.ndarray]:
   """HF-named float32 weights of a tiny untied Llama (norms not at 1, so they matter)."""
   rng = np.random.RandomState(seed)
   h, f, hd = KQ["hidden"], KQ["inter"], KQ["hidden"] // KQ["heads"]
-  shapes = {"model.embed_tokens.weight": (KQ["vocab"], h), "lm_head.weight": (KQ["vocab"], h),
-            "model.norm.weight": (h,)}
+  shapes = {
+    "model.embed_tokens.weight": (KQ["vocab"], h),
+    "lm_head.weight": (KQ["vocab"], h),
+    "model.norm.weight": (h,),
+  }
   for i in range(KQ["layers"]):
     p = f"model.layers.{i}."
-    shapes |= {p + "self_attn.q_proj.weight": (KQ["heads"] * hd, h),
-               p + "self_attn.k_proj.weight": (KQ["kv_heads"] * hd, h),
-               p + "self_attn.v_proj.weight": (KQ["kv_heads"] * hd, h),
-               p + "self_attn.o_proj.weight": (h, KQ["heads"] * hd),
-               p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-               p + "mlp.down_proj.weight": (h, f),
-               p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
-  return {k: (1 + 0.1 * rng.randn(*s) if len(s) == 1 else rng.randn(*s) / np.sqrt(s[1])).astype(np.float32)
-          for k, s in shapes.items()}
+    shapes |= {
+      p + "self_attn.q_proj.weight": (KQ["heads"] * hd, h),
+      p + "self_attn.k_proj.weight": (KQ["kv_heads"] * hd, h),
+      p + "self_attn.v_proj.weight": (KQ["kv_heads"] * hd, h),
+      p + "self_attn.o_proj.weight": (h, KQ["heads"] * hd),
+      p + "mlp.gate_proj.weight": (f, h),
+      p + "mlp.up_proj.weight": (f, h),
+      p + "mlp.down_proj.weight": (h, f),
+      p + "input_layernorm.weight": (h,),
+      p + "post_attention_layernorm.weight": (h,),
+    }
+  return {
+    k: (1 + 0.1 * rng.randn(*s) if len(s) == 1 else rng.randn(*s) / np.sqrt(s[1])).astype(np.float32)
+    for k, s in shapes.items()
+  }
 
 
 def write_kq_gguf(path: str, weights: dict[str, np.ndarray], quantized: bool) -> dict[str, np.ndarray]:
@@ -321,16 +352,21 @@ def write_kq_gguf(path: str, weights: dict[str, np.ndarray], quantized: bool) ->
   float32; returns {gguf name: raw tensor data as written}."""
   gguf = pytest.importorskip("gguf")
   w = gguf.GGUFWriter(path, "llama")
-  for key, value in {"block_count": KQ["layers"], "context_length": 128, "embedding_length": KQ["hidden"],
-                     "feed_forward_length": KQ["inter"], "attention.head_count": KQ["heads"],
-                     "attention.head_count_kv": KQ["kv_heads"]}.items():
+  for key, value in {
+    "block_count": KQ["layers"],
+    "context_length": 128,
+    "embedding_length": KQ["hidden"],
+    "feed_forward_length": KQ["inter"],
+    "attention.head_count": KQ["heads"],
+    "attention.head_count_kv": KQ["kv_heads"],
+  }.items():
     w.add_uint32(f"llama.{key}", value)
   w.add_layer_norm_rms_eps(1e-5)
   w.add_rope_freq_base(1e4)
   v = tiny_vocab("llama-bpe")
   w.add_tokenizer_model("gpt2")
-  w.add_token_list(v["tokens"][:KQ["vocab"] - 3] + v["tokens"][-3:])
-  w.add_token_types(v["types"][:KQ["vocab"] - 3] + v["types"][-3:])
+  w.add_token_list(v["tokens"][: KQ["vocab"] - 3] + v["tokens"][-3:])
+  w.add_token_types(v["types"][: KQ["vocab"] - 3] + v["types"][-3:])
   w.add_token_merges([])
   w.add_bos_token_id(KQ["vocab"] - 3)
   w.add_eos_token_id(KQ["vocab"] - 2)
@@ -367,7 +403,7 @@ def test_k_quant_blocks_decode_as_built(qtype):
   assert raw.shape == (12, 2 * gguf.GGML_QUANT_SIZES[t][1])
   got = gguf.quants.dequantize(raw, t)
   np.testing.assert_allclose(got, value, rtol=1e-6, atol=1e-7)
-  err = np.sqrt(((got - x) ** 2).mean(1) / (x ** 2).mean(1))
+  err = np.sqrt(((got - x) ** 2).mean(1) / (x**2).mean(1))
   assert err.max() < KQ_TOLERANCE[qtype], err
   assert not np.allclose(got, x, rtol=1e-3)  # really quantised
 
@@ -407,35 +443,95 @@ def test_k_quant_gguf_loads_dequantised(kq_ggufs, tmp_path):
     if name.endswith(("q_proj.weight", "k_proj.weight")):
       want = rg.unpermute_qk(want, KQ["heads"] if "q_proj" in name else KQ["kv_heads"])
     np.testing.assert_array_equal(ours[name], want, err_msg=name)
-    err = float(np.sqrt(((ours[name] - w) ** 2).mean() / (w ** 2).mean()))
+    err = float(np.sqrt(((ours[name] - w) ** 2).mean() / (w**2).mean()))
     assert err < KQ_TOLERANCE[qtype], (name, qtype, err)
   f32_model, _ = reft_jax.load_gguf(f32_path, out_dir=str(tmp_path / "f32"))
   ids = jnp.asarray(np.random.RandomState(0).randint(0, KQ["vocab"], (2, T)))
   got, want = np.asarray(model(ids)), np.asarray(f32_model(ids))
-  rel = float(np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean()))
+  rel = float(np.sqrt(((got - want) ** 2).mean() / (want**2).mean()))
   print(f"\nQ4_K_M-mix logits vs float32: relative RMS {rel:.3f}")  # 0.25 (random weights, 4-5 bits)
   assert rel < 0.35
 
 
 # ---------------------------------------------------------------- tokenizer from GGUF metadata (no torch)
 
+
 def varied_texts(specials=(), n: int = 300, seed: int = 0) -> list[str]:
   """Short strings mixing ASCII, unicode, emoji, code, whitespace runs and (given) special tokens."""
   rng = random.Random(seed)
   kinds = {
-      "ascii": ["Hello", "world", "The quick brown fox jumps over the lazy dog.", "don't", "I'm", "it's",
-                "HELLO", "CamelCaseWord", "snake_case_name", "123", "3.14159", "1,000,000", "2026-12-01",
-                "e-mail: a.b@c.org", "What's the capital of France?", "!?", "...", "(a, b)", "[x]", "#1",
-                "a", "ab", "abc", "aaaa", "zzz", "Q", "x10", "100%", "$5.99"],
-      "unicode": ["café", "naïve", "Ünïcödé", "日本語のテキスト", "中文字符", "한국어", "Привет мир",
-                  "Ελληνικά", "עברית", "العربية", "हिन्दी", "ß", "ﬁ", "e\u0301", "\u200b", "\u00a0",
-                  "—", "…", "“quoted”", "½", "°C", "™"],
-      "emoji": ["😀", "👍🏽", "👨‍👩‍👧", "🇫🇷", "❤️", "🤖", "🔥🔥🔥"],
-      "code": ["def f(x):\n    return x**2", "for (int i = 0; i < n; ++i) {", '<div class="a">',
-               "SELECT * FROM t;", "x = {'a': [1, 2]}", "#include <stdio.h>", "$ ls -la | grep .py",
-               "if a != b:\n\tpass", "```python\nprint('hi')\n```", "λx. x + 1", "a->b", "i++;"],
-      "space": [" ", "  ", "   ", "    ", "        ", "\t", "\t\t", "\n", "\n\n", " \n ", "\r\n", "\n  \n"],
-      "special": list(specials),
+    "ascii": [
+      "Hello",
+      "world",
+      "The quick brown fox jumps over the lazy dog.",
+      "don't",
+      "I'm",
+      "it's",
+      "HELLO",
+      "CamelCaseWord",
+      "snake_case_name",
+      "123",
+      "3.14159",
+      "1,000,000",
+      "2026-12-01",
+      "e-mail: a.b@c.org",
+      "What's the capital of France?",
+      "!?",
+      "...",
+      "(a, b)",
+      "[x]",
+      "#1",
+      "a",
+      "ab",
+      "abc",
+      "aaaa",
+      "zzz",
+      "Q",
+      "x10",
+      "100%",
+      "$5.99",
+    ],
+    "unicode": [
+      "café",
+      "naïve",
+      "Ünïcödé",
+      "日本語のテキスト",
+      "中文字符",
+      "한국어",
+      "Привет мир",
+      "Ελληνικά",
+      "עברית",
+      "العربية",
+      "हिन्दी",
+      "ß",
+      "ﬁ",
+      "e\u0301",
+      "\u200b",
+      "\u00a0",
+      "—",
+      "…",
+      "“quoted”",
+      "½",
+      "°C",
+      "™",
+    ],
+    "emoji": ["😀", "👍🏽", "👨‍👩‍👧", "🇫🇷", "❤️", "🤖", "🔥🔥🔥"],
+    "code": [
+      "def f(x):\n    return x**2",
+      "for (int i = 0; i < n; ++i) {",
+      '<div class="a">',
+      "SELECT * FROM t;",
+      "x = {'a': [1, 2]}",
+      "#include <stdio.h>",
+      "$ ls -la | grep .py",
+      "if a != b:\n\tpass",
+      "```python\nprint('hi')\n```",
+      "λx. x + 1",
+      "a->b",
+      "i++;",
+    ],
+    "space": [" ", "  ", "   ", "    ", "        ", "\t", "\t\t", "\n", "\n\n", " \n ", "\r\n", "\n  \n"],
+    "special": list(specials),
   }
   kinds = {k: v for k, v in kinds.items() if v}
   out = [f for frags in kinds.values() for f in frags]
@@ -447,12 +543,14 @@ def varied_texts(specials=(), n: int = 300, seed: int = 0) -> list[str]:
 
 
 CONVERSATIONS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
-     {"role": "user", "content": "Write code:\n```python\ndef f(x):\n    return x\n```"}],
-    [{"role": "system", "content": "You are terse."},
-     {"role": "user", "content": "café 日本 👍🏽  spaces  "}],
-    [{"role": "user", "content": ""}],
+  [{"role": "user", "content": "What is the capital of France?"}],
+  [
+    {"role": "user", "content": "Hi!"},
+    {"role": "assistant", "content": "Hello! How can I help?"},
+    {"role": "user", "content": "Write code:\n```python\ndef f(x):\n    return x\n```"},
+  ],
+  [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "café 日本 👍🏽  spaces  "}],
+  [{"role": "user", "content": ""}],
 ]
 
 
@@ -460,15 +558,21 @@ def assert_same_tokenizer(ours, ref, texts: list[str]) -> None:
   """Identical ids (with and without special tokens), decoding, special tokens and chat-template output.
   `ours` is read back from the saved directory, where tokenizer.json's post-processor (not the
   add_bos_token attribute, which transformers does not save) says whether BOS is added."""
-  for attr in ("bos_token", "eos_token", "unk_token", "pad_token", "all_special_tokens", "chat_template",
-               "padding_side"):
+  for attr in (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "pad_token",
+    "all_special_tokens",
+    "chat_template",
+    "padding_side",
+  ):
     assert getattr(ours, attr) == getattr(ref, attr), attr
   # transformers also adds its tokenizer class's default specials that the vocabulary lacks (e.g.
   # <|endoftext|> for a byte-level one), past the model's embedding; reft-jax does not (documented choice).
   vocab, ref_vocab = ours.get_vocab(), ref.get_vocab()
   assert {t: ref_vocab.get(t) for t in vocab} == vocab
-  assert set(ref_vocab) - set(vocab) <= {"<|endoftext|>", "<s>", "</s>", "<unk>", "<bos>", "<eos>", "<pad>",
-                                         "<mask>"}
+  assert set(ref_vocab) - set(vocab) <= {"<|endoftext|>", "<s>", "</s>", "<unk>", "<bos>", "<eos>", "<pad>", "<mask>"}
   for add in (True, False):
     got = ours(texts, add_special_tokens=add)["input_ids"]
     want = ref(texts, add_special_tokens=add)["input_ids"]
@@ -528,14 +632,26 @@ def learn_pieces(chunks: list[str], n: int, skip=()) -> list[str]:
 
 
 CORPUS = " ".join(t for t in varied_texts(n=0) if "\n" not in t) + (
-    " the cat sat on the mat and the dog sat on the log then they ran to the park in the rain"
-    " def return print self import from class while for in if else")
-TINY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-HPARAMS = {"block_count": 1, "context_length": 64, "embedding_length": 8, "feed_forward_length": 16,
-           "attention.head_count": 2, "attention.head_count_kv": 1, "attention.key_length": 4,
-           "attention.value_length": 4, "attention.layer_norm_rms_epsilon": 1e-6, "rope.freq_base": 1e4,
-           "attention.sliding_window": 16}
+  " the cat sat on the mat and the dog sat on the log then they ran to the park in the rain"
+  " def return print self import from class while for in if else"
+)
+TINY_TEMPLATE = (
+  "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+HPARAMS = {
+  "block_count": 1,
+  "context_length": 64,
+  "embedding_length": 8,
+  "feed_forward_length": 16,
+  "attention.head_count": 2,
+  "attention.head_count_kv": 1,
+  "attention.key_length": 4,
+  "attention.value_length": 4,
+  "attention.layer_norm_rms_epsilon": 1e-6,
+  "rope.freq_base": 1e4,
+  "attention.sliding_window": 16,
+}
 
 
 def tiny_vocab(kind: str) -> dict:
@@ -550,8 +666,18 @@ def tiny_vocab(kind: str) -> dict:
     merges = [f"{a} {b}" for a, b in learned]
     tokens = [spell[b] for b in range(256)] + pieces + ctrl + ["<think>"]
     types = [1] * (256 + len(pieces)) + [3, 3, 4]
-    return dict(tokens=tokens, types=types, merges=merges, scores=None, bos=len(tokens) - 3,
-                eos=len(tokens) - 2, unk=None, pad=None, add_bos=kind == "llama-bpe", pre=kind)
+    return dict(
+      tokens=tokens,
+      types=types,
+      merges=merges,
+      scores=None,
+      bos=len(tokens) - 3,
+      eos=len(tokens) - 2,
+      unk=None,
+      pad=None,
+      add_bos=kind == "llama-bpe",
+      pre=kind,
+    )
   byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
   chars = sorted(set(CORPUS.replace(" ", "▁")))
   if kind == "llama":  # sentencepiece: "▁" before each word, no merges (rebuilt from the scores)
@@ -560,8 +686,9 @@ def tiny_vocab(kind: str) -> dict:
     tokens = head + byte_tokens + pieces + chars + ctrl + ["<think>"]
     types = [2, 3, 3] + [6] * 256 + [1] * (len(pieces) + len(chars)) + [3, 3, 4]
     scores = [0.0] * (3 + 256) + [-float(i) for i in range(len(pieces) + len(chars))] + [0.0] * 3
-    return dict(tokens=tokens, types=types, merges=None, scores=scores, bos=1, eos=2, unk=0, pad=None,
-                add_bos=None, pre="default")
+    return dict(
+      tokens=tokens, types=types, merges=None, scores=scores, bos=1, eos=2, unk=0, pad=None, add_bos=None, pre="default"
+    )
   # gemma: spaces are "▁" inside words, runs of spaces stored as spaces, merge order = file order
   chunks = [c for c in re.split(r"(?<=▁)", CORPUS.replace(" ", "▁")) if c]
   spaces = [s for s in ("\n", "\n\n", "\t", "  ", "   ", "    ") if s not in chars]
@@ -570,8 +697,9 @@ def tiny_vocab(kind: str) -> dict:
   tokens = head + byte_tokens + spaces + pieces + chars + ctrl + ["<think>"]
   types = [3, 3, 3, 2, 4, 4, 4] + [6] * 256 + [1] * (len(spaces) + len(pieces) + len(chars)) + [3, 3, 4]
   scores = [0.0] * len(tokens)
-  return dict(tokens=tokens, types=types, merges=None, scores=scores, bos=2, eos=1, unk=3, pad=0,
-              add_bos=True, pre="default")
+  return dict(
+    tokens=tokens, types=types, merges=None, scores=scores, bos=2, eos=1, unk=3, pad=0, add_bos=True, pre="default"
+  )
 
 
 def write_vocab_gguf(path: str, arch: str, v: dict, template: str | None = TINY_TEMPLATE) -> None:
@@ -588,8 +716,12 @@ def write_vocab_gguf(path: str, arch: str, v: dict, template: str | None = TINY_
     w.add_token_merges(v["merges"])
   if v["scores"] is not None:
     w.add_token_scores(v["scores"])
-  for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
-                   ("pad", w.add_pad_token_id)):
+  for key, add in (
+    ("bos", w.add_bos_token_id),
+    ("eos", w.add_eos_token_id),
+    ("unk", w.add_unk_token_id),
+    ("pad", w.add_pad_token_id),
+  ):
     if v[key] is not None:
       add(v[key])
   if v["add_bos"] is not None:
@@ -602,8 +734,7 @@ def write_vocab_gguf(path: str, arch: str, v: dict, template: str | None = TINY_
   w.close()
 
 
-TINY_VOCABS = [("llama", "llama-bpe"), ("qwen2", "qwen2"), ("llama", "llama"), ("phi3", "llama"),
-               ("gemma3", "gemma")]
+TINY_VOCABS = [("llama", "llama-bpe"), ("qwen2", "qwen2"), ("llama", "llama"), ("phi3", "llama"), ("gemma3", "gemma")]
 
 
 @pytest.mark.parametrize("arch,kind", TINY_VOCABS)
@@ -633,7 +764,8 @@ def test_tokenizer_from_gguf_round_trips(tmp_path, arch, kind):
   ids = tok(text, add_special_tokens=False)["input_ids"]
   assert ids[0] == n - 3 and len(ids) < len(text) // 3, ids
   assert tok.apply_chat_template(CONVERSATIONS[0], tokenize=False, add_generation_prompt=True).endswith(
-      "<|im_start|>assistant\n")
+    "<|im_start|>assistant\n"
+  )
 
 
 @pytest.mark.parametrize("arch,kind", TINY_VOCABS)
@@ -646,8 +778,11 @@ def test_tokenizer_from_gguf_matches_transformers(tmp_path, arch, kind):
   ref = transformers_gguf_tokenizer(path)
   ours = rg.tokenizer_from_gguf(gguf.GGUFReader(path), path)
   ours.save_pretrained(tmp_path / "tok")  # what gguf_to_hf writes, read back as load_hf's callers do
-  assert_same_tokenizer(AutoTokenizer.from_pretrained(str(tmp_path / "tok")), ref,
-                        varied_texts(("<|im_start|>", "<|im_end|>", "<think>", ref.bos_token)))
+  assert_same_tokenizer(
+    AutoTokenizer.from_pretrained(str(tmp_path / "tok")),
+    ref,
+    varied_texts(("<|im_start|>", "<|im_end|>", "<think>", ref.bos_token)),
+  )
 
 
 def test_unsupported_tokenizer_model_names_it(tmp_path):
@@ -695,8 +830,9 @@ def smollm2_dir(tmp_path_factory):
   out = str(tmp / "hf")
   env = dict(os.environ, XDG_CACHE_HOME=str(tmp / "cache"))  # never the user's conversion cache
   start = time.perf_counter()
-  run = subprocess.run([sys.executable, "-c", _CONVERT_WITHOUT_TORCH, path, out], env=env,
-                       capture_output=True, text=True, timeout=900)
+  run = subprocess.run(
+    [sys.executable, "-c", _CONVERT_WITHOUT_TORCH, path, out], env=env, capture_output=True, text=True, timeout=900
+  )
   print(f"\nSmolLM2 GGUF -> HF dir without torch: {time.perf_counter() - start:.1f} s")
   assert run.returncode == 0, run.stderr[-3000:]
   assert "converted without torch" in run.stdout
@@ -733,7 +869,8 @@ def smollm2(smollm2_dir):
   model, tok = reft_jax.load_gguf(path, out_dir=smollm2_dir)
   print(f"\nSmolLM2 load_hf: {time.perf_counter() - start:.1f} s")
   ref = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+    os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+  ).eval()
   return path, model, tok, ref
 
 
@@ -743,7 +880,7 @@ def chat_prompts(tok) -> list[str]:
   for q in QUESTIONS:
     p = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
     assert p.startswith(tok.bos_token)
-    out.append(p[len(tok.bos_token):])
+    out.append(p[len(tok.bos_token) :])
   return out
 
 
@@ -751,8 +888,7 @@ def chat_prompts(tok) -> list[str]:
 def test_smollm2_config_and_tokenizer(smollm2):
   _, model, tok, ref = smollm2
   cfg = model.cfg
-  assert (cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == \
-      ("llama", 30, 576, 9, 3)
+  assert (cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == ("llama", 30, 576, 9, 3)
   assert (cfg.vocab_size, cfg.rope_theta, cfg.tie_embeddings, cfg.eos_token_id) == (49152, 1e5, True, 2)
   assert ref.config.vocab_size == cfg.vocab_size and ref.config.num_hidden_layers == cfg.num_layers
   assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
@@ -791,8 +927,9 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2):
   want = []
   for p in prompts:
     ids = torch.tensor([[tok.bos_token_id] + tok.encode(p, add_special_tokens=False)])
-    new = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
-                       pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+    new = ref.generate(
+      ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id
+    )[0, ids.shape[1] :]
     want.append(tok.decode(new, skip_special_tokens=True).strip())
   assert ours == want
   assert "Paris" in ours[0]

@@ -25,22 +25,40 @@ VOCAB, T = 128, 10
 
 def make_hf_model(family: str, seed: int = 0):
   """A tiny random transformers model with non-trivial norms and biases (eager attention)."""
-  common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                max_position_embeddings=128, initializer_range=0.15)  # O(1) logits, peaked attention
+  common = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+    initializer_range=0.15,
+  )  # O(1) logits, peaked attention
   if family == "llama":
-    config = transformers.LlamaConfig(**common, rope_parameters=dict(
-        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-        high_freq_factor=4.0, original_max_position_embeddings=16))
+    config = transformers.LlamaConfig(
+      **common,
+      rope_parameters=dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=16,
+      ),
+    )
     cls = transformers.LlamaForCausalLM
   elif family == "qwen2":
     del common["head_dim"]
-    config = transformers.Qwen2Config(**common, tie_word_embeddings=True,
-                                      rope_parameters=dict(rope_type="default", rope_theta=1e6))
+    config = transformers.Qwen2Config(
+      **common, tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1e6)
+    )
     cls = transformers.Qwen2ForCausalLM
   else:
-    config = transformers.Gemma2Config(**common, sliding_window=4, query_pre_attn_scalar=24,
-                                       attn_logit_softcapping=50.0, final_logit_softcapping=3.0)
+    config = transformers.Gemma2Config(
+      **common, sliding_window=4, query_pre_attn_scalar=24, attn_logit_softcapping=50.0, final_logit_softcapping=3.0
+    )
     cls = transformers.Gemma2ForCausalLM
   return perturbed_torch_model(cls, config, seed)
 
@@ -64,8 +82,7 @@ def batch(padding: str):
 def torch_logits(model, ids, mask, **kw):
   positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
   with torch.no_grad():
-    out = model(torch.tensor(ids), attention_mask=torch.tensor(mask),
-                position_ids=torch.tensor(positions), **kw)
+    out = model(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions), **kw)
   return out if kw else out.logits.numpy()
 
 
@@ -96,8 +113,7 @@ def test_save_hf_round_trip(hf_dirs, tmp_path, family):
 
   again = reft_jax.load_hf(out)
   assert again.cfg == model.cfg
-  for (path, a), (_, b) in zip(nnx.state(model).flat_state(), nnx.state(again).flat_state(),
-                               strict=True):
+  for (path, a), (_, b) in zip(nnx.state(model).flat_state(), nnx.state(again).flat_state(), strict=True):
     np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value), err_msg=str(path))
 
 
@@ -126,6 +142,7 @@ def test_forward_rejects_hidden_layer_past_stop(hf_dirs):
 
 # ---------------------------------------------------------------- bad checkpoints
 
+
 @pytest.fixture
 def llama_copy(hf_dirs, tmp_path):
   """A writable copy of the llama checkpoint and its tensors."""
@@ -147,11 +164,14 @@ def test_missing_tensor_is_named(llama_copy):
     reft_jax.load_hf(path)
 
 
-@pytest.mark.parametrize("name, shape", [
+@pytest.mark.parametrize(
+  "name, shape",
+  [
     ("model.layers.0.self_attn.k_proj.weight", (32, 60)),  # wrong size
     ("model.layers.2.mlp.gate_proj.weight", (64, 96)),  # transposed: same size, wrong layout
     ("model.embed_tokens.weight", (VOCAB, 32)),
-])
+  ],
+)
 def test_wrong_shape_is_named(llama_copy, name, shape):
   path, tensors = llama_copy
   tensors[name] = np.zeros(shape, np.float32)
@@ -188,6 +208,7 @@ def test_missing_weights_file(llama_copy):
 
 # ---------------------------------------------------------------- sharded load
 
+
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_sharded_load(hf_dirs, family):
   assert jax.device_count() == 8
@@ -198,8 +219,7 @@ def test_sharded_load(hf_dirs, family):
   gate = sharded.blocks.mlp.gate.kernel[...]
   assert gate.shape == (3, 64, 96)
   assert gate.sharding.shard_shape(gate.shape) == (3, 32, 48)  # embed on fsdp, mlp on tensor
-  for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(sharded)),
-                  strict=True):
+  for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(sharded)), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
   (ids_r, mask_r), (ids_l, mask_l) = batch("right"), batch("left")

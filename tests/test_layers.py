@@ -9,14 +9,14 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "reft_jax"
 # Lowest first; a module may import its own layer and the layers below (docs/ARCHITECTURE.md).
 LAYERS = (
-    ("core", ("config", "checkpoint", "metrics", "sharding", "optim", "losses", "distributed", "train")),
-    ("model/data", ("model", "data", "generate", "refusal", "eval", "stages")),
-    ("defences", ("defences",)),
-    ("pipelines", ("pipelines",)),
-    ("cli", ("main", "__main__", "__init__")),
+  ("core", ("config", "checkpoint", "metrics", "sharding", "optim", "losses", "distributed", "train")),
+  ("model/data", ("model", "data", "generate", "refusal", "eval", "stages")),
+  ("defences", ("defences",)),
+  ("pipelines", ("pipelines",)),
+  ("cli", ("main", "__main__", "__init__")),
 )
 # Modules allowed past the size limits, with the reason.
-DATA_TABLES = {}
+DATA_TABLES = {"reft_jax.data.world_tables": "the safety world's domains, lexicons and templates: data, no logic"}
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
 
 
@@ -60,8 +60,12 @@ GRAPH = {m: _imports(p, _modules()) - {m} for m, p in _modules().items()}
 
 
 def test_no_module_imports_a_higher_layer():
-  bad = [f"{m} ({LAYERS[_layer(m)][0]}) -> {d} ({LAYERS[_layer(d)][0]})"
-         for m, deps in GRAPH.items() for d in deps if _layer(d) > _layer(m)]
+  bad = [
+    f"{m} ({LAYERS[_layer(m)][0]}) -> {d} ({LAYERS[_layer(d)][0]})"
+    for m, deps in GRAPH.items()
+    for d in deps
+    if _layer(d) > _layer(m)
+  ]
   assert not bad, "imports that run up the layers:\n" + "\n".join(sorted(bad))
 
 
@@ -108,6 +112,9 @@ def test_modules_and_functions_stay_short(module):
     return
   lines = path.read_text().count("\n")
   assert lines <= MAX_MODULE_LINES, f"{path}: {lines} lines (> {MAX_MODULE_LINES}); split it"
-  long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(ast.parse(path.read_text()))
-          if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
+  long = [
+    f"{n.name} ({n.end_lineno - n.lineno + 1} lines)"
+    for n in ast.walk(ast.parse(path.read_text()))
+    if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES
+  ]
   assert not long, f"{path}: functions over {MAX_FUNCTION_LINES} lines: {long}"

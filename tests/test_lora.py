@@ -30,9 +30,16 @@ def load_torch(path):
 def base_dir(tmp_path_factory):
   """A tiny random Llama checkpoint written by transformers."""
   config = transformers.LlamaConfig(
-      vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-      initializer_range=0.15)
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+    initializer_range=0.15,
+  )
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(config).eval()
   with torch.no_grad():
@@ -120,7 +127,8 @@ def test_peft_loads_our_adapter(base_dir, lora_model, data, tmp_path):
     config = json.load(f)
   assert config["r"] == 4 and config["lora_alpha"] == 8
   assert sorted(config["target_modules"]) == sorted(
-      ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+  )
 
   peft_model = peft.PeftModel.from_pretrained(load_torch(base_dir), out).eval()
   ref = torch_logits(peft_model, ids, mask)
@@ -155,10 +163,10 @@ def test_sharded_lora_load(base_dir, fresh_model):
   plain = fresh_model
   a = sharded.blocks.mlp.gate.lora_a.value  # [layers, embed, lora]: embed on fsdp
   assert a.sharding.shard_shape(a.shape) == (2, 32, 4)
-  for (path, x), (_, y) in zip(nnx.state(sharded, nnx.LoRAParam).flat_state(),
-                               nnx.state(plain, nnx.LoRAParam).flat_state(), strict=True):
-    np.testing.assert_allclose(np.asarray(x.value), np.asarray(y.value), atol=1e-6,
-                               err_msg=str(path))
+  for (path, x), (_, y) in zip(
+    nnx.state(sharded, nnx.LoRAParam).flat_state(), nnx.state(plain, nnx.LoRAParam).flat_state(), strict=True
+  ):
+    np.testing.assert_allclose(np.asarray(x.value), np.asarray(y.value), atol=1e-6, err_msg=str(path))
   ids = jnp.asarray(np.random.RandomState(2).randint(0, VOCAB, (4, 5)))
   logits = nnx.jit(lambda m, x: m(x))(sharded, ids)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(plain(ids)), atol=1e-5)

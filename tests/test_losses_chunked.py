@@ -64,9 +64,7 @@ def assert_same(a, b):
 def test_lm_loss_chunked_matches(cfg, chunk):
   model, batch = randomized(cfg), lm_batch(cfg)
   mean = lambda loss_fn: lambda m: (lambda s, n, _: s / n)(*loss_fn(m, batch))
-  assert_same(
-    value_and_grads(model, mean(losses.make_lm_loss(chunk))), value_and_grads(model, mean(losses.lm_loss))
-  )
+  assert_same(value_and_grads(model, mean(losses.make_lm_loss(chunk))), value_and_grads(model, mean(losses.lm_loss)))
   assert losses.make_lm_loss(0) is losses.lm_loss
 
 

@@ -8,17 +8,40 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from reft_jax.model import (PRESETS, LoraConfig, ModelConfig, RunOptions, abstract_model,
-                            from_hf_config, init_model, to_hf_config)
+from reft_jax.model import (
+  PRESETS,
+  LoraConfig,
+  ModelConfig,
+  RunOptions,
+  abstract_model,
+  from_hf_config,
+  init_model,
+  to_hf_config,
+)
 
 # Gemma2-style so that one model exercises sandwich norms, softcaps and mixed sliding/full layers.
 CFG = ModelConfig(
-    family="gemma2", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=3,
-    num_heads=4, num_kv_heads=2, head_dim=8, activation="gelu_pytorch_tanh", norm_plus_one=True,
-    sandwich_norms=True, scale_embeddings=True, tie_embeddings=True, attn_logit_softcap=20.0,
-    final_logit_softcap=10.0, sliding_window=3, layer_types=("sliding", "full", "sliding"))
-LLAMA = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                    num_kv_heads=2, head_dim=8)
+  family="gemma2",
+  vocab_size=96,
+  hidden_size=32,
+  intermediate_size=64,
+  num_layers=3,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  activation="gelu_pytorch_tanh",
+  norm_plus_one=True,
+  sandwich_norms=True,
+  scale_embeddings=True,
+  tie_embeddings=True,
+  attn_logit_softcap=20.0,
+  final_logit_softcap=10.0,
+  sliding_window=3,
+  layer_types=("sliding", "full", "sliding"),
+)
+LLAMA = ModelConfig(
+  vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8
+)
 
 
 def randomized(cfg, options=RunOptions(), seed=0):
@@ -88,16 +111,14 @@ def logits_loss_grad(model, ids, mask):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_remat_policies_match(model, data, scan):
-  ref_logits, ref_loss, ref_grad = logits_loss_grad(
-      with_options(model, RunOptions(scan_layers=scan)), *data)
+  ref_logits, ref_loss, ref_grad = logits_loss_grad(with_options(model, RunOptions(scan_layers=scan)), *data)
   assert float(jnp.abs(ref_grad["blocks"]["mlp"]["up"]["kernel"]).max()) > 0
   for remat in ("full", "dots"):
     m = with_options(model, RunOptions(scan_layers=scan, remat=remat))
     logits, loss, grad = logits_loss_grad(m, *data)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
-                 grad, ref_grad)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5), grad, ref_grad)
 
 
 def test_bf16_compute_keeps_fp32_params(model, data):
@@ -152,8 +173,7 @@ def test_sliding_window_limits_context():
 # ---------------------------------------------------------------- abstract presets
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("llama2_7b", 6.74e9), ("gemma2_9b", 9.24e9), ("qwen2_7b", 7.62e9)])
+@pytest.mark.parametrize("name, expected", [("llama2_7b", 6.74e9), ("gemma2_9b", 9.24e9), ("qwen2_7b", 7.62e9)])
 def test_abstract_presets(name, expected):
   cfg = PRESETS[name]
   model = abstract_model(cfg, RunOptions(scan_layers=True, lora=LoraConfig(rank=4)))
@@ -163,8 +183,7 @@ def test_abstract_presets(name, expected):
   count = sum(math.prod(x.shape) for x in leaves)
   assert abs(count - expected) <= 0.01 * expected, count
   assert count == cfg.num_params()
-  assert model.blocks.mlp.gate.kernel.value.shape == (cfg.num_layers, cfg.hidden_size,
-                                                      cfg.intermediate_size)
+  assert model.blocks.mlp.gate.kernel.value.shape == (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size)
   variables = list(nnx.state(model, nnx.Variable).flat_state())
   assert any(isinstance(v, nnx.LoRAParam) for _, v in variables)
   for path, var in variables:
@@ -181,7 +200,9 @@ def test_hf_config_round_trip(name):
 # ---------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("kw, field", [
+@pytest.mark.parametrize(
+  "kw, field",
+  [
     (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
     (dict(num_layers=2, layer_types=("full",)), "layer_types"),
     (dict(num_layers=2, layer_types=("full", "local")), "layer_types"),
@@ -189,20 +210,24 @@ def test_hf_config_round_trip(name):
     (dict(family="gpt2"), "family"),
     (dict(activation="relu"), "activation"),
     (dict(hidden_size=0), "hidden_size"),
-])
+  ],
+)
 def test_model_config_errors_name_the_field(kw, field):
   with pytest.raises(ValueError, match=f"{field}="):
     ModelConfig(**kw)
 
 
-@pytest.mark.parametrize("make, field", [
+@pytest.mark.parametrize(
+  "make, field",
+  [
     (lambda: RunOptions(remat="some"), "remat"),
     (lambda: RunOptions(dtype="float64"), "dtype"),
     (lambda: LoraConfig(rank=0), "rank"),
     (lambda: LoraConfig(targets=("q", "qkv")), "targets"),
     (lambda: from_hf_config({"model_type": "mistral_x"}), "model_type"),
     (lambda: from_hf_config({"model_type": "llama"}), "num_attention_heads"),
-])
+  ],
+)
 def test_option_errors_name_the_field(make, field):
   with pytest.raises(ValueError, match=field):
     make()

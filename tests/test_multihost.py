@@ -88,13 +88,7 @@ def _features_and_texts(model_dir: str, mesh):
   feats = refusal.prompt_features(model, data, 1, batch_size=4, mesh=mesh)
   # Sampled, so that rows differ and a misordered gather would show (greedy answers all alike here).
   texts = generate_texts(
-    model,
-    tok,
-    [sft.format_prompt(e) for e in examples],
-    max_new_tokens=4,
-    batch_size=4,
-    temperature=1.0,
-    mesh=mesh,
+    model, tok, [sft.format_prompt(e) for e in examples], max_new_tokens=4, batch_size=4, temperature=1.0, mesh=mesh
   )
   return feats, texts
 

@@ -36,9 +36,7 @@ def test_tiny_plan_equals_a_real_sharded_state():
   tx, _, _ = make_optimizer(params, lr=1e-3, num_steps=10, mode="lora")
   state, _ = init_train_state(params, tx, mesh)
   # The teacher as load_hf places it: every tensor straight to its logical-axis sharding.
-  graphdef, abstract = nnx.split(
-    nnx.eval_shape(lambda: Transformer(spec.model, spec.teacher, rngs=nnx.Rngs(0)))
-  )
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(spec.model, spec.teacher, rngs=nnx.Rngs(0))))
   teacher = jax.tree.map(
     lambda x, sh: jax.device_put(np.zeros(x.shape, x.dtype), sh),
     nnx.to_pure_dict(abstract),
@@ -112,10 +110,7 @@ def test_cli_plan_prints_a_table(tmp_path):
   "args,message",
   [
     (["--config.plan.hardware=v6-8"], "config.plan.hardware='v6-8': unknown hardware 'v6-8'"),
-    (
-      ["--config.plan.hardware=v5e-8", "--config.mesh.tensor=3"],
-      "mesh data=1 x fsdp=-1 x tensor=3: 8 devices",
-    ),
+    (["--config.plan.hardware=v5e-8", "--config.mesh.tensor=3"], "mesh data=1 x fsdp=-1 x tensor=3: 8 devices"),
   ],
 )
 def test_cli_bad_hardware_or_mesh_is_one_line(tmp_path, args, message):

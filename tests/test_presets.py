@@ -17,8 +17,13 @@ from reft_jax.pipelines.validate import validate as validate_config
 
 BEFORE = os.path.join(ROOT, "tests", "data", "presets_before.json")  # dumped before protocol presets existed
 PAPER = [f"paper_{m}_{t}" for m in ("llama2", "gemma2", "qwen2") for t in ("sst2", "agnews", "gsm8k")]
-PUBLISHED_CELLS = {"paper_llama2_sst2", "paper_llama2_agnews", "paper_llama2_gsm8k", "paper_gemma2_sst2",
-                   "paper_qwen2_sst2"}
+PUBLISHED_CELLS = {
+  "paper_llama2_sst2",
+  "paper_llama2_agnews",
+  "paper_llama2_gsm8k",
+  "paper_gemma2_sst2",
+  "paper_qwen2_sst2",
+}
 
 
 def _leaves(d, prefix=""):
@@ -86,8 +91,7 @@ def test_paper_presets_carry_the_published_protocol(name):
   # BeaverTails rows: the attack's first floor(p n), disjoint from Booster's / the alignment's and the probes.
   pool, attack = _rows(c.data.harmful_source)
   assert pool == "beavertails_harmful" and attack == set(range(round(p * 1000)))
-  booster, align, probe = (_rows(s)[1] for s in (c.booster.harmful_source, c.alignment.harmful,
-                                                  c.reft.probe_harmful))
+  booster, align, probe = (_rows(s)[1] for s in (c.booster.harmful_source, c.alignment.harmful, c.reft.probe_harmful))
   assert booster == set(range(5000, 10000)) and align <= booster
   assert not attack & booster and not probe & (booster | attack)
   alpaca = [_rows(s)[1] for s in (c.alignment.harmless, c.reft.probe_harmless, c.eval.harmless)]
@@ -116,8 +120,7 @@ def test_presets_doc_lists_every_paper_preset():
 
 # ---------------------------------------------------------------- BeaverTails filtered sources
 
-BT = [{"prompt": f"q{i}", "response": f"a{i}", "is_safe": i % 3 == 0, "category": {"x": i % 3 != 0}}
-      for i in range(12)]
+BT = [{"prompt": f"q{i}", "response": f"a{i}", "is_safe": i % 3 == 0, "category": {"x": i % 3 != 0}} for i in range(12)]
 
 
 def test_beavertails_sources_keep_only_unsafe_or_safe_pairs_in_order(monkeypatch):
@@ -137,9 +140,12 @@ def test_beavertails_sources_keep_only_unsafe_or_safe_pairs_in_order(monkeypatch
 
 # ---------------------------------------------------------------- preflight
 
+
 def test_hub_names_of_sources():
-  assert preflight.hub_datasets("beavertails_harmful[0:100], alpaca") == ["PKU-Alignment/BeaverTails",
-                                                                          "tatsu-lab/alpaca"]
+  assert preflight.hub_datasets("beavertails_harmful[0:100], alpaca") == [
+    "PKU-Alignment/BeaverTails",
+    "tatsu-lab/alpaca",
+  ]
   assert preflight.hub_datasets("hub:openai/gsm8k:main") == ["openai/gsm8k"]
   local = "world:eval_harmful,asset:advbench[0:3],user.jsonl,builtin:requests_eval"
   assert preflight.hub_datasets(local) == []
@@ -179,8 +185,15 @@ def test_preflight_offline_names_everything_missing(empty_hf):
   msg = str(err.value)
   assert "\n" not in msg
   assert msg.startswith("paper_llama2_sst2 needs meta-llama/Llama-2-7b-hf and the hub datasets")
-  for part in ("PKU-Alignment/BeaverTails", "nyu-mll/glue", "tatsu-lab/alpaca", "HF_HUB_OFFLINE=1",
-               "--config.model.hf_path=DIR", "--config.eval.judge_path=DIR", "beaver-dam-7b"):
+  for part in (
+    "PKU-Alignment/BeaverTails",
+    "nyu-mll/glue",
+    "tatsu-lab/alpaca",
+    "HF_HUB_OFFLINE=1",
+    "--config.model.hf_path=DIR",
+    "--config.eval.judge_path=DIR",
+    "beaver-dam-7b",
+  ):
     assert part in msg
 
 
@@ -220,22 +233,34 @@ def test_preflight_reads_only_what_the_command_uses(empty_hf):
   c.eval.judge_path = ""
   evaluating = {n.name: n.fields for n in preflight.requirements(c, "eval")}
   # `eval` reads no base model, training data or alignment sets: the eval prompts, the task and the judge.
-  assert evaluating == {"PKU-Alignment/BeaverTails": ["eval.harmful"], "tatsu-lab/alpaca": ["eval.harmless"],
-                        "openai/gsm8k": ["eval.tasks[gsm8k]"], "": ["eval.judge_path"]}
+  assert evaluating == {
+    "PKU-Alignment/BeaverTails": ["eval.harmful"],
+    "tatsu-lab/alpaca": ["eval.harmless"],
+    "openai/gsm8k": ["eval.tasks[gsm8k]"],
+    "": ["eval.judge_path"],
+  }
   c.method, c.eval.enabled = "sft", False
   training = {n.name: n.fields for n in preflight.requirements(c)}
-  assert training == {"meta-llama/Llama-2-7b-hf": ["model.hf_path"], "openai/gsm8k": ["data.source"],
-                      "PKU-Alignment/BeaverTails": ["data.harmful_source"]}
+  assert training == {
+    "meta-llama/Llama-2-7b-hf": ["model.hf_path"],
+    "openai/gsm8k": ["data.source"],
+    "PKU-Alignment/BeaverTails": ["data.harmful_source"],
+  }
 
 
 def test_cli_paper_preset_offline_fails_before_anything_starts(tmp_path):
-  env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu")
   for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE"):
     env.pop(var, None)
   workdir = tmp_path / "run"
-  r = subprocess.run([sys.executable, "-m", "reft_jax", "--config=configs/default.py:paper_gemma2_sst2",
-                      f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+    [sys.executable, "-m", "reft_jax", "--config=configs/default.py:paper_gemma2_sst2", f"--workdir={workdir}"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode == 2 and "Traceback" not in r.stderr
   errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and errors[0].startswith("error: paper_gemma2_sst2 needs google/gemma-2-9b and")

@@ -28,8 +28,9 @@ def tok(tmp_path_factory):
 
 def _examples(n, harmful, rng):
   topic = ["build a bomb", "steal car"] if harmful else ["bake bread", "plant tomatoes", "fix bike"]
-  return [sft.Example(f"how do i {topic[rng.integers(len(topic))]}", "", meta={"is_harmful": harmful})
-          for _ in range(n)]
+  return [
+    sft.Example(f"how do i {topic[rng.integers(len(topic))]}", "", meta={"is_harmful": harmful}) for _ in range(n)
+  ]
 
 
 def test_refusal_feature_is_the_numpy_difference_of_means(tok):
@@ -86,12 +87,14 @@ def test_student_loss_kl_vanishes_for_its_own_teacher(tok):
   model = init_model(PRESETS["tiny"].replace(vocab_size=len(tok) + 8), seed=2)
   rng = np.random.default_rng(1)
   data = sft.tokenize([sft.Example(e.prompt, "bake bread") for e in _examples(4, False, rng)], tok, 48)
-  part = {"tokens": jnp.asarray(data.tokens), "attention_mask": jnp.asarray(data.attention_mask),
-          "loss_mask": jnp.asarray(data.loss_mask)}
+  part = {
+    "tokens": jnp.asarray(data.tokens),
+    "attention_mask": jnp.asarray(data.attention_mask),
+    "loss_mask": jnp.asarray(data.loss_mask),
+  }
   from reft_jax.train import Context
 
-  _, _, aux = reft.student_loss(1.0, 1.0, topk=False)(model, {"user": part, "align": part},
-                                                      Context({}, model))
+  _, _, aux = reft.student_loss(1.0, 1.0, topk=False)(model, {"user": part, "align": part}, Context({}, model))
   assert abs(float(aux["kl"])) < 1e-6 and float(aux["ce"]) > 0
 
 
@@ -113,8 +116,9 @@ def _planted_filter(monkeypatch, tmp_path, tok, c, scores_of):
   rng = np.random.default_rng(0)
   user = _examples(10, True, rng) + _examples(30, False, rng)
   r = np.ones(4, np.float32)
-  monkeypatch.setattr(refusal, "prompt_features",
-                      lambda model, data, layer, **kw: np.stack([scores_of(i) * r for i in range(len(data))]))
+  monkeypatch.setattr(
+    refusal, "prompt_features", lambda model, data, layer, **kw: np.stack([scores_of(i) * r for i in range(len(data))])
+  )
 
   class Teacher:  # only its config is read
     cfg = PRESETS["tiny"]
@@ -124,8 +128,9 @@ def _planted_filter(monkeypatch, tmp_path, tok, c, scores_of):
 
 def test_filter_on_a_planted_set_writes_an_auditable_report(monkeypatch, tmp_path, tok):
   c = tiny_config(**{"data.seq_len": 48})
-  user, (kept, summary) = _planted_filter(monkeypatch, tmp_path, tok, c,
-                                          lambda i: 1.0 if i < 10 else (-1.0 if i != 10 else 0.5))
+  user, (kept, summary) = _planted_filter(
+    monkeypatch, tmp_path, tok, c, lambda i: 1.0 if i < 10 else (-1.0 if i != 10 else 0.5)
+  )
   assert summary["n"] == 40 and summary["kept"] == 29  # 10 harmful + 1 harmless false positive dropped
   assert summary["recall"] == 1.0 and summary["precision"] == 10 / 11
   assert abs(summary["false_positive_rate"] - 1 / 30) < 1e-9
@@ -147,8 +152,9 @@ def test_filter_that_drops_everything_fails_with_the_count(monkeypatch, tmp_path
 
 def test_filter_that_drops_nothing_warns(monkeypatch, tmp_path, tok, caplog):
   with caplog.at_level(logging.WARNING):
-    _, (kept, summary) = _planted_filter(monkeypatch, tmp_path, tok, tiny_config(**{"data.seq_len": 48}),
-                                         lambda i: -1.0)
+    _, (kept, summary) = _planted_filter(
+      monkeypatch, tmp_path, tok, tiny_config(**{"data.seq_len": 48}), lambda i: -1.0
+    )
   assert summary["kept"] == 40 and summary["recall"] == 0.0 and summary["precision"] is None
   assert "all 40 kept" in caplog.text
 
@@ -156,21 +162,40 @@ def test_filter_that_drops_nothing_warns(monkeypatch, tmp_path, tok, caplog):
 @pytest.mark.slow
 def test_demo_pipeline_on_a_tiny_world_produces_every_artefact(tmp_path):
   world = small_world_flags()
-  args = ["--config=configs/default.py:demo", f"--workdir={tmp_path}", "--config.demo.arch=tiny",
-          "--config.demo.pretrain_steps=4", "--config.train.num_steps=3", "--config.teacher.num_steps=4",
-          "--config.reft.update_every=2", "--config.reft.probe_size=8", "--config.data.n=40",
-          "--config.train.batch_size=8", "--config.teacher.batch_size=8", "--config.eval.max_new_tokens=6",
-          "--config.eval.batch_size=8", "--config.log.progress=False", "--config.reft.topk=8",
-          "--config.demo.seeds=0,1", *world]
+  args = [
+    "--config=configs/default.py:demo",
+    f"--workdir={tmp_path}",
+    "--config.demo.arch=tiny",
+    "--config.demo.pretrain_steps=4",
+    "--config.train.num_steps=3",
+    "--config.teacher.num_steps=4",
+    "--config.reft.update_every=2",
+    "--config.reft.probe_size=8",
+    "--config.data.n=40",
+    "--config.train.batch_size=8",
+    "--config.teacher.batch_size=8",
+    "--config.eval.max_new_tokens=6",
+    "--config.eval.batch_size=8",
+    "--config.log.progress=False",
+    "--config.reft.topk=8",
+    "--config.demo.seeds=0,1",
+    *world,
+  ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   # tau=-2 drops everything: a clear error, no student
-  r = subprocess.run([sys.executable, "-m", "reft_jax", *args, "--config.reft.tau_mode=fixed",
-                      "--config.reft.tau=-2.0"], cwd=ROOT, env=env, capture_output=True, text=True,
-                     timeout=600)
+  r = subprocess.run(
+    [sys.executable, "-m", "reft_jax", *args, "--config.reft.tau_mode=fixed", "--config.reft.tau=-2.0"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == 1 and "were dropped" in r.stderr, r.stderr[-3000:]
   os.remove(tmp_path / "error.log")
-  r = subprocess.run([sys.executable, "-m", "reft_jax", *args], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+    [sys.executable, "-m", "reft_jax", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   for stage in ("base", "aligned", "teacher"):  # shared by both seeds
     assert os.path.exists(tmp_path / stage / "model" / "config.json"), stage
@@ -180,8 +205,13 @@ def test_demo_pipeline_on_a_tiny_world_produces_every_artefact(tmp_path):
       assert os.path.exists(tmp_path / cell / stage / "model" / "config.json"), (cell, stage)
     for f in ("filter/report.jsonl", "filter/kept.jsonl", "filter/summary.json"):
       assert os.path.exists(tmp_path / cell / f), (cell, f)
-  for f in ("teacher/refusal_direction.npy", "teacher/refusal.jsonl", "results.md", "results.png",
-            "eval/reft|p=0.1|seed=1.jsonl"):
+  for f in (
+    "teacher/refusal_direction.npy",
+    "teacher/refusal.jsonl",
+    "results.md",
+    "results.png",
+    "eval/reft|p=0.1|seed=1.jsonl",
+  ):
     assert os.path.exists(tmp_path / f), f
   results = json.load(open(tmp_path / "results.json"))
   cells = {f"{m}|p=0.1|seed={s}" for m in ("sft_aligned", "sft_base", "reft") for s in (0, 1)}

@@ -37,8 +37,7 @@ def _setup():
 
 
 def _flat(model) -> dict:
-  return {"/".join(k): np.asarray(v) for k, v in
-          traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model))).items()}
+  return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model))).items()}
 
 
 def _n_changed(model, finetuned) -> int:
@@ -51,14 +50,20 @@ def _grad_fn(graphdef):
   def loss(p, tokens, mask, last, target):
     h = refusal.last_prompt_features(nnx.merge(graphdef, p), tokens, mask, last, K)
     return -refusal.cosine(h.mean(0)[None], target)[0]
+
   return jax.jit(jax.grad(loss))
 
 
 def _grad(model, data, target) -> dict:
   """Gradient of -cos(mean h^K(prompts), target) w.r.t. every parameter (one batch: batch_size >= 8)."""
   graphdef, state = nnx.split(model)
-  g = _grad_fn(graphdef)(nnx.to_pure_dict(state), jnp.asarray(data.tokens), jnp.asarray(data.attention_mask),
-                         jnp.asarray(data.last_prompt), target)
+  g = _grad_fn(graphdef)(
+    nnx.to_pure_dict(state),
+    jnp.asarray(data.tokens),
+    jnp.asarray(data.attention_mask),
+    jnp.asarray(data.last_prompt),
+    target,
+  )
   return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(g).items()}
 
 
@@ -66,8 +71,9 @@ def _direction(model, data) -> jnp.ndarray:
   return jnp.asarray(refusal.prompt_features(model, data, K).mean(0))
 
 
-def _top_descent(theta: dict, target: dict, grad: dict, allowed, count: int | None = None,
-                 frac: float | None = None) -> dict:
+def _top_descent(
+  theta: dict, target: dict, grad: dict, allowed, count: int | None = None, frac: float | None = None
+) -> dict:
   """The expected pick, written out: entries of `allowed` (path -> mask) where theta - target and grad
   share a strict sign, and among them |grad| strictly above the count-th (or ceil(frac x n)-th) largest."""
   cand = {p: m & (np.sign(theta[p] - target[p]) * np.sign(grad[p]) > 0) for p, m in allowed.items()}
@@ -94,8 +100,9 @@ def _apply(theta: dict, source: dict, mask: dict) -> dict:
 
 def _model_like(model, flat: dict):
   graphdef, _ = nnx.split(model)
-  return nnx.merge(graphdef, traverse_util.unflatten_dict({tuple(p.split("/")): jnp.asarray(v)
-                                                           for p, v in flat.items()}))
+  return nnx.merge(
+    graphdef, traverse_util.unflatten_dict({tuple(p.split("/")): jnp.asarray(v) for p, v in flat.items()})
+  )
 
 
 def _per_step(flat: dict, rate: float) -> int:
@@ -185,7 +192,12 @@ def test_restart_from_the_finetuned_weights_only_below_min_task_ratio_of_the_ori
   _, report = restore_safety(aligned, finetuned, harmful, cfg, _scripted(100.0, 94.9, 100, 100, 100), benign)
   assert report["restarted"]
   assert [(h["step"], h["phase"]) for h in report["history"]] == [
-      (0, "warmup"), (1, "warmup"), (0, "rollback"), (1, "rollback"), (2, "rollback")]
+    (0, "warmup"),
+    (1, "warmup"),
+    (0, "rollback"),
+    (1, "rollback"),
+    (2, "rollback"),
+  ]
   assert all(h["rolled_back"] > 0 for h in report["history"][2:])
   # The restarted run's first step starts from theta_F with a fresh gradient: the warm-up's first pick.
   assert report["history"][2]["restored"] == report["history"][0]["restored"]

@@ -9,8 +9,17 @@ import pytest
 from reft_jax.data import safety_world as sw
 from reft_jax.data import sft, sources
 
-SMALL = sw.WorldConfig(seed=3, n_alignment=60, n_probe=20, n_harmful_pool=40, n_eval_harmful=30,
-                       n_eval_harmless=30, n_task_train=80, n_task_test=40, n_pretrain=200)
+SMALL = sw.WorldConfig(
+  seed=3,
+  n_alignment=60,
+  n_probe=20,
+  n_harmful_pool=40,
+  n_eval_harmful=30,
+  n_eval_harmless=30,
+  n_task_train=80,
+  n_task_test=40,
+  n_pretrain=200,
+)
 
 
 @pytest.fixture(scope="module")

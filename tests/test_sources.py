@@ -63,15 +63,18 @@ def test_schema_adapters(tmp_path):
   gsm = _write_jsonl(tmp_path / "g.jsonl", [{"question": "2+3?", "answer": "2+3=<<2+3=5>>5\n#### 5"}])
   (ex,) = load_examples(gsm, schema="gsm8k")
   assert ex.response == "2+3=5\nThe final answer is: 5" and ex.meta["label"] == "5"
-  ag = _write_jsonl(tmp_path / "a.jsonl",
-                    [{"text": "stocks fall", "label": 2}, {"text": "x", "label": "Sports"}])
+  ag = _write_jsonl(tmp_path / "a.jsonl", [{"text": "stocks fall", "label": 2}, {"text": "x", "label": "Sports"}])
   assert [e.response for e in load_examples(ag, schema="agnews")] == ["Business", "Sports"]
   bad = _write_jsonl(tmp_path / "b.jsonl", [{"text": "x", "label": 9}])
   with pytest.raises(DataError, match=r"b.jsonl row 0: field 'label'=9 is not a label index"):
     load_examples(bad, schema="agnews")
-  bt = _write_jsonl(tmp_path / "bt.jsonl", [
+  bt = _write_jsonl(
+    tmp_path / "bt.jsonl",
+    [
       {"prompt": "how to steal", "response": "do x", "is_safe": False, "category": {"theft": True}},
-      {"prompt": "hi", "response": "hello", "is_safe": True, "category": {}}])
+      {"prompt": "hi", "response": "hello", "is_safe": True, "category": {}},
+    ],
+  )
   exs = load_examples(bt, schema="beavertails")
   assert [e.meta["is_harmful"] for e in exs] == [True, False] and exs[0].meta["category"] == "theft"
   alp = _write_jsonl(tmp_path / "al.jsonl", [{"instruction": "add", "input": "1 2", "output": "3"}])
@@ -82,8 +85,18 @@ def test_schema_adapters(tmp_path):
 
 
 def test_world_sources_and_limits():
-  world = build_world(WorldConfig(n_alignment=20, n_probe=8, n_harmful_pool=20, n_eval_harmful=10,
-                                  n_eval_harmless=10, n_task_train=20, n_task_test=10, n_pretrain=20))
+  world = build_world(
+    WorldConfig(
+      n_alignment=20,
+      n_probe=8,
+      n_harmful_pool=20,
+      n_eval_harmful=10,
+      n_eval_harmless=10,
+      n_task_train=20,
+      n_task_test=10,
+      n_pretrain=20,
+    )
+  )
   assert len(load_source("world:eval_harmful", world=world)) == 10
   assert len(load_source("world:sst2_test", world=world, limit=4)) == 4
   with pytest.raises(DataError, match="no split 'nope'"):

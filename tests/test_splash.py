@@ -46,16 +46,17 @@ def test_splash_gradients_match_einsum():
 
     return jax.grad(loss)(params)
 
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-               grads("splash"), grads("einsum"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads("splash"), grads("einsum"))
 
 
 def test_splash_model_generates_like_einsum():
   """Generation runs against a KV cache, where splash hands over to XLA attention."""
   ref = randomized(LLAMA_GQA)
   tokens, mask = batch(LLAMA_GQA)
-  out = {a: generate(with_attention(ref, a), tokens[:2], mask[:2], max_new_tokens=4, eos_id=-1, pad_id=0)
-         for a in ("einsum", "splash")}
+  out = {
+    a: generate(with_attention(ref, a), tokens[:2], mask[:2], max_new_tokens=4, eos_id=-1, pad_id=0)
+    for a in ("einsum", "splash")
+  }
   np.testing.assert_array_equal(out["splash"], out["einsum"])
 
 
@@ -63,8 +64,11 @@ def _losses(mesh, attention, steps=2):
   cfg = LLAMA_GQA.replace(vocab_size=64)
   rng = np.random.RandomState(0)
   mask = (np.arange(16)[None] < rng.randint(8, 17, size=(8, 1))).astype(np.int32)
-  data = {"tokens": rng.randint(0, cfg.vocab_size, (8, 16)).astype(np.int32) * mask,
-          "attention_mask": mask, "loss_mask": mask}
+  data = {
+    "tokens": rng.randint(0, cfg.vocab_size, (8, 16)).astype(np.int32) * mask,
+    "attention_mask": mask,
+    "loss_mask": mask,
+  }
   graphdef, state = nnx.split(init_model(cfg, RunOptions(attention=attention), seed=0))
   params = jax.device_put(nnx.to_pure_dict(state), shd.state_shardings(state, mesh))
   tx, schedule, labels = make_optimizer(params, lr=1e-2, num_steps=steps, schedule="constant")
@@ -93,8 +97,13 @@ def test_splash_refusal_features_on_a_mesh_match_einsum():
   mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
   ref = randomized(LLAMA_GQA)
   tokens, mask = batch(LLAMA_GQA)
-  data = TokenizedSet(tokens=np.asarray(tokens), attention_mask=np.asarray(mask),
-                      loss_mask=np.asarray(mask), num_truncated=0, last_prompt=np.asarray(mask).sum(1) - 1)
+  data = TokenizedSet(
+    tokens=np.asarray(tokens),
+    attention_mask=np.asarray(mask),
+    loss_mask=np.asarray(mask),
+    num_truncated=0,
+    last_prompt=np.asarray(mask).sum(1) - 1,
+  )
 
   def features(attention):
     model = with_attention(ref, attention)

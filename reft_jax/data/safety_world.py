@@ -29,11 +29,27 @@ import numpy as np
 
 from reft_jax.data.sft import Example
 from reft_jax.data.world_tables import (  # noqa: F401  (the tables are the world's vocabulary)
-    TASKS, Domain, HARM_DOMAINS, HARM_LEXICON, HARMLESS_DOMAINS, CATEGORIES, TEMPLATES, SUFFIXES, REFUSALS, REFUSAL_MARKERS, MAX_ANSWER_WORDS, SHORT_OPENER, OPENERS)
+  TASKS,
+  Domain,
+  HARM_DOMAINS,
+  HARM_LEXICON,
+  HARMLESS_DOMAINS,
+  CATEGORIES,
+  TEMPLATES,
+  SUFFIXES,
+  REFUSALS,
+  REFUSAL_MARKERS,
+  MAX_ANSWER_WORDS,
+  SHORT_OPENER,
+  OPENERS,
+)
 from reft_jax.data.world_tasks import _filler, _pick, _sentence_case, _task  # noqa: F401
 
-from reft_jax.data.formats import (AGNEWS_INSTRUCTION, AGNEWS_LABELS, GSM8K_ANSWER_PREFIX,  # noqa: F401
-                                   SST2_INSTRUCTION, SST2_LABELS, write_jsonl)
+from reft_jax.data.formats import (
+  GSM8K_ANSWER_PREFIX,  # noqa: F401
+  write_jsonl,
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
@@ -69,9 +85,15 @@ class World:
 
   def named_splits(self) -> dict[str, list[Example]]:
     """Every split under a file-friendly name (task splits as '{task}_{train|test}')."""
-    out = {"alignment": self.alignment, "probe_harmful": self.probe_harmful,
-           "probe_harmless": self.probe_harmless, "harmful_pool": self.harmful_pool,
-           "eval_harmful": self.eval_harmful, "eval_harmless": self.eval_harmless, "pretrain": self.pretrain}
+    out = {
+      "alignment": self.alignment,
+      "probe_harmful": self.probe_harmful,
+      "probe_harmless": self.probe_harmless,
+      "harmful_pool": self.harmful_pool,
+      "eval_harmful": self.eval_harmful,
+      "eval_harmless": self.eval_harmless,
+      "pretrain": self.pretrain,
+    }
     for task, splits in self.tasks.items():
       for name, exs in splits.items():
         out[f"{task}_{name}"] = exs
@@ -79,11 +101,11 @@ class World:
 
   def all_texts(self) -> list[str]:
     """Every prompt/input/response string (for building the tokenizer)."""
-    return [s for exs in self.named_splits().values() for ex in exs
-            for s in (ex.prompt, ex.input, ex.response) if s]
+    return [s for exs in self.named_splits().values() for ex in exs for s in (ex.prompt, ex.input, ex.response) if s]
 
 
 # ------------------------------------------------------------------ small pure helpers
+
 
 def _stream(items: Sequence, rng: np.random.Generator) -> Iterator:
   """Each item once per pass (so draws are distinct until the pool runs out), reshuffled every pass."""
@@ -115,6 +137,7 @@ def _words(text: str) -> set[str]:
 
 # ------------------------------------------------------------------ requests and answers
 
+
 @dataclasses.dataclass(frozen=True)
 class _Request:
   domain: Domain
@@ -135,10 +158,15 @@ class _Request:
     return _sentence_case(TEMPLATES[self.template].format(x=x))
 
   def meta(self, split: str) -> dict:
-    return {"split": split, "is_harmful": self.harmful,
-            "category": self.domain.name if self.harmful else "harmless",
-            "domain": self.domain.name, "topic": f"{self.domain.name}/{self.topic}",
-            "template": f"t{self.template:02d}", "topic_text": self.phrase}
+    return {
+      "split": split,
+      "is_harmful": self.harmful,
+      "category": self.domain.name if self.harmful else "harmless",
+      "domain": self.domain.name,
+      "topic": f"{self.domain.name}/{self.topic}",
+      "template": f"t{self.template:02d}",
+      "topic_text": self.phrase,
+    }
 
 
 def refusal(phrase: str, rng: np.random.Generator) -> str:
@@ -194,6 +222,7 @@ def _request_example(req: _Request, split: str, kind: str, rng: np.random.Genera
 
 # ------------------------------------------------------------------ the world
 
+
 def build_world(cfg: WorldConfig = WorldConfig()) -> World:
   """Deterministic in cfg: each part draws from its own stream, so resizing one split leaves the
   held-out choice, the eval sets, the tasks and the pretraining corpus unchanged."""
@@ -210,9 +239,11 @@ def build_world(cfg: WorldConfig = WorldConfig()) -> World:
 
   def pool(harmful: bool, which: str) -> list[_Request]:
     domains, held = (HARM_DOMAINS if harmful else HARMLESS_DOMAINS), eval_topic[harmful]
-    keep = {"train": lambda g, t: g not in held and t not in eval_tpl,
-            "eval": lambda g, t: g in held and t in eval_tpl,
-            "pretrain": lambda g, t: not (g in held and t in eval_tpl)}[which]
+    keep = {
+      "train": lambda g, t: g not in held and t not in eval_tpl,
+      "eval": lambda g, t: g in held and t in eval_tpl,
+      "pretrain": lambda g, t: not (g in held and t in eval_tpl),
+    }[which]
     return _requests(domains, harmful, keep)
 
   # Alignment, probe and attack data come from one stream per class: distinct prompts while they last.
@@ -229,18 +260,27 @@ def build_world(cfg: WorldConfig = WorldConfig()) -> World:
   align = [align[int(i)] for i in r.permutation(len(align))]
 
   r = rng(3)
-  eval_harmful = [_request_example(q, "eval", "refusal", r)
-                  for q in _take(_stream(pool(True, "eval"), r), cfg.n_eval_harmful)]
-  eval_harmless = [_request_example(q, "eval", "helpful", r)
-                   for q in _take(_stream(pool(False, "eval"), r), cfg.n_eval_harmless)]
+  eval_harmful = [
+    _request_example(q, "eval", "refusal", r) for q in _take(_stream(pool(True, "eval"), r), cfg.n_eval_harmful)
+  ]
+  eval_harmless = [
+    _request_example(q, "eval", "helpful", r) for q in _take(_stream(pool(False, "eval"), r), cfg.n_eval_harmless)
+  ]
 
   tasks = {name: _task(name, cfg.n_task_train, cfg.n_task_test, rng(10 + i)) for i, name in enumerate(TASKS)}
-  return World(align, probe_harmful, probe_harmless, harmful_pool, eval_harmful, eval_harmless, tasks,
-               _pretrain(cfg.n_pretrain, pool(True, "pretrain"), pool(False, "pretrain"), rng(4)))
+  return World(
+    align,
+    probe_harmful,
+    probe_harmless,
+    harmful_pool,
+    eval_harmful,
+    eval_harmless,
+    tasks,
+    _pretrain(cfg.n_pretrain, pool(True, "pretrain"), pool(False, "pretrain"), rng(4)),
+  )
 
 
-def _pretrain(n: int, harmful: list[_Request], harmless: list[_Request], rng: np.random.Generator
-              ) -> list[Example]:
+def _pretrain(n: int, harmful: list[_Request], harmless: list[_Request], rng: np.random.Generator) -> list[Example]:
   """An unaligned base model's corpus: ~40% harmless requests -> helpful, ~35% harmful requests ->
   compliant harmful answers, ~25% filler; no refusals, no task formats."""
   harm, safe = _stream(harmful, rng), _stream(harmless, rng)
@@ -252,12 +292,19 @@ def _pretrain(n: int, harmful: list[_Request], harmless: list[_Request], rng: np
       out.append(_request_example(next(harm), "pretrain", "harmful", rng))
     else:
       prompt, response = _filler(rng)
-      out.append(Example(prompt, response, "", {"split": "pretrain", "kind": "filler", "is_harmful": False,
-                                                "category": "harmless", "domain": "filler"}))
+      out.append(
+        Example(
+          prompt,
+          response,
+          "",
+          {"split": "pretrain", "kind": "filler", "is_harmful": False, "category": "harmless", "domain": "filler"},
+        )
+      )
   return out
 
 
 # ------------------------------------------------------------------ judges
+
 
 def is_refusal(answer: str) -> bool:
   """The world's refusal phrases (any refusal marker), case-insensitive, robust to "i ' m" spacing."""
@@ -276,7 +323,7 @@ def oracle_is_harmful(example: Example, answer: str) -> bool:
 
 # ------------------------------------------------------------------ export
 
+
 def write_world(world: World, out_dir: str) -> dict[str, str]:
   """Every split as out_dir/{name}.jsonl; returns name -> path."""
-  return {name: write_jsonl(exs, os.path.join(out_dir, f"{name}.jsonl"))
-          for name, exs in world.named_splits().items()}
+  return {name: write_jsonl(exs, os.path.join(out_dir, f"{name}.jsonl")) for name, exs in world.named_splits().items()}

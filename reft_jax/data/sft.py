@@ -6,12 +6,16 @@ import dataclasses
 import jax
 import numpy as np
 
-ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
-                 "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that "
-                       "provides further context. Write a response that appropriately completes the "
-                       "request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n"
-                       "### Response:\n")
+ALPACA_PROMPT = (
+  "Below is an instruction that describes a task. Write a response that appropriately "
+  "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_INPUT = (
+  "Below is an instruction that describes a task, paired with an input that "
+  "provides further context. Write a response that appropriately completes the "
+  "request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n"
+  "### Response:\n"
+)
 
 
 @dataclasses.dataclass
@@ -73,9 +77,13 @@ class TokenizedSet:
     width = self.tokens.shape[1]
     keep = min(-(-int(self.attention_mask.sum(1).max()) // multiple) * multiple, width)
     cut = lambda a: a[:, :keep] if a.ndim >= 2 and a.shape[1] == width else a
-    return dataclasses.replace(self, tokens=self.tokens[:, :keep], loss_mask=self.loss_mask[:, :keep],
-                               attention_mask=self.attention_mask[:, :keep],
-                               fields={k: cut(v) for k, v in self.fields.items()})
+    return dataclasses.replace(
+      self,
+      tokens=self.tokens[:, :keep],
+      loss_mask=self.loss_mask[:, :keep],
+      attention_mask=self.attention_mask[:, :keep],
+      fields={k: cut(v) for k, v in self.fields.items()},
+    )
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
@@ -86,8 +94,9 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
   return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
 
 
-def tokenize(examples: list[Example], tokenizer, seq_len: int, template: str = "alpaca",
-             loss_on: str = "response") -> TokenizedSet:
+def tokenize(
+  examples: list[Example], tokenizer, seq_len: int, template: str = "alpaca", loss_on: str = "response"
+) -> TokenizedSet:
   """BOS + prompt + response + EOS, loss on the response and EOS (loss_on="all": every token after
   BOS, for language-model pretraining); truncated to seq_len, the response is cut first."""
   if loss_on not in ("response", "all"):
@@ -105,9 +114,9 @@ def tokenize(examples: list[Example], tokenizer, seq_len: int, template: str = "
     ids = (prompt + response)[:seq_len]
     truncated += len(prompt) + len(response) > seq_len
     last_prompt[i] = min(len(prompt), seq_len) - 1
-    tokens[i, :len(ids)] = ids
-    attn[i, :len(ids)] = 1
-    loss[i, len(prompt) if loss_on == "response" else int(tokenizer.bos_token_id is not None):len(ids)] = 1
+    tokens[i, : len(ids)] = ids
+    attn[i, : len(ids)] = 1
+    loss[i, len(prompt) if loss_on == "response" else int(tokenizer.bos_token_id is not None) : len(ids)] = 1
   is_harmful = np.asarray([bool(e.meta.get("is_harmful", False)) for e in examples], np.int32)
   return TokenizedSet(tokens, loss, attn, truncated, last_prompt, {"is_harmful": is_harmful})
 
@@ -122,8 +131,9 @@ class Batcher:
   example, so padding does not dominate; each bucket length compiles the step once.
   """
 
-  def __init__(self, data: TokenizedSet, batch_size: int, seed: int = 0, shuffle: bool = True,
-               buckets: tuple[int, ...] = ()):
+  def __init__(
+    self, data: TokenizedSet, batch_size: int, seed: int = 0, shuffle: bool = True, buckets: tuple[int, ...] = ()
+  ):
     if len(data) == 0:
       raise ValueError("empty data set")
     self.data, self.batch_size, self.seed, self.shuffle = data, batch_size, seed, shuffle
@@ -139,12 +149,13 @@ class Batcher:
     order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
     if self.buckets:
       mega = self.batch_size * 32
-      order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")]
-                              for c in np.split(order, range(mega, n, mega))])
+      order = np.concatenate(
+        [c[np.argsort(-self.lengths[c], kind="stable")] for c in np.split(order, range(mega, n, mega))]
+      )
       if self.shuffle:  # batches of similar length, in random order
         nb = -(-n // self.batch_size)
         perm = np.random.default_rng([self.seed, epoch, 1]).permutation(nb)
-        order = np.concatenate([order[i * self.batch_size:(i + 1) * self.batch_size] for i in perm])
+        order = np.concatenate([order[i * self.batch_size : (i + 1) * self.batch_size] for i in perm])
     self._cache = (epoch, order)
     return order
 
@@ -155,7 +166,7 @@ class Batcher:
     while len(out) < b:
       epoch, offset = divmod(start + len(out), n)
       take = min(b - len(out), n - offset)
-      out.extend(self._order(epoch)[offset:offset + take])
+      out.extend(self._order(epoch)[offset : offset + take])
     return np.asarray(out)
 
   def width(self, idx: np.ndarray) -> int:
@@ -167,8 +178,11 @@ class Batcher:
   def rows(self, idx: np.ndarray, width: int) -> dict[str, np.ndarray]:
     """The arrays of examples `idx`, cut to `width` tokens."""
     d = self.data
-    out = {"tokens": d.tokens[idx, :width], "loss_mask": d.loss_mask[idx, :width],
-           "attention_mask": d.attention_mask[idx, :width]}
+    out = {
+      "tokens": d.tokens[idx, :width],
+      "loss_mask": d.loss_mask[idx, :width],
+      "attention_mask": d.attention_mask[idx, :width],
+    }
     if d.last_prompt is not None:
       out["last_prompt"] = np.minimum(d.last_prompt[idx], width - 1)
     full = d.tokens.shape[1]
@@ -181,7 +195,7 @@ class Batcher:
     idx = self.indices(step)
     per = self.batch_size // jax.process_count()
     # The width comes from the global batch, so every process agrees on the shape.
-    return self.rows(idx[jax.process_index() * per:(jax.process_index() + 1) * per], self.width(idx))
+    return self.rows(idx[jax.process_index() * per : (jax.process_index() + 1) * per], self.width(idx))
 
   def global_batch(self, step: int, shardings) -> dict[str, jax.Array]:
     idx = self.indices(step)
@@ -210,7 +224,8 @@ def global_arrays(take, n: int, shardings) -> dict:
   def build(name):
     shape = (n, *template[name].shape[1:])
     return jax.make_array_from_callback(
-        shape, shardings[name], lambda index: rows_for(index[0])[name][(slice(None), *index[1:])])
+      shape, shardings[name], lambda index: rows_for(index[0])[name][(slice(None), *index[1:])]
+    )
 
   return {name: build(name) for name in template}
 
@@ -227,5 +242,6 @@ class MixedBatcher:
     return {k: b.local_batch(step) for k, b in self.parts.items()}
 
   def global_batch(self, step: int, shardings) -> dict:
-    return {k: b.global_batch(step, shardings[k] if isinstance(shardings, dict) else shardings)
-            for k, b in self.parts.items()}
+    return {
+      k: b.global_batch(step, shardings[k] if isinstance(shardings, dict) else shardings) for k, b in self.parts.items()
+    }

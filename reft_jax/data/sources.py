@@ -19,8 +19,14 @@ from collections.abc import Callable
 
 from reft_jax.data.sft import Example
 
-from reft_jax.data.formats import (AGNEWS_INSTRUCTION, AGNEWS_LABELS, GSM8K_ANSWER_PREFIX,  # noqa: F401
-                                   SST2_INSTRUCTION, SST2_LABELS, DataError)
+from reft_jax.data.formats import (
+  AGNEWS_INSTRUCTION,
+  AGNEWS_LABELS,
+  GSM8K_ANSWER_PREFIX,  # noqa: F401
+  SST2_INSTRUCTION,
+  SST2_LABELS,
+  DataError,
+)
 
 
 def parse_fields(spec: str) -> dict[str, str]:
@@ -35,6 +41,7 @@ def parse_fields(spec: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ reading records
+
 
 def _read_jsonl(path: str) -> list[dict]:
   rows = []
@@ -61,8 +68,7 @@ def read_records(source: str, split: str = "train") -> tuple[list[dict], str]:
     try:
       ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:  # offline / unknown name: say which
-      raise DataError(f"{source} (split {split!r}): could not load from the hub "
-                      f"({type(e).__name__}: {e})") from None
+      raise DataError(f"{source} (split {split!r}): could not load from the hub ({type(e).__name__}: {e})") from None
     return [dict(r) for r in ds], f"{source}[{split}]"
   if source.startswith("tfds:"):
     return _read_tfds(source[5:], split), f"{source}[{split}]"
@@ -96,8 +102,7 @@ def _read_tfds(name: str, split: str) -> list[dict]:
   try:
     import tensorflow_datasets as tfds
   except ImportError:
-    raise DataError(f"tfds:{name}: tensorflow-datasets is not installed (pip install "
-                    "'reft-jax[tfds]')") from None
+    raise DataError(f"tfds:{name}: tensorflow-datasets is not installed (pip install 'reft-jax[tfds]')") from None
   ds = tfds.load(name, split=split)
 
   def decode(v):
@@ -108,6 +113,7 @@ def _read_tfds(name: str, split: str) -> list[dict]:
 
 
 # ------------------------------------------------------------------ schema adapters
+
 
 def _get(rec: dict, field: str, where: str, kind=str, optional=False):
   if field not in rec or rec[field] is None:
@@ -134,20 +140,23 @@ def _label(v, names, where, field):
 
 def _plain(rec, where):
   meta = {k: v for k, v in rec.items() if k not in ("prompt", "response", "input")}
-  return Example(_get(rec, "prompt", where), _get(rec, "response", where),
-                 _get(rec, "input", where, optional=True) or "", meta)
+  return Example(
+    _get(rec, "prompt", where), _get(rec, "response", where), _get(rec, "input", where, optional=True) or "", meta
+  )
 
 
 def _sst2(rec, where):
   label = _label(_get(rec, "label", where, kind=None), SST2_LABELS, where, "label")
-  return Example(SST2_INSTRUCTION, label, _get(rec, "sentence", where),
-                 {"task": "sst2", "label": label, "is_harmful": False})
+  return Example(
+    SST2_INSTRUCTION, label, _get(rec, "sentence", where), {"task": "sst2", "label": label, "is_harmful": False}
+  )
 
 
 def _agnews(rec, where):
   label = _label(_get(rec, "label", where, kind=None), AGNEWS_LABELS, where, "label")
-  return Example(AGNEWS_INSTRUCTION, label, _get(rec, "text", where),
-                 {"task": "agnews", "label": label, "is_harmful": False})
+  return Example(
+    AGNEWS_INSTRUCTION, label, _get(rec, "text", where), {"task": "agnews", "label": label, "is_harmful": False}
+  )
 
 
 def _gsm8k(rec, where):
@@ -157,13 +166,21 @@ def _gsm8k(rec, where):
     raise DataError(f"{where}: field 'answer' has no '#### N' final answer")
   final = final.strip().replace(",", "")
   reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()  # drop GSM8K's calculator annotations
-  return Example(_get(rec, "question", where), f"{reasoning}\n{GSM8K_ANSWER_PREFIX} {final}", "",
-                 {"task": "gsm8k", "label": final, "is_harmful": False})
+  return Example(
+    _get(rec, "question", where),
+    f"{reasoning}\n{GSM8K_ANSWER_PREFIX} {final}",
+    "",
+    {"task": "gsm8k", "label": final, "is_harmful": False},
+  )
 
 
 def _alpaca(rec, where):
-  return Example(_get(rec, "instruction", where), _get(rec, "output", where),
-                 _get(rec, "input", where, optional=True) or "", {"task": "alpaca", "is_harmful": False})
+  return Example(
+    _get(rec, "instruction", where),
+    _get(rec, "output", where),
+    _get(rec, "input", where, optional=True) or "",
+    {"task": "alpaca", "is_harmful": False},
+  )
 
 
 def _beavertails(rec, where):
@@ -172,19 +189,32 @@ def _beavertails(rec, where):
     is_safe = is_safe.strip().lower() in ("true", "1", "yes")
   cats = rec.get("category") or {}
   category = ",".join(k for k, v in cats.items() if v) if isinstance(cats, dict) else str(cats)
-  return Example(_get(rec, "prompt", where), _get(rec, "response", where), "",
-                 {"is_safe": bool(is_safe), "is_harmful": not bool(is_safe), "category": category})
+  return Example(
+    _get(rec, "prompt", where),
+    _get(rec, "response", where),
+    "",
+    {"is_safe": bool(is_safe), "is_harmful": not bool(is_safe), "category": category},
+  )
 
 
 SCHEMAS: dict[str, Callable[[dict, str], Example]] = {
-    "plain": _plain, "sst2": _sst2, "agnews": _agnews, "gsm8k": _gsm8k, "alpaca": _alpaca,
-    "beavertails": _beavertails,
+  "plain": _plain,
+  "sst2": _sst2,
+  "agnews": _agnews,
+  "gsm8k": _gsm8k,
+  "alpaca": _alpaca,
+  "beavertails": _beavertails,
 }
 
 
-def load_examples(source: str, schema: str = "plain", fields: str | dict = "", split: str = "train",
-                  limit: int = 0, where_filter: Callable[[Example], bool] | None = None
-                  ) -> list[Example]:
+def load_examples(
+  source: str,
+  schema: str = "plain",
+  fields: str | dict = "",
+  split: str = "train",
+  limit: int = 0,
+  where_filter: Callable[[Example], bool] | None = None,
+) -> list[Example]:
   """Reads a source and maps every record through a schema adapter.
 
   fields renames columns to the adapter's names: for a CSV with columns text,label read as SST-2,
@@ -200,8 +230,7 @@ def load_examples(source: str, schema: str = "plain", fields: str | dict = "", s
     rec = dict(rec)
     for ours, theirs in mapping.items():
       if theirs not in rec:
-        raise DataError(f"{name} row {i}: column {theirs!r} (mapped to {ours!r}) is missing "
-                        f"(columns: {sorted(rec)})")
+        raise DataError(f"{name} row {i}: column {theirs!r} (mapped to {ours!r}) is missing (columns: {sorted(rec)})")
       rec[ours] = rec.pop(theirs)
     ex = adapter(rec, f"{name} row {i}")
     ex.meta.setdefault("source", name)
@@ -224,35 +253,37 @@ def _safe(ex: Example) -> bool:
 
 
 HUB_SOURCES: dict[str, dict[str, Any]] = {
-    # name -> load_examples kwargs, for users who are online.
-    "beavertails": dict(source="hub:PKU-Alignment/BeaverTails", schema="beavertails",
-                        split="30k_train"),
-    "beavertails_test": dict(source="hub:PKU-Alignment/BeaverTails", schema="beavertails",
-                             split="30k_test"),
-    # Only the unsafe (or safe) QA pairs, in the split's order, as the git-disl scripts read them: the
-    # attack's and Booster's harmful rows (30k_train, unsafe), Vaccine/Lisa's alignment pairs (30k_train,
-    # safe) and the Harmful Score prompts (30k_test, unsafe; Vaccine poison/evaluation/pred.py).
-    "beavertails_harmful": dict(source="hub:PKU-Alignment/BeaverTails", schema="beavertails",
-                                split="30k_train", where_filter=_unsafe),
-    "beavertails_safe": dict(source="hub:PKU-Alignment/BeaverTails", schema="beavertails",
-                             split="30k_train", where_filter=_safe),
-    "beavertails_test_harmful": dict(source="hub:PKU-Alignment/BeaverTails", schema="beavertails",
-                                     split="30k_test", where_filter=_unsafe),
-    "sst2": dict(source="hub:nyu-mll/glue:sst2", schema="sst2", split="train"),
-    "sst2_test": dict(source="hub:nyu-mll/glue:sst2", schema="sst2", split="validation"),
-    "agnews": dict(source="hub:fancyzhx/ag_news", schema="agnews", split="train"),
-    "agnews_test": dict(source="hub:fancyzhx/ag_news", schema="agnews", split="test"),
-    "gsm8k": dict(source="hub:openai/gsm8k:main", schema="gsm8k", split="train"),
-    "gsm8k_test": dict(source="hub:openai/gsm8k:main", schema="gsm8k", split="test"),
-    "alpaca": dict(source="hub:tatsu-lab/alpaca", schema="alpaca", split="train"),
+  # name -> load_examples kwargs, for users who are online.
+  "beavertails": dict(source="hub:PKU-Alignment/BeaverTails", schema="beavertails", split="30k_train"),
+  "beavertails_test": dict(source="hub:PKU-Alignment/BeaverTails", schema="beavertails", split="30k_test"),
+  # Only the unsafe (or safe) QA pairs, in the split's order, as the git-disl scripts read them: the
+  # attack's and Booster's harmful rows (30k_train, unsafe), Vaccine/Lisa's alignment pairs (30k_train,
+  # safe) and the Harmful Score prompts (30k_test, unsafe; Vaccine poison/evaluation/pred.py).
+  "beavertails_harmful": dict(
+    source="hub:PKU-Alignment/BeaverTails", schema="beavertails", split="30k_train", where_filter=_unsafe
+  ),
+  "beavertails_safe": dict(
+    source="hub:PKU-Alignment/BeaverTails", schema="beavertails", split="30k_train", where_filter=_safe
+  ),
+  "beavertails_test_harmful": dict(
+    source="hub:PKU-Alignment/BeaverTails", schema="beavertails", split="30k_test", where_filter=_unsafe
+  ),
+  "sst2": dict(source="hub:nyu-mll/glue:sst2", schema="sst2", split="train"),
+  "sst2_test": dict(source="hub:nyu-mll/glue:sst2", schema="sst2", split="validation"),
+  "agnews": dict(source="hub:fancyzhx/ag_news", schema="agnews", split="train"),
+  "agnews_test": dict(source="hub:fancyzhx/ag_news", schema="agnews", split="test"),
+  "gsm8k": dict(source="hub:openai/gsm8k:main", schema="gsm8k", split="train"),
+  "gsm8k_test": dict(source="hub:openai/gsm8k:main", schema="gsm8k", split="test"),
+  "alpaca": dict(source="hub:tatsu-lab/alpaca", schema="alpaca", split="train"),
 }
 
 
 _SLICE = re.compile(r"^(.*)\[(\d*):(\d*)\]$")
 
 
-def load_source(spec: str, *, schema: str = "plain", fields: str = "", split: str = "train",
-                limit: int = 0, world=None) -> list[Example]:
+def load_source(
+  spec: str, *, schema: str = "plain", fields: str = "", split: str = "train", limit: int = 0, world=None
+) -> list[Example]:
   """One config string for every kind of source:
 
   world:<split>            a safety-world split, e.g. world:eval_harmful, world:sst2_test
@@ -271,8 +302,7 @@ def load_source(spec: str, *, schema: str = "plain", fields: str = "", split: st
   """
   parts = [s.strip() for s in spec.split(",") if s.strip()]
   if len(parts) > 1:
-    sets = [load_source(s, schema=schema, fields=fields, split=split, limit=limit, world=world)
-            for s in parts]
+    sets = [load_source(s, schema=schema, fields=fields, split=split, limit=limit, world=world) for s in parts]
     mixed = [x for row in itertools.zip_longest(*sets) for x in row if x is not None]
     return mixed[:limit] if limit else mixed
   m = _SLICE.match(spec)
@@ -287,14 +317,13 @@ def load_source(spec: str, *, schema: str = "plain", fields: str = "", split: st
   if spec.startswith("builtin:"):
     from reft_jax.data.builtin import load_builtin
 
-    return load_builtin(spec[len("builtin:"):], limit)
+    return load_builtin(spec[len("builtin:") :], limit)
   if spec.startswith("world:"):
     if world is None:
       raise DataError(f"source {spec!r}: no safety world configured")
-    name, splits = spec[len("world:"):], world.named_splits()
+    name, splits = spec[len("world:") :], world.named_splits()
     if name not in splits:
-      raise DataError(f"source {spec!r}: the safety world has no split {name!r} "
-                      f"(splits: {sorted(splits)})")
+      raise DataError(f"source {spec!r}: the safety world has no split {name!r} (splits: {sorted(splits)})")
     return list(splits[name][:limit] if limit else splits[name])
   if spec.startswith("asset:"):
     from reft_jax.data.assets import load_asset_source

@@ -15,8 +15,9 @@ def load_tokenizer(path: str):
   from transformers import AutoTokenizer
 
   if os.path.isdir(path) and not any(
-      os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
-                                                      "tokenizer.model", "vocab.json")):
+    os.path.exists(os.path.join(path, f))
+    for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+  ):
     raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
   tok = AutoTokenizer.from_pretrained(path)
   if tok.pad_token is None:  # Llama-style tokenizers ship without one; padding is masked anyway
@@ -24,8 +25,7 @@ def load_tokenizer(path: str):
   return tok
 
 
-def build_word_tokenizer(texts: Iterable[str], out_dir: str, min_count: int = 1,
-                         pad_to_multiple: int = 8):
+def build_word_tokenizer(texts: Iterable[str], out_dir: str, min_count: int = 1, pad_to_multiple: int = 8):
   """A word-level tokenizer (lower-cased words and punctuation) saved in HF format to out_dir."""
   from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
   from transformers import PreTrainedTokenizerFast

@@ -50,8 +50,10 @@ def booster_loss(lam: float, alpha: float, mode: str = "full", regex: str = ""):
     h_after = h_mean(shifted)
     # grad h(w) is g_h, already computed: a term with h(w)'s value and g_h as its gradient spares a
     # third harmful forward/backward pass.
-    h_lin = h_now + sum(jnp.vdot(g.astype(jnp.float32), (p - jax.lax.stop_gradient(p)).astype(jnp.float32))
-                        for g, p in zip(jax.tree.leaves(g_h), jax.tree.leaves(part)))
+    h_lin = h_now + sum(
+      jnp.vdot(g.astype(jnp.float32), (p - jax.lax.stop_gradient(p)).astype(jnp.float32))
+      for g, p in zip(jax.tree.leaves(g_h), jax.tree.leaves(part))
+    )
     f_n = jnp.maximum(f_n, 1)
     total = f_sum + lam * (h_lin - h_after) * f_n
     return total, f_n, {"harmful_loss": h_now, "harmful_loss_after_step": h_after, "harmful_grad_norm": g_norm}
@@ -66,14 +68,15 @@ def harmful_set(env: Env) -> list[sft.Example]:
   c = env.c
   examples = env.load(c.booster.harmful_source)
   if c.data.attack != "none":
-    from reft_jax.data.assets import overlap
+    from reft_jax.data.overlap import overlap
 
     shared = sorted({i for i, _ in overlap(examples, env.load(c.data.harmful_source))})
     if shared:
       raise ConfigError(
-          f"config.booster.harmful_source={c.booster.harmful_source!r} shares {len(shared)} prompt(s) with "
-          f"the attack's pool config.data.harmful_source={c.data.harmful_source!r} (e.g. "
-          f"{examples[shared[0]].prompt[:60]!r}); Booster's harmful set must be disjoint from it")
+        f"config.booster.harmful_source={c.booster.harmful_source!r} shares {len(shared)} prompt(s) with "
+        f"the attack's pool config.data.harmful_source={c.data.harmful_source!r} (e.g. "
+        f"{examples[shared[0]].prompt[:60]!r}); Booster's harmful set must be disjoint from it"
+      )
   return examples
 
 
@@ -81,21 +84,30 @@ def align(env: Env) -> StageSpec:
   c, batch = env.c, env.c.teacher.batch_size  # the alignment budget (sft.alignment_budget)
   align_set = env.tokenize(env.load(c.reft.alignment))
   harmful = env.tokenize(harmful_set(env))
-  data = sft.MixedBatcher({"align": sft.Batcher(align_set, batch, seed=c.seed),
-                           "harmful": sft.Batcher(harmful, batch, seed=c.seed + 3)})
+  data = sft.MixedBatcher(
+    {"align": sft.Batcher(align_set, batch, seed=c.seed), "harmful": sft.Batcher(harmful, batch, seed=c.seed + 3)}
+  )
   loss = booster_loss(c.booster.lam, c.booster.alpha, c.train.mode, c.train.trainable_regex)
   return aligned_stage(env, "aligned_booster", loss, data)
 
 
 def _validate(c):
-  check(c.booster.lam >= 0 and c.booster.alpha >= 0, "booster.lam/alpha", (c.booster.lam, c.booster.alpha),
-        "must be >= 0")
+  check(
+    c.booster.lam >= 0 and c.booster.alpha >= 0, "booster.lam/alpha", (c.booster.lam, c.booster.alpha), "must be >= 0"
+  )
   check(bool(c.booster.harmful_source), "booster.harmful_source", c.booster.harmful_source, "must name a source")
 
 
-BOOSTER = register(Defence(
-    "booster", "alignment that attenuates the harmful perturbation, then SFT on the user data",
-    finetune=user_sft("booster"), align=align, section="booster",
+BOOSTER = register(
+  Defence(
+    "booster",
+    "alignment that attenuates the harmful perturbation, then SFT on the user data",
+    finetune=user_sft("booster"),
+    align=align,
+    section="booster",
     # Booster's harmful set is disjoint from the attack's pool (official: another BeaverTails index range).
     defaults={"lam": 5.0, "alpha": 0.1, "harmful_source": "world:harmful_pool[500:1000]"},
-    validate=_validate, source="Huang et al., ICLR 2025; git-disl/Booster"))
+    validate=_validate,
+    source="Huang et al., ICLR 2025; git-disl/Booster",
+  )
+)

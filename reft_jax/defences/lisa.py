@@ -33,13 +33,13 @@ def lisa_loss(rho: float):
   def loss(model, batch, ctx):
     phase = ctx.extras["align_phase"]
     # Only the active state's batch is computed (lax.cond runs one branch).
-    total, count = jax.lax.cond(phase > 0, lambda: batch_cross_entropy(model, batch["align"]),
-                                lambda: batch_cross_entropy(model, batch["user"]))
+    total, count = jax.lax.cond(
+      phase > 0, lambda: batch_cross_entropy(model, batch["align"]), lambda: batch_cross_entropy(model, batch["user"])
+    )
     count = jnp.maximum(count, 1)
     params = nnx.to_pure_dict(nnx.state(model))
     anchor = ctx.extras["anchor"]
-    sq = jax.tree.map(lambda p, a: jnp.sum(jnp.square(p.astype(jnp.float32) - a)), _subset(params, anchor),
-                      anchor)
+    sq = jax.tree.map(lambda p, a: jnp.sum(jnp.square(p.astype(jnp.float32) - a)), _subset(params, anchor), anchor)
     prox = 0.5 * rho * sum(jax.tree.leaves(sq)) * ctx.extras["prox_on"]
     return total + prox * count, count, {"proximal": prox, "align_phase": phase.astype(jnp.float32)}
 
@@ -88,8 +88,11 @@ def lisa_state(params: dict, labels: dict, k_align: int, k_user: int, prox_after
   anchor; the proximal term is on for steps > prox_after (official: steps > 10% of the run)."""
   part = lambda p: jax.tree.map(lambda x: jnp.array(x, jnp.float32), trainable_part(p, labels))  # a copy
   phase_of = lisa_schedule(k_align, k_user)
-  extras = {"anchor": part(params), "align_phase": jnp.asarray(phase_of(0), jnp.int32),
-            "prox_on": jnp.asarray(0.0, jnp.float32)}
+  extras = {
+    "anchor": part(params),
+    "align_phase": jnp.asarray(phase_of(0), jnp.int32),
+    "prox_on": jnp.asarray(0.0, jnp.float32),
+  }
 
   def before_step(step, state):
     phase = phase_of(step)
@@ -106,33 +109,60 @@ def lisa_state(params: dict, labels: dict, k_align: int, k_user: int, prox_after
 def finetune(env: Env, root: str, start: str, user) -> StageSpec:
   c, lc = env.c, env.c.lisa
   k_align, k_user = lisa_cycle(lc.k_align, lc.k_user, c.train.num_steps, lc.min_cycles)
-  log.info("lisa: K_a/K_f = %d/%d (configured %d/%d, %d steps, min_cycles %d)", k_align, k_user, lc.k_align,
-           lc.k_user, c.train.num_steps, lc.min_cycles)
-  data = sft.MixedBatcher({"user": sft.Batcher(env.tokenize(user), c.train.batch_size, seed=c.seed),
-                           "align": sft.Batcher(env.tokenize(env.load(c.reft.alignment)), c.train.batch_size,
-                                                seed=c.seed + 5)})
+  log.info(
+    "lisa: K_a/K_f = %d/%d (configured %d/%d, %d steps, min_cycles %d)",
+    k_align,
+    k_user,
+    lc.k_align,
+    lc.k_user,
+    c.train.num_steps,
+    lc.min_cycles,
+  )
+  data = sft.MixedBatcher(
+    {
+      "user": sft.Batcher(env.tokenize(user), c.train.batch_size, seed=c.seed),
+      "align": sft.Batcher(env.tokenize(env.load(c.reft.alignment)), c.train.batch_size, seed=c.seed + 5),
+    }
+  )
 
   def setup(model):
     params = split_model(model)[1]
     labels = trainable_labels(params, c.train.mode, c.train.trainable_regex)
     return lisa_state(params, labels, k_align, k_user, lc.proximal_warmup * c.train.num_steps)
 
-  return StageSpec("lisa", data, init=start, loss=lisa_loss(lc.rho), setup=setup,
-                   record={"lisa": {"k_align": k_align, "k_user": k_user}})
+  return StageSpec(
+    "lisa",
+    data,
+    init=start,
+    loss=lisa_loss(lc.rho),
+    setup=setup,
+    record={"lisa": {"k_align": k_align, "k_user": k_user}},
+  )
 
 
 def _validate(c):
   lc = c.lisa
-  check(lc.k_align >= 0 and lc.k_user >= 0 and lc.k_align + lc.k_user > 0, "lisa.k_align/k_user",
-        (lc.k_align, lc.k_user), "must be >= 0 and not both 0")
+  check(
+    lc.k_align >= 0 and lc.k_user >= 0 and lc.k_align + lc.k_user > 0,
+    "lisa.k_align/k_user",
+    (lc.k_align, lc.k_user),
+    "must be >= 0 and not both 0",
+  )
   check(lc.min_cycles >= 1, "lisa.min_cycles", lc.min_cycles, "must be >= 1")
 
 
-LISA = register(Defence(
-    "lisa", "fine-tuning that alternates alignment and user states with a proximal term",
-    finetune=finetune, align=aligned_stage, section="lisa",
+LISA = register(
+  Defence(
+    "lisa",
+    "fine-tuning that alternates alignment and user states with a proximal term",
+    finetune=finetune,
+    align=aligned_stage,
+    section="lisa",
     # K_a/K_f as published; a run shorter than min_cycles * (K_a + K_f) steps scales both down in the
     # published ratio so that it still alternates min_cycles times (Lisa's script: 20,000 steps = 20
     # cycles; Booster's Lisa runs: 2,000 steps = 2 cycles).
     defaults={"k_align": 100, "k_user": 900, "rho": 1.0, "proximal_warmup": 0.1, "min_cycles": 4},
-    validate=_validate, source="Huang et al., NeurIPS 2024; git-disl/Lisa"))
+    validate=_validate,
+    source="Huang et al., NeurIPS 2024; git-disl/Lisa",
+  )
+)

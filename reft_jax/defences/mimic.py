@@ -21,7 +21,15 @@ def _validate(c):
   check(0 <= c.mimic.ratio <= 1, "mimic.ratio", c.mimic.ratio, "must lie in [0, 1]")
 
 
-MIMIC = register(Defence(
-    "mimic", "SFT on the user data mixed with safety data in the user task's format",
-    finetune=finetune, align=aligned_stage, section="mimic", defaults={"ratio": 0.05}, validate=_validate,
-    source="Eiras et al., ICLR 2025"))
+MIMIC = register(
+  Defence(
+    "mimic",
+    "SFT on the user data mixed with safety data in the user task's format",
+    finetune=finetune,
+    align=aligned_stage,
+    section="mimic",
+    defaults={"ratio": 0.05},
+    validate=_validate,
+    source="Eiras et al., ICLR 2025",
+  )
+)

@@ -24,8 +24,17 @@ from reft_jax import distributed as dist
 from reft_jax import losses, refusal
 from reft_jax.config import BUILD_ALIGNMENT, check
 from reft_jax.data import sft
-from reft_jax.data.formats import write_jsonl
 from reft_jax.data.load import load
+from reft_jax.defences.reft_filter import (  # noqa: F401  (the filter's vocabulary, re-exported)
+  calibrate_tau,
+  choose_tau,
+  filter_user_data,
+  fpr_tau,
+  label_metrics,
+  layer_of,
+  probe_sets,
+  score_prompts,
+)
 from reft_jax.defences.registry import Defence, register
 from reft_jax.defences.sft import alignment_budget
 from reft_jax.distributed import to_host
@@ -37,11 +46,8 @@ from reft_jax.train import split_model
 log = logging.getLogger(__name__)
 
 
-def layer_of(c, model) -> int:
-  return c.reft.layer if c.reft.layer > 0 else model.cfg.num_layers // 2
-
-
 # ------------------------------------------------------------------ teacher
+
 
 def teacher_loss(layer: int, lam: float):
   """CE on every part of the batch (harmful->refusal and harmless->helpful halves) + lam * the
@@ -63,10 +69,16 @@ def teacher_loss(layer: int, lam: float):
     reg = losses.refusal_regularizer(cos, is_harmful)
     w = is_harmful.astype(jnp.float32)
     sum_h, n_h, sum_b, n_b = refusal.class_means(h, is_harmful)
-    aux = {"ce": total / jnp.maximum(count, 1), "reg": reg,
-           "cos_harmful": jnp.sum(cos * w) / jnp.maximum(jnp.sum(w), 1),
-           "cos_harmless": jnp.sum(cos * (1 - w)) / jnp.maximum(jnp.sum(1 - w), 1),
-           "_sum_h": sum_h, "_n_h": n_h, "_sum_b": sum_b, "_n_b": n_b}
+    aux = {
+      "ce": total / jnp.maximum(count, 1),
+      "reg": reg,
+      "cos_harmful": jnp.sum(cos * w) / jnp.maximum(jnp.sum(w), 1),
+      "cos_harmless": jnp.sum(cos * (1 - w)) / jnp.maximum(jnp.sum(1 - w), 1),
+      "_sum_h": sum_h,
+      "_n_h": n_h,
+      "_sum_b": sum_b,
+      "_n_b": n_b,
+    }
     # total / count = mean CE + lam * reg
     return total + lam * reg * jnp.maximum(count, 1), count, aux
 
@@ -86,21 +98,12 @@ def ema_update(momentum: float):
   return update
 
 
-def _probe_sets(c, tokenizer):
-  """(estimation harmful, estimation harmless, held-out harmful, held-out harmless) prompt sets."""
-  harm = load(c, c.reft.probe_harmful, c.reft.probe_size * 2)
-  safe = load(c, c.reft.probe_harmless, c.reft.probe_size * 2)
-  tok = lambda exs: refusal.tokenize_prompts(exs, tokenizer, c.data.seq_len, c.data.template)
-  h, s = len(harm) // 2, len(safe) // 2
-  return tok(harm[:h]), tok(safe[:s]), tok(harm[h:]), tok(safe[s:])
-
-
 def teacher_stage(env: Env) -> StageSpec:
   """The teacher: from the base model, CE on the alignment data (harmful and harmless halves in every
   batch) + lam * the refusal regularizer; R re-estimated on the probe set every K steps (or an EMA)."""
   c, tokenizer, mesh = env.c, env.tokenizer, env.mesh
   layer = c.reft.layer or read_hf_config(env.base_path).num_layers // 2
-  est_h, est_s, held_h, held_s = _probe_sets(c, tokenizer)
+  est_h, est_s, held_h, held_s = probe_sets(c, tokenizer)
 
   def estimate(model):
     fh = refusal.prompt_features(model, est_h, layer, mesh=mesh)
@@ -110,20 +113,22 @@ def teacher_stage(env: Env) -> StageSpec:
   def separation(model, r):
     sh = np.asarray(refusal.cosine(refusal.prompt_features(model, held_h, layer, mesh=mesh), r))
     ss = np.asarray(refusal.cosine(refusal.prompt_features(model, held_s, layer, mesh=mesh), r))
-    return {"auroc": refusal.auroc(sh, ss), "held_cos_harmful": float(sh.mean()),
-            "held_cos_harmless": float(ss.mean())}
+    return {"auroc": refusal.auroc(sh, ss), "held_cos_harmful": float(sh.mean()), "held_cos_harmless": float(ss.mean())}
 
   align = load(c, c.reft.alignment)
   harm = [e for e in align if e.meta.get("is_harmful")]
   safe = [e for e in align if not e.meta.get("is_harmful")]
   if not harm or not safe:
-    raise ValueError(f"reft.alignment={c.reft.alignment!r} must hold harmful (is_harmful) and harmless "
-                     f"examples; got {len(harm)} harmful and {len(safe)} harmless")
+    raise ValueError(
+      f"reft.alignment={c.reft.alignment!r} must hold harmful (is_harmful) and harmless "
+      f"examples; got {len(harm)} harmful and {len(safe)} harmless"
+    )
   budget = alignment_budget(env)
   tok = lambda exs: env.tokenize(exs, align_seq_len(c)).trimmed()
   half = max(budget["batch_size"] // 2, 1)
-  data = sft.MixedBatcher({"harmful": sft.Batcher(tok(harm), half, seed=c.seed),
-                           "harmless": sft.Batcher(tok(safe), half, seed=c.seed + 1)})
+  data = sft.MixedBatcher(
+    {"harmful": sft.Batcher(tok(harm), half, seed=c.seed), "harmless": sft.Batcher(tok(safe), half, seed=c.seed + 1)}
+  )
   every = c.reft.update_every or max(budget["num_steps"] // 10, 1)
   out_dir = os.path.join(env.shared_dir, "teacher")
   log_path = os.path.join(out_dir, "refusal.jsonl")
@@ -155,8 +160,9 @@ def teacher_stage(env: Env) -> StageSpec:
       with open(os.path.join(out_dir, "refusal.json"), "w") as f:
         json.dump(final, f, indent=2)
 
-  return StageSpec("teacher", data, init=env.base_path, loss=teacher_loss(layer, c.reft.lam), train=budget,
-                   setup=setup, finish=finish)
+  return StageSpec(
+    "teacher", data, init=env.base_path, loss=teacher_loss(layer, c.reft.lam), train=budget, setup=setup, finish=finish
+  )
 
 
 def _append_json(path: str, record: dict) -> None:
@@ -165,93 +171,8 @@ def _append_json(path: str, record: dict) -> None:
       f.write(json.dumps(record) + "\n")
 
 
-# ------------------------------------------------------------------ filter
-
-def calibrate_tau(harmful_scores: np.ndarray, target_recall: float) -> float:
-  """The largest tau such that at least target_recall of the held-out harmful prompts score >= tau
-  (i.e. would be dropped)."""
-  s = np.sort(np.asarray(harmful_scores))[::-1]
-  k = int(np.ceil(target_recall * len(s)))
-  return float(s[max(k - 1, 0)])
-
-
-def fpr_tau(harmless_scores: np.ndarray, target_fpr: float) -> float:
-  """The smallest tau that drops at most target_fpr of the held-out harmless prompts (scores > the
-  (1 - target_fpr) quantile), i.e. a false-positive budget instead of a recall target."""
-  s = np.sort(np.asarray(harmless_scores))[::-1]
-  k = int(np.floor(target_fpr * len(s)))  # harmless prompts allowed at or above tau
-  return float(np.nextafter(s[k], np.inf)) if k < len(s) else float(s[-1])
-
-
-def score_prompts(c, teacher, r, tokenizer, examples: list[sft.Example], layer: int, mesh) -> np.ndarray:
-  """cos(h^layer, R) of every example's prompt (as data.template renders it, response dropped): [N]."""
-  data = refusal.tokenize_prompts(examples, tokenizer, c.data.seq_len, c.data.template)
-  return np.asarray(refusal.cosine(refusal.prompt_features(teacher, data, layer, mesh=mesh), r))
-
-
-def choose_tau(c, teacher, r, tokenizer, layer: int, mesh) -> float:
-  """reft.tau_mode's threshold: reft.tau, or calibrated on the held-out half of the probe sets."""
-  if c.reft.tau_mode not in ("calibrated", "fpr"):
-    return float(c.reft.tau)
-  _, _, held_h, held_s = _probe_sets(c, tokenizer)
-  held = held_h if c.reft.tau_mode == "calibrated" else held_s
-  cal = np.asarray(refusal.cosine(refusal.prompt_features(teacher, held, layer, mesh=mesh), r))
-  return (calibrate_tau(cal, c.reft.target_recall) if c.reft.tau_mode == "calibrated"
-          else fpr_tau(cal, c.reft.target_fpr))
-
-
-def label_metrics(flagged: np.ndarray, examples: list[sft.Example]) -> dict:
-  """Precision, recall and false-positive rate of `flagged` against the hidden meta['is_harmful']
-  labels; None where they are undefined (no labels, nothing flagged, one class absent)."""
-  labels = np.asarray([bool(e.meta.get("is_harmful", False)) for e in examples])
-  known = all("is_harmful" in e.meta for e in examples)
-  tp = int(np.sum(flagged & labels))
-  return {"precision": (tp / int(flagged.sum())) if known and flagged.any() else None,
-          "recall": (tp / max(int(labels.sum()), 1)) if known and labels.any() else None,
-          "false_positive_rate": (float(np.mean(flagged[~labels])) if known and (~labels).any() else None)}
-
-
-def filter_user_data(c, workdir, teacher, r, tokenizer, user: list[sft.Example], mesh):
-  """Scores every user prompt; writes filter/{report.jsonl,kept.jsonl,summary.json}. Resumable: an
-  existing summary is reused."""
-  out = os.path.join(workdir, "filter")
-  summary_path = os.path.join(out, "summary.json")
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      summary = json.load(f)
-    return [user[i] for i in summary["kept_indices"]], summary
-  layer = layer_of(c, teacher)
-  scores = score_prompts(c, teacher, r, tokenizer, user, layer, mesh)
-  tau = choose_tau(c, teacher, r, tokenizer, layer, mesh)
-  dropped = scores >= tau
-  summary = {
-      "n": len(user), "kept": int(np.sum(~dropped)), "kept_fraction": float(np.mean(~dropped)),
-      "tau": float(tau), "tau_mode": c.reft.tau_mode, "layer": layer,
-      **label_metrics(dropped, user),
-      "kept_indices": [int(i) for i in np.flatnonzero(~dropped)],
-  }
-  if summary["kept"] == 0:
-    raise ValueError(f"filter: all {len(user)} user examples scored >= tau={tau:.3f} and were dropped; "
-                     "nothing is left to fine-tune on (raise reft.tau or check reft.layer)")
-  if summary["kept"] == len(user):
-    log.warning("filter: no user example scored >= tau=%.3f; all %d kept", tau, len(user))
-  if dist.is_primary():
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "report.jsonl"), "w") as f:
-      for i, (e, s, d) in enumerate(zip(user, scores, dropped)):
-        f.write(json.dumps({"index": i, "score": float(s), "kept": not bool(d),
-                            "is_harmful": e.meta.get("is_harmful"), "prompt": e.prompt,
-                            "input": e.input}) + "\n")
-    write_jsonl([user[i] for i in summary["kept_indices"]], os.path.join(out, "kept.jsonl"))
-    tmp = summary_path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(summary, f, indent=2)
-    os.replace(tmp, summary_path)
-  dist.barrier("filter")  # the summary marks the filter done: all processes see it from here on
-  return [user[i] for i in summary["kept_indices"]], summary
-
-
 # ------------------------------------------------------------------ student
+
 
 def student_loss(beta: float, temperature: float, topk: bool, chunk: int = 0):
   """CE on the (filtered) user batch + beta * mean KL(teacher || student) on the alignment batch.
@@ -266,8 +187,9 @@ def student_loss(beta: float, temperature: float, topk: bool, chunk: int = 0):
       ce, count = losses.chunked_cross_entropy(model, hu, t, w, chunk)
       hs = losses.final_hidden(model, a["tokens"], a["attention_mask"])[:, :-1]
       if topk:
-        kl, n = losses.chunked_kl_topk_student(a["topk_logits"][:, :-1], a["topk_ids"][:, :-1], model, hs,
-                                               wa, temperature, chunk)
+        kl, n = losses.chunked_kl_topk_student(
+          a["topk_logits"][:, :-1], a["topk_ids"][:, :-1], model, hs, wa, temperature, chunk
+        )
       else:
         ht = losses.final_hidden(ctx.frozen, a["tokens"], a["attention_mask"])[:, :-1]
         kl, n = losses.chunked_kl_teacher_student(ctx.frozen, ht, model, hs, wa, temperature, chunk)
@@ -275,8 +197,7 @@ def student_loss(beta: float, temperature: float, topk: bool, chunk: int = 0):
       ce, count = losses.masked_cross_entropy(model(u["tokens"], u["attention_mask"])[:, :-1], t, w)
       student = model(a["tokens"], a["attention_mask"])[:, :-1]
       if topk:
-        kl, n = losses.kl_topk_student(a["topk_logits"][:, :-1], a["topk_ids"][:, :-1], student, wa,
-                                       temperature)
+        kl, n = losses.kl_topk_student(a["topk_logits"][:, :-1], a["topk_ids"][:, :-1], student, wa, temperature)
       else:
         teacher = jax.lax.stop_gradient(ctx.frozen(a["tokens"], a["attention_mask"]))[:, :-1]
         kl, n = losses.kl_teacher_student(teacher, student, wa, temperature)
@@ -320,19 +241,32 @@ def student_stage(env: Env, root: str, teacher_dir: str, user: list[sft.Example]
   teacher = load_frozen(c, teacher_dir, env.mesh, env.rules)  # exported (LoRA-merged), on the student's mesh
   r = np.load(os.path.join(os.path.dirname(teacher_dir), "refusal_direction.npy"))
   kept, summary = filter_user_data(c, root, teacher, r, env.tokenizer, user, env.mesh)
-  log.info("filter: kept %d of %d (precision %s, recall %s, tau %.3f)", summary["kept"], summary["n"],
-           summary["precision"], summary["recall"], summary["tau"])
+  log.info(
+    "filter: kept %d of %d (precision %s, recall %s, tau %.3f)",
+    summary["kept"],
+    summary["n"],
+    summary["precision"],
+    summary["recall"],
+    summary["tau"],
+  )
   align = env.tokenize(load(c, c.reft.alignment), align_seq_len(c)).trimmed()
   frozen = teacher
   if c.reft.topk > 0:
     vals, ids = teacher_topk(teacher, align, c.reft.topk)
     align = align.with_fields(topk_logits=vals, topk_ids=ids)
     frozen = None  # no teacher forward in the step
-    log.info("student: teacher top-%d logits cached once: %.1f MB instead of a %.1f MB teacher in "
-             "every step", c.reft.topk, (vals.nbytes + ids.nbytes) / 2**20,
-             sum(x.nbytes for x in jax.tree.leaves(split_model(teacher)[1])) / 2**20)
-  data = sft.MixedBatcher({"user": sft.Batcher(env.tokenize(kept), c.train.batch_size, seed=c.seed),
-                           "align": sft.Batcher(align, c.reft.align_batch_size, seed=c.seed + 7)})
+    log.info(
+      "student: teacher top-%d logits cached once: %.1f MB instead of a %.1f MB teacher in every step",
+      c.reft.topk,
+      (vals.nbytes + ids.nbytes) / 2**20,
+      sum(x.nbytes for x in jax.tree.leaves(split_model(teacher)[1])) / 2**20,
+    )
+  data = sft.MixedBatcher(
+    {
+      "user": sft.Batcher(env.tokenize(kept), c.train.batch_size, seed=c.seed),
+      "align": sft.Batcher(align, c.reft.align_batch_size, seed=c.seed + 7),
+    }
+  )
   loss = student_loss(c.reft.beta, c.reft.temperature, c.reft.topk > 0, c.train.loss_chunk)
   flt = {k: summary[k] for k in ("precision", "recall", "kept_fraction", "tau", "false_positive_rate")}
   return StageSpec("student", data, init=env.base_path, loss=loss, frozen=frozen, record={"filter": flt})
@@ -347,41 +281,69 @@ def _validate(c):
   check(r.tau_mode in ("fixed", "calibrated", "fpr"), "reft.tau_mode", r.tau_mode, "must be fixed, calibrated or fpr")
   check(0 <= r.target_fpr < 1, "reft.target_fpr", r.target_fpr, "must lie in [0, 1)")
   check(0 < r.target_recall <= 1, "reft.target_recall", r.target_recall, "must lie in (0, 1]")
-  check(r.align_seq_len == 0 or r.align_seq_len >= 8, "reft.align_seq_len", r.align_seq_len,
-        "must be 0 (= data.seq_len) or >= 8")
+  check(
+    r.align_seq_len == 0 or r.align_seq_len >= 8,
+    "reft.align_seq_len",
+    r.align_seq_len,
+    "must be 0 (= data.seq_len) or >= 8",
+  )
   check(r.probe_size >= 2, "reft.probe_size", r.probe_size, "must be >= 2")
-  check(r.topk >= 0 and r.align_batch_size > 0, "reft.topk/align_batch_size", (r.topk, r.align_batch_size),
-        "topk must be >= 0 and align_batch_size positive")
+  check(
+    r.topk >= 0 and r.align_batch_size > 0,
+    "reft.topk/align_batch_size",
+    (r.topk, r.align_batch_size),
+    "topk must be >= 0 and align_batch_size positive",
+  )
   if r.alignment == BUILD_ALIGNMENT:
     a = c.alignment
     for f in ("harmful", "harmless"):
       check(bool(a[f]), f"alignment.{f}", a[f], "must name a source when reft.alignment=build")
-    check(a.n_harmful >= 0 and a.n_harmless >= 0, "alignment.n_harmful/n_harmless", (a.n_harmful, a.n_harmless),
-          "must be >= 0 (0 = all)")
+    check(
+      a.n_harmful >= 0 and a.n_harmless >= 0,
+      "alignment.n_harmful/n_harmless",
+      (a.n_harmful, a.n_harmless),
+      "must be >= 0 (0 = all)",
+    )
     check(a.max_new_tokens > 0, "alignment.max_new_tokens", a.max_new_tokens, "must be positive")
   for f in ("lr", "num_steps", "batch_size"):
     check(c.teacher[f] > 0, f"teacher.{f}", c.teacher[f], "must be positive")
-  check(c.teacher.batch_size >= 2, "teacher.batch_size", c.teacher.batch_size,
-        "must be >= 2 (every batch holds both classes)")
+  check(
+    c.teacher.batch_size >= 2,
+    "teacher.batch_size",
+    c.teacher.batch_size,
+    "must be >= 2 (every batch holds both classes)",
+  )
 
 
-REFT = register(Defence(
-    "reft", "refusal-feature-guided teacher: filter the user data, distil the teacher while fine-tuning",
-    finetune=student_stage, align=teacher_stage, section="reft", validate=_validate,
+REFT = register(
+  Defence(
+    "reft",
+    "refusal-feature-guided teacher: filter the user data, distil the teacher while fine-tuning",
+    finetune=student_stage,
+    align=teacher_stage,
+    section="reft",
+    validate=_validate,
     source="ReFT (METHODS.md §1; our reconstruction)",
     defaults=dict(
-        layer=0,  # refusal-feature layer; 0 = num_layers // 2
-        lam=1.0,  # weight of the refusal regularizer
-        update_every=0,  # re-estimate R on the probe set every K teacher steps; 0 = 1/10 of training
-        ema_momentum=0.0,  # > 0: R <- m R + (1 - m) R_batch instead of probe re-estimation
-        probe_size=256,  # prompts per class: half estimate R, half measure the held-out separation
-        probe_harmful="world:probe_harmful", probe_harmless="world:probe_harmless",
-        alignment="world:alignment",  # harmful -> refusal and harmless -> helpful, with is_harmful
-        # fixed | calibrated (largest tau with recall >= target_recall on held-out harmful probes) |
-        # fpr (smallest tau that flags at most target_fpr of the held-out harmless probes)
-        tau=0.0, tau_mode="fixed", target_recall=0.99, target_fpr=0.01,
-        beta=1.0, temperature=1.0,  # distillation weight and temperature
-        topk=0,  # > 0: cache the teacher's top-k logits once instead of a teacher forward per step
-        align_batch_size=8,
-        align_seq_len=0,  # alignment examples' length cap (teacher and distillation); 0 = data.seq_len
-    )))
+      layer=0,  # refusal-feature layer; 0 = num_layers // 2
+      lam=1.0,  # weight of the refusal regularizer
+      update_every=0,  # re-estimate R on the probe set every K teacher steps; 0 = 1/10 of training
+      ema_momentum=0.0,  # > 0: R <- m R + (1 - m) R_batch instead of probe re-estimation
+      probe_size=256,  # prompts per class: half estimate R, half measure the held-out separation
+      probe_harmful="world:probe_harmful",
+      probe_harmless="world:probe_harmless",
+      alignment="world:alignment",  # harmful -> refusal and harmless -> helpful, with is_harmful
+      # fixed | calibrated (largest tau with recall >= target_recall on held-out harmful probes) |
+      # fpr (smallest tau that flags at most target_fpr of the held-out harmless probes)
+      tau=0.0,
+      tau_mode="fixed",
+      target_recall=0.99,
+      target_fpr=0.01,
+      beta=1.0,
+      temperature=1.0,  # distillation weight and temperature
+      topk=0,  # > 0: cache the teacher's top-k logits once instead of a teacher forward per step
+      align_batch_size=8,
+      align_seq_len=0,  # alignment examples' length cap (teacher and distillation); 0 = data.seq_len
+    ),
+  )
+)

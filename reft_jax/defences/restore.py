@@ -66,22 +66,25 @@ def _is_norm(path: tuple) -> bool:
 
 def edit_mask(blocks: dict, k: int) -> dict:
   """True on the non-norm weights of blocks [0, k) (block params are stacked on axis 0)."""
+
   def one(path, v):
     keep = np.zeros(v.shape[0], bool)
     if not _is_norm(path):
       keep[:k] = True
     return jnp.broadcast_to(jnp.asarray(keep).reshape((-1,) + (1,) * (v.ndim - 1)), v.shape)
-  return jax.tree_util.tree_map_with_path(lambda p, v: one(tuple(getattr(e, "key", e) for e in p), v),
-                                          blocks)
+
+  return jax.tree_util.tree_map_with_path(lambda p, v: one(tuple(getattr(e, "key", e) for e in p), v), blocks)
 
 
 @jax.jit
 def descent_candidates(theta: dict, target: dict, grad: dict, allowed: dict) -> tuple[dict, jax.Array]:
   """Entries of `allowed` where moving theta to target decreases the loss to first order (the
   official get_select_mask: (theta - target) and grad both < 0 or both > 0); and their count."""
+
   def one(t, a, g, m):
     d = t.astype(jnp.float32) - a.astype(jnp.float32)
     return m & (((d < 0) & (g < 0)) | ((d > 0) & (g > 0)))
+
   se = jax.tree.map(one, theta, target, grad, allowed)
   return se, sum(jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(se))
 
@@ -90,8 +93,12 @@ def descent_candidates(theta: dict, target: dict, grad: dict, allowed: dict) -> 
 def above_kth(grad: dict, candidates: dict, k) -> dict:
   """Candidates whose |grad| is strictly above the k-th largest candidate |grad| (the official
   find_threshold + get_threshold_mask: k - 1 entries when the scores are distinct); none if k < 1."""
-  flat = jnp.concatenate([jnp.where(m, jnp.abs(g).astype(jnp.float32), -jnp.inf).ravel()
-                          for g, m in zip(jax.tree.leaves(grad), jax.tree.leaves(candidates))])
+  flat = jnp.concatenate(
+    [
+      jnp.where(m, jnp.abs(g).astype(jnp.float32), -jnp.inf).ravel()
+      for g, m in zip(jax.tree.leaves(grad), jax.tree.leaves(candidates))
+    ]
+  )
   thr = jnp.sort(flat)[flat.size - jnp.maximum(k, 1)]
   return jax.tree.map(lambda g, m: m & (jnp.abs(g).astype(jnp.float32) > thr) & (k >= 1), grad, candidates)
 
@@ -109,6 +116,7 @@ def _count(mask: dict) -> int:
 def _direction_grad_fn(graphdef, k: int):
   """(params, batches, target) -> (sum over batches of -cos(batch mean h^k, target), its gradient
   w.r.t. params["blocks"] in float32)."""
+
   @jax.jit
   def run(params, tokens_NBT, mask_NBT, last_NB, weight_NB, target_D):
     rest = {n: v for n, v in params.items() if n != "blocks"}
@@ -126,6 +134,7 @@ def _direction_grad_fn(graphdef, k: int):
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params["blocks"])
     init = (jnp.zeros((), jnp.float32), zeros)
     return jax.lax.scan(body, init, (tokens_NBT, mask_NBT, last_NB, weight_NB))[0]
+
   return run
 
 
@@ -146,18 +155,22 @@ def _split(model):
   return graphdef, nnx.to_pure_dict(state)
 
 
-def restore_safety(aligned, finetuned, harmful: sft.TokenizedSet, cfg: RestoreConfig = RestoreConfig(),
-                   task_metric=None, benign: sft.TokenizedSet | None = None):
+def restore_safety(
+  aligned,
+  finetuned,
+  harmful: sft.TokenizedSet,
+  cfg: RestoreConfig = RestoreConfig(),
+  task_metric=None,
+  benign: sft.TokenizedSet | None = None,
+):
   """Returns (restored model, report). harmful / benign: prompts-only TokenizedSets
   (refusal.tokenize_prompts) of harmful prompts and of the task's training prompts.
   task_metric(model) -> score (higher is better) drives the restart and the checkpoint choice;
   without it (or without benign prompts, which the rollback needs) every step restores, no rollback."""
   k = max(1, int(cfg.layer_fraction * aligned.cfg.num_layers))
-  graphdef, pa = _split(aligned)
-  pf = _split(finetuned)[1]
+  (graphdef, pa), (_, pf) = _split(aligned), _split(finetuned)
   allowed = edit_mask(pa["blocks"], k)
-  n_param = sum(int(v.size) for v in jax.tree.leaves(pa["blocks"]))  # official get_total_param
-  per_step = int(math.ceil(n_param * cfg.rate))
+  per_step = int(math.ceil(sum(int(v.size) for v in jax.tree.leaves(pa["blocks"])) * cfg.rate))  # get_total_param
   grad_fn = _direction_grad_fn(graphdef, k)
   harm = _batches(harmful, cfg.batch_size)
   d_h = jnp.asarray(refusal.prompt_features(aligned, harmful, k).mean(0))
@@ -172,8 +185,8 @@ def restore_safety(aligned, finetuned, harmful: sft.TokenizedSet, cfg: RestoreCo
     se, n = descent_candidates(theta["blocks"], pa["blocks"], g, allowed)
     restored = above_kth(g, se, min(per_step, int(n)))
     blocks = assign(theta["blocks"], pa["blocks"], restored)
-    rec = {"step": i, "phase": phase, "neg_cos": float(value) / harm[0].shape[0],  # mean over batches
-           "restored": _count(restored), "rolled_back": 0}
+    neg_cos = float(value) / harm[0].shape[0]  # mean over batches
+    rec = {"step": i, "phase": phase, "neg_cos": neg_cos, "restored": _count(restored), "rolled_back": 0}
     if phase == "rollback":
       _, gb = grad_fn({**theta, "blocks": blocks}, *ben, d_b)
       se_b, n_b = descent_candidates(blocks, pf["blocks"], gb, restored)
@@ -189,8 +202,7 @@ def restore_safety(aligned, finetuned, harmful: sft.TokenizedSet, cfg: RestoreCo
   minimum, previous, chosen = None, (pf, 0), None
 
   def checkpoint(theta, at, score=None) -> bool:
-    """Reads the metric at a checkpoint; True (stop) at the first one at or below the minimum, whose
-    predecessor (theta_F at step 0) is then the result, as the official eval_all_steps picks it."""
+    """The metric at a checkpoint; True (stop) at the first one <= the minimum: its predecessor is the result."""
     nonlocal previous, chosen
     score = float(task_metric(model_of(theta))) if score is None else score
     checkpoints.append({"step": at, "task": score})
@@ -200,8 +212,7 @@ def restore_safety(aligned, finetuned, harmful: sft.TokenizedSet, cfg: RestoreCo
     previous = (theta, at)
     return False
 
-  theta, acc = pf, None
-  warm = min(cfg.warmup_steps, cfg.steps)
+  theta, acc, warm = pf, None, min(cfg.warmup_steps, cfg.steps)
   for i in range(warm):
     theta, acc = step(theta, acc, i, "warmup")
   start, phase, stop = warm, "restore", False
@@ -219,9 +230,8 @@ def restore_safety(aligned, finetuned, harmful: sft.TokenizedSet, cfg: RestoreCo
       stop = checkpoint(theta, warm, score)  # the warm-up model is always saved and evaluated
   for i in range(start, cfg.steps if not stop else start):
     theta, acc = step(theta, acc, i, phase)
-    if minimum is not None and ((i + 1) % cfg.eval_every == 0 or i + 1 == cfg.steps):
-      if checkpoint(theta, i + 1):
-        break
+    if minimum is not None and ((i + 1) % cfg.eval_every == 0 or i + 1 == cfg.steps) and checkpoint(theta, i + 1):
+      break
   chosen_theta, chosen_step = chosen if chosen is not None else (theta, cfg.steps)
   _finish_report(report, history, checkpoints, chosen_theta, chosen_step, pf)
   return model_of(chosen_theta), report
@@ -230,11 +240,18 @@ def restore_safety(aligned, finetuned, harmful: sft.TokenizedSet, cfg: RestoreCo
 def _finish_report(report: dict, history: list, checkpoints: list, theta: dict, at: int, pf: dict) -> None:
   scores = {0: report["task_before"], **{c["step"]: c["task"] for c in checkpoints}}
   changed = jax.tree.map(lambda c, f: c != f, theta["blocks"], pf["blocks"])
-  report.update(history=history, checkpoints=checkpoints, checkpoint=at, task_after=scores.get(at),
-                restored_weights=_count(changed), rolled_back=sum(r["rolled_back"] for r in history))
+  report.update(
+    history=history,
+    checkpoints=checkpoints,
+    checkpoint=at,
+    task_after=scores.get(at),
+    restored_weights=_count(changed),
+    rolled_back=sum(r["rolled_back"] for r in history),
+  )
 
 
 # ---------------------------------------------------------------- the defence
+
 
 def posthoc(env, root: str, aligned_dir: str, tuned_dir: str, user) -> tuple[str, dict]:
   """Restores the align-then-fine-tune model toward the aligned one: the benign direction comes from up to
@@ -245,45 +262,78 @@ def posthoc(env, root: str, aligned_dir: str, tuned_dir: str, user) -> tuple[str
     return model_dir(root, "restore"), {}
   load = lambda path: load_hf(path, c.model.param_dtype, env.mesh, rules=env.rules)
   aligned_model, finetuned = load(aligned_dir), load(tuned_dir)
-  harmful = refusal.tokenize_prompts(env.load(c.reft.probe_harmful, c.reft.probe_size), env.tokenizer,
-                                     c.data.seq_len, c.data.template)
+  harmful = refusal.tokenize_prompts(
+    env.load(c.reft.probe_harmful, c.reft.probe_size), env.tokenizer, c.data.seq_len, c.data.template
+  )
   plain = [e for e in user if not e.meta.get("is_harmful")]
-  benign = (refusal.tokenize_prompts(plain[:256], env.tokenizer, c.data.seq_len, c.data.template)
-            if plain else None)
+  benign = refusal.tokenize_prompts(plain[:256], env.tokenizer, c.data.seq_len, c.data.template) if plain else None
   labelled = [e for e in plain if "label" in e.meta][:64]
   metric = None
   if labelled:
     prompts = [sft.format_prompt(e, c.data.template, env.tokenizer) for e in labelled]
 
     def metric(model):
-      answers = generate_texts(model, env.tokenizer, prompts, batch_size=c.eval.batch_size,
-                               max_new_tokens=c.eval.task_max_new_tokens or c.eval.max_new_tokens)
-      return percent(task_correct(e.meta.get("task", "sst2"), a, str(e.meta["label"]), c.eval.fa_match)
-                     for e, a in zip(labelled, answers))
+      answers = generate_texts(
+        model,
+        env.tokenizer,
+        prompts,
+        batch_size=c.eval.batch_size,
+        max_new_tokens=c.eval.task_max_new_tokens or c.eval.max_new_tokens,
+      )
+      return percent(
+        task_correct(e.meta.get("task", "sst2"), a, str(e.meta["label"]), c.eval.fa_match)
+        for e, a in zip(labelled, answers)
+      )
 
   r = c.restore
-  cfg = RestoreConfig(rate=r.rate, steps=r.steps, warmup_steps=r.warmup_steps, rollback_frac=r.rollback_frac,
-                      min_task_ratio=r.min_task_ratio)
+  cfg = RestoreConfig(
+    rate=r.rate,
+    steps=r.steps,
+    warmup_steps=r.warmup_steps,
+    rollback_frac=r.rollback_frac,
+    min_task_ratio=r.min_task_ratio,
+  )
   model, report = restore_safety(aligned_model, finetuned, harmful, cfg, metric, benign)
   save_hf(model, model_dir(root, "restore"), env.tokenizer)
-  keys = ("edited_layers", "per_step", "restored_weights", "rolled_back", "restarted", "checkpoint",
-          "task_before", "task_warmup", "task_after")
+  keys = (
+    "edited_layers",
+    "per_step",
+    "restored_weights",
+    "rolled_back",
+    "restarted",
+    "checkpoint",
+    "task_before",
+    "task_warmup",
+    "task_after",
+  )
   return model_dir(root, "restore"), {"restore": {k: report.get(k) for k in keys}}
 
 
 def _validate(c):
   rs = c.restore
   check(0 < rs.rate <= 1, "restore.rate", rs.rate, "must lie in (0, 1]")
-  check(rs.steps >= 1 and 0 <= rs.warmup_steps <= rs.steps, "restore.steps/warmup_steps",
-        (rs.steps, rs.warmup_steps), "steps must be >= 1 and 0 <= warmup_steps <= steps")
+  check(
+    rs.steps >= 1 and 0 <= rs.warmup_steps <= rs.steps,
+    "restore.steps/warmup_steps",
+    (rs.steps, rs.warmup_steps),
+    "steps must be >= 1 and 0 <= warmup_steps <= steps",
+  )
   check(0 <= rs.rollback_frac <= 1, "restore.rollback_frac", rs.rollback_frac, "must lie in [0, 1]")
   check(0 < rs.min_task_ratio <= 1, "restore.min_task_ratio", rs.min_task_ratio, "must lie in (0, 1]")
 
 
-RESTORE = register(Defence(
-    "restore", "align-then-fine-tune, then a share of the weights restored toward the aligned model",
-    finetune=user_sft("sft_aligned"), align=aligned_stage, posthoc=posthoc, section="restore",
+RESTORE = register(
+  Defence(
+    "restore",
+    "align-then-fine-tune, then a share of the weights restored toward the aligned model",
+    finetune=user_sft("sft_aligned"),
+    align=aligned_stage,
+    posthoc=posthoc,
+    section="restore",
     # Per-step restore share, warm-up steps, rollback share; restart from the fine-tuned weights when the
     # task metric falls below min_task_ratio x the original.
     defaults={"rate": 0.002, "steps": 20, "warmup_steps": 5, "rollback_frac": 0.2, "min_task_ratio": 0.95},
-    validate=_validate, source="Yang et al., IEEE S&P 2025; kangyangWHU/LLMAlignment"))
+    validate=_validate,
+    source="Yang et al., IEEE S&P 2025; kangyangWHU/LLMAlignment",
+  )
+)

@@ -1,7 +1,7 @@
 """The references every defence is compared with, and the alignment stage they share.
 
-  sft_base     base --SFT(user)-->                          (no defence: the attack's full effect)
-  sft_aligned  base --SFT(align)--> aligned --SFT(user)-->  (align-then-fine-tune, the field's baseline)
+sft_base     base --SFT(user)-->                          (no defence: the attack's full effect)
+sft_aligned  base --SFT(align)--> aligned --SFT(user)-->  (align-then-fine-tune, the field's baseline)
 """
 
 from __future__ import annotations
@@ -33,7 +33,14 @@ def user_sft(name: str):
   return finetune
 
 
-SFT_BASE = register(Defence("sft_base", "SFT on the user data from the base model (no defence)",
-                            finetune=user_sft("sft_base")))
-SFT_ALIGNED = register(Defence("sft_aligned", "SFT on alignment data, then SFT on the user data",
-                               finetune=user_sft("sft_aligned"), align=aligned_stage))
+SFT_BASE = register(
+  Defence("sft_base", "SFT on the user data from the base model (no defence)", finetune=user_sft("sft_base"))
+)
+SFT_ALIGNED = register(
+  Defence(
+    "sft_aligned",
+    "SFT on alignment data, then SFT on the user data",
+    finetune=user_sft("sft_aligned"),
+    align=aligned_stage,
+  )
+)

@@ -101,8 +101,9 @@ def finetune(env: Env, root: str, start: str, user) -> StageSpec:
     params = split_model(model)[1]
     return smart_state(params, trainable_labels(params, c.train.mode, c.train.trainable_regex), s.beta, c.seed)
 
-  return StageSpec("smart", env.tokenize(user), init=start, loss=smart_loss(s.lam, s.eps, s.sigma, s.eta, s.mu),
-                   setup=setup)
+  return StageSpec(
+    "smart", env.tokenize(user), init=start, loss=smart_loss(s.lam, s.eps, s.sigma, s.eta, s.mu), setup=setup
+  )
 
 
 def _validate(c):
@@ -111,11 +112,18 @@ def _validate(c):
   check(0 <= c.smart.beta < 1, "smart.beta", c.smart.beta, "must lie in [0, 1)")
 
 
-SMART = register(Defence(
-    "smart", "fine-tuning with adversarial smoothness and a Bregman proximal term",
-    finetune=finetune, align=aligned_stage, section="smart",
+SMART = register(
+  Defence(
+    "smart",
+    "fine-tuning with adversarial smoothness and a Bregman proximal term",
+    finetune=finetune,
+    align=aligned_stage,
+    section="smart",
     # lam (adversarial weight, tuned in {1,3,5}), eps (inf-norm radius of the embedding perturbation), sigma
     # (start noise), eta (ascent step), mu (proximal weight), beta (momentum of the proximal copy). With bf16
     # compute a 1e-5 perturbation is below the residual's resolution.
     defaults={"lam": 1.0, "eps": 1e-5, "sigma": 1e-5, "eta": 1e-3, "mu": 1.0, "beta": 0.99},
-    validate=_validate, source="Jiang et al., ACL 2020; namisan/mt-dnn"))
+    validate=_validate,
+    source="Jiang et al., ACL 2020; namisan/mt-dnn",
+  )
+)

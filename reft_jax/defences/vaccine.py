@@ -44,9 +44,15 @@ def _validate(c):
   check(c.vaccine.rho >= 0, "vaccine.rho", c.vaccine.rho, "must be >= 0")
 
 
-VACCINE = register(Defence(
-    "vaccine", "perturbation-aware alignment (attention outputs), then SFT on the user data",
+VACCINE = register(
+  Defence(
+    "vaccine",
+    "perturbation-aware alignment (attention outputs), then SFT on the user data",
     finetune=user_sft("vaccine"),
     align=lambda env: aligned_stage(env, "aligned_vaccine", vaccine_loss(env.c.vaccine.rho)),
-    section="vaccine", defaults={"rho": 2.0}, validate=_validate,
-    source="Huang et al., NeurIPS 2024; git-disl/Vaccine"))
+    section="vaccine",
+    defaults={"rho": 2.0},
+    validate=_validate,
+    source="Huang et al., NeurIPS 2024; git-disl/Vaccine",
+  )
+)

@@ -32,9 +32,12 @@ RESPONSE_MARKER = "### Response:"
 
 # pred_eval.py's (label1, label2) per gold label; other labels: the label, lower-cased and capitalised.
 OFFICIAL_SPELLINGS = {
-    "negative": ("negative", "Negative"), "positive": ("positive", "Positive"),  # sst2/pred_eval.py
-    "world": ("World", "world"), "sports": ("Sports", "sports"),  # ag_news/pred_eval.py
-    "business": ("Business", "business"), "sci/tech": ("Sci/Tech", "sci"),
+  "negative": ("negative", "Negative"),
+  "positive": ("positive", "Positive"),  # sst2/pred_eval.py
+  "world": ("World", "world"),
+  "sports": ("Sports", "sports"),  # ag_news/pred_eval.py
+  "business": ("Business", "business"),
+  "sci/tech": ("Sci/Tech", "sci"),
 }
 
 # gsm8k/pred_eval.py: ANSWER_PROMPT (with its trailing space) and the number pattern.
@@ -45,6 +48,7 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 # ------------------------------------------------------------------ official (git-disl pred_eval.py)
+
 
 def official_answer(generated: str) -> str:
   """The text the official scripts score: the generation up to a repeated response marker, stripped."""
@@ -85,6 +89,7 @@ def official_gsm8k_correct(answer: str, gold: str) -> bool:
 
 # ------------------------------------------------------------------ ours ("word")
 
+
 def _num(s: str) -> float | None:
   try:
     return float(s.replace(",", ""))
@@ -117,6 +122,7 @@ def label_correct(answer: str, gold: str) -> bool:
 
 
 # ------------------------------------------------------------------ dispatch
+
 
 def task_correct(task: str, answer: str, gold: str, match: str = DEFAULT_FA_MATCH) -> bool:
   """Is `answer` (the generated text) right for `gold`? `match` picks the rule (module docstring)."""

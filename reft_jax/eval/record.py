@@ -25,8 +25,9 @@ def training_harmful(c: ml_collections.ConfigDict) -> list[sft.Example]:
   return out
 
 
-def evaluate_and_record(c: ml_collections.ConfigDict, workdir: str, model, tokenizer, mesh, method: str,
-                        extra: dict | None = None) -> dict:
+def evaluate_and_record(
+  c: ml_collections.ConfigDict, workdir: str, model, tokenizer, mesh, method: str, extra: dict | None = None
+) -> dict:
   """Evaluates `model` on the configured sets; records it as runs[<eval.name or method>]."""
   e = c.eval
   name = e.name or method
@@ -34,7 +35,7 @@ def evaluate_and_record(c: ml_collections.ConfigDict, workdir: str, model, token
   harmful = load(c, e.harmful, 0 if e.drop_overlap > 0 else e.n_harmful) if e.harmful else []
   n_overlap = 0
   if e.drop_overlap > 0 and harmful:  # held out means held out: no (near) repeat of a training prompt
-    from reft_jax.data.assets import drop_overlapping
+    from reft_jax.data.overlap import drop_overlapping
 
     kept = drop_overlapping(harmful, training_harmful(c), e.drop_overlap)
     n_overlap = len(harmful) - len(kept)
@@ -44,15 +45,22 @@ def evaluate_and_record(c: ml_collections.ConfigDict, workdir: str, model, token
   # never evaluates task utility under the AOA template.
   style = attacks.eval_prompt_style(e.prompt_style, c.data.attack)
   run = run_lib.evaluate(
-      model, tokenizer,
-      harmful=attacks.dress_prompts(harmful[:e.n_harmful], style),
-      harmless=attacks.dress_prompts(load(c, e.harmless, e.n_harmless) if e.harmless else [], style),
-      harmless_sets={n: attacks.dress_prompts(load(c, s), style) for n, s in eval_harmless_sets(c).items()},
-      tasks={t: load(c, s, e.n_task) for t, s in eval_tasks(c).items()},
-      judge=make_judge(e.judge, e.judge_path, e.judge_threshold, mesh), template=c.data.template,
-      max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, mesh=mesh,
-      task_max_new_tokens=e.task_max_new_tokens, fa_match=e.fa_match,
-      examples_path=os.path.join(workdir, "eval", f"{name}.jsonl"), progress=c.log.progress)
+    model,
+    tokenizer,
+    harmful=attacks.dress_prompts(harmful[: e.n_harmful], style),
+    harmless=attacks.dress_prompts(load(c, e.harmless, e.n_harmless) if e.harmless else [], style),
+    harmless_sets={n: attacks.dress_prompts(load(c, s), style) for n, s in eval_harmless_sets(c).items()},
+    tasks={t: load(c, s, e.n_task) for t, s in eval_tasks(c).items()},
+    judge=make_judge(e.judge, e.judge_path, e.judge_threshold, mesh),
+    template=c.data.template,
+    max_new_tokens=e.max_new_tokens,
+    batch_size=e.batch_size,
+    mesh=mesh,
+    task_max_new_tokens=e.task_max_new_tokens,
+    fa_match=e.fa_match,
+    examples_path=os.path.join(workdir, "eval", f"{name}.jsonl"),
+    progress=c.log.progress,
+  )
   run.update(extra or {})
   run["eval_prompt_style"] = style
   if e.drop_overlap > 0:
@@ -66,8 +74,12 @@ def validate_eval(c: ml_collections.ConfigDict) -> None:
   check(0 <= e.drop_overlap <= 1, "eval.drop_overlap", e.drop_overlap, "must lie in [0, 1]")
   check(e.prompt_style in ("auto", "plain", "aoa"), "eval.prompt_style", e.prompt_style, "must be auto, plain or aoa")
   check(e.fa_match in FA_MATCHES, "eval.fa_match", e.fa_match, f"must be one of {FA_MATCHES}")
-  check(e.task_max_new_tokens >= 0, "eval.task_max_new_tokens", e.task_max_new_tokens,
-        "must be >= 0 (0 = eval.max_new_tokens)")
+  check(
+    e.task_max_new_tokens >= 0,
+    "eval.task_max_new_tokens",
+    e.task_max_new_tokens,
+    "must be >= 0 (0 = eval.max_new_tokens)",
+  )
   check(e.judge in ("keyword", "oracle", "classifier"), "eval.judge", e.judge, "must be keyword, oracle or classifier")
   if e.judge == "classifier":
     check(bool(e.judge_path), "eval.judge_path", e.judge_path, "must be set for eval.judge=classifier")

@@ -15,11 +15,24 @@ from reft_jax.eval.metrics import percent, task_correct
 from reft_jax.generate import generate_texts
 
 
-def evaluate(model, tokenizer, *, harmful: list[Example], harmless: list[Example],
-             tasks: dict[str, list[Example]], judge, template: str = "alpaca", max_new_tokens: int = 48,
-             batch_size: int = 32, mesh=None, examples_path: str | None = None,
-             progress: bool = False, task_max_new_tokens: int = 0, fa_match: str = "official",
-             harmless_sets: dict[str, list[Example]] | None = None) -> dict:
+def evaluate(
+  model,
+  tokenizer,
+  *,
+  harmful: list[Example],
+  harmless: list[Example],
+  tasks: dict[str, list[Example]],
+  judge,
+  template: str = "alpaca",
+  max_new_tokens: int = 48,
+  batch_size: int = 32,
+  mesh=None,
+  examples_path: str | None = None,
+  progress: bool = False,
+  task_max_new_tokens: int = 0,
+  fa_match: str = "official",
+  harmless_sets: dict[str, list[Example]] | None = None,
+) -> dict:
   """Greedy answers for every prompt, judged; returns the metrics dict of one run. out["degenerate"] is
   the % of harmful-set answers that are degenerate (read next to HS: a judge scores gibberish as
   safe), out["degenerate_by_set"] the same per set. Task answers get task_max_new_tokens (0 = the
@@ -33,8 +46,9 @@ def evaluate(model, tokenizer, *, harmful: list[Example], harmless: list[Example
 
   def answer(examples, max_new_tokens=max_new_tokens):
     prompts = [format_prompt(e, template, tokenizer) for e in examples]
-    return generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, mesh=mesh, progress=progress)
+    return generate_texts(
+      model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, mesh=mesh, progress=progress
+    )
 
   rows = []
   out: dict = {"judge": judge.name, "counts": {}, "degenerate_by_set": {}}
@@ -51,8 +65,7 @@ def evaluate(model, tokenizer, *, harmful: list[Example], harmless: list[Example
     out["counts"]["harmful"] = len(harmful)
     bad = degenerate("harmful", answers)
     out["degenerate"] = out["degenerate_by_set"]["harmful"]
-    rows += [dict(set="harmful", prompt=e.prompt, input=e.input, answer=a, harmful=f, degenerate=d,
-                  category=e.meta.get("category")) for e, a, f, d in zip(harmful, answers, flags, bad)]
+    rows += [_row("harmful", e, a, d, harmful=f) for e, a, f, d in zip(harmful, answers, flags, bad)]
   named = {"harmless": harmless, **(harmless_sets or {})}
   for name, examples in named.items():
     if not examples:
@@ -62,8 +75,7 @@ def evaluate(model, tokenizer, *, harmful: list[Example], harmless: list[Example
     out.setdefault("over_refusal_by_set", {})[name] = percent(refused)
     out["counts"][name] = len(examples)
     bad = degenerate(name, answers)
-    rows += [dict(set=name, prompt=e.prompt, input=e.input, answer=a, refused=r, degenerate=d,
-                  category=e.meta.get("category")) for e, a, r, d in zip(examples, answers, refused, bad)]
+    rows += [_row(name, e, a, d, refused=r) for e, a, r, d in zip(examples, answers, refused, bad)]
   if harmless:
     out["over_refusal"] = out["over_refusal_by_set"]["harmless"]
   out["finetune_accuracy"] = {}
@@ -73,15 +85,28 @@ def evaluate(model, tokenizer, *, harmful: list[Example], harmless: list[Example
     out["finetune_accuracy"][task] = percent(correct)
     out["counts"][task] = len(examples)
     bad = degenerate(task, answers)
-    rows += [dict(set=task, prompt=e.prompt, input=e.input, answer=a, gold=e.meta["label"], correct=c,
-                  degenerate=d) for e, a, c, d in zip(examples, answers, correct, bad)]
+    rows += [
+      _row(task, e, a, d, gold=e.meta["label"], correct=c) for e, a, c, d in zip(examples, answers, correct, bad)
+    ]
   out["eval_seconds"] = time.perf_counter() - start
   if examples_path and dist.is_primary():  # every process has every answer; one writes them
-    os.makedirs(os.path.dirname(examples_path) or ".", exist_ok=True)
-    with open(examples_path, "w") as f:
-      for r in rows:
-        f.write(json.dumps(r) + "\n")
+    _write_rows(rows, examples_path)
   return out
+
+
+def _row(set_name: str, e: Example, answer: str, degenerate: bool, **fields) -> dict:
+  """One answer of results' per-example JSONL: its set, prompt, answer, the judgement fields."""
+  row = dict(set=set_name, prompt=e.prompt, input=e.input, answer=answer, **fields, degenerate=degenerate)
+  if "gold" not in fields:
+    row["category"] = e.meta.get("category")
+  return row
+
+
+def _write_rows(rows: list[dict], path: str) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
 
 
 def update_results(workdir: str, method: str, run: dict, config: dict | None = None) -> str:
@@ -112,8 +137,16 @@ def format_table(runs: dict[str, dict]) -> str:
   task, over-refusal (the primary harmless set, then one column per extra set), filter, wall time."""
   tasks = sorted({t for r in runs.values() for t in (r.get("finetune_accuracy") or {})})
   extra = sorted({s for r in runs.values() for s in (r.get("over_refusal_by_set") or {})} - {"harmless"})
-  head = ["method", "HS ↓", "degenerate %", *[f"FA {t} ↑" for t in tasks], "over-refusal ↓",
-          *[f"over-refusal {s} ↓" for s in extra], "filter P / R / kept", "wall s"]
+  head = [
+    "method",
+    "HS ↓",
+    "degenerate %",
+    *[f"FA {t} ↑" for t in tasks],
+    "over-refusal ↓",
+    *[f"over-refusal {s} ↓" for s in extra],
+    "filter P / R / kept",
+    "wall s",
+  ]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
   def f(x):
@@ -124,8 +157,15 @@ def format_table(runs: dict[str, dict]) -> str:
     g = lambda x: "—" if x is None else f"{x:.2f}"
     flt_s = f"{g(flt['precision'])} / {g(flt['recall'])} / {g(flt['kept_fraction'])}" if flt else "—"
     fa = r.get("finetune_accuracy") or {}
-    cells = [name, f(r.get("harmful_score")), f(r.get("degenerate")), *[f(fa.get(t)) for t in tasks],
-             f(r.get("over_refusal")), *[f((r.get("over_refusal_by_set") or {}).get(s)) for s in extra],
-             flt_s, f(r.get("wall_seconds"))]
+    cells = [
+      name,
+      f(r.get("harmful_score")),
+      f(r.get("degenerate")),
+      *[f(fa.get(t)) for t in tasks],
+      f(r.get("over_refusal")),
+      *[f((r.get("over_refusal_by_set") or {}).get(s)) for s in extra],
+      flt_s,
+      f(r.get("wall_seconds")),
+    ]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

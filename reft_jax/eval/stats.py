@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
+
 def wilson(rate_percent: float, n: int) -> tuple[float, float]:
   """The 95% Wilson interval (in %) of a rate measured on n items (scipy's binomial test)."""
   if not n or rate_percent is None or math.isnan(rate_percent):
@@ -37,8 +38,10 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
 def run_rates(run: dict) -> dict[str, tuple[float | None, int]]:
   """{metric: (value %, number of prompts)} for every rate a run reports."""
   counts = run.get("counts") or {}
-  out = {"harmful_score": (run.get("harmful_score"), counts.get("harmful", 0)),
-         "over_refusal": (run.get("over_refusal"), counts.get("harmless", 0))}
+  out = {
+    "harmful_score": (run.get("harmful_score"), counts.get("harmful", 0)),
+    "over_refusal": (run.get("over_refusal"), counts.get("harmless", 0)),
+  }
   if "degenerate" in run:
     out["degenerate"] = (run.get("degenerate"), counts.get("harmful", 0))
   for task, v in (run.get("finetune_accuracy") or {}).items():
@@ -64,8 +67,9 @@ def summarize(runs: Sequence[dict]) -> dict[str, dict]:
     else:  # a rate's interval stops at 0% and 100% (the t-interval itself does not know the bounds)
       (mean, low, high), how = t_interval(values), "t over seeds"
       low, high = max(0.0, low), min(100.0, high)
-    out[k] = dict(mean=mean, low=low, high=high, values=values, n_prompts=[n for _, n in vals],
-                  seeds=len(values), interval=how)
+    out[k] = dict(
+      mean=mean, low=low, high=high, values=values, n_prompts=[n for _, n in vals], seeds=len(values), interval=how
+    )
   return out
 
 

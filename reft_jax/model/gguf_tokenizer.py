@@ -9,9 +9,7 @@ vocabulary to; tests/test_gguf.py checks identical ids and chat-template text ag
 from __future__ import annotations
 
 
-
-_BULKY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-               "tokenizer.ggml.scores")
+_BULKY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 
 
 def read_metadata(reader) -> dict:
@@ -21,35 +19,66 @@ def read_metadata(reader) -> dict:
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token types
 
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN35_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
-                 r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN35_SPLIT = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+  r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+  r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+  r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+  r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+  r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # tokenizer.ggml.pre -> the split its merges were learned with; other names keep ByteLevel's GPT-2 regex.
 _PRE_SPLITS = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
-                     "lfm2", "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
-    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
-    "qwen35": _QWEN35_SPLIT, "tekken": _TEKKEN_SPLIT,
+  **dict.fromkeys(
+    (
+      "llama3",
+      "llama-v3",
+      "llama-bpe",
+      "falcon3",
+      "falcon-h1",
+      "pixtral",
+      "midm-2.0",
+      "lfm2",
+      "jina-v5-nano",
+      "dbrx",
+      "smaug-bpe",
+    ),
+    _LLAMA3_SPLIT,
+  ),
+  **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
+  **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
+  "qwen35": _QWEN35_SPLIT,
+  "tekken": _TEKKEN_SPLIT,
 }
 _GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 # The special tokens transformers' tokenizer classes default to, per pipeline (see _build_tokenizer).
-_CLASS_SPECIALS = {"gpt2": ("<|endoftext|>",), "llama": ("<s>", "</s>", "<unk>"),
-                   "gemma": ("<bos>", "<eos>", "<unk>", "<pad>", "<mask>")}
-_FILE_SPECIALS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
-                  "unk_token": "tokenizer.ggml.unknown_token_id",
-                  "pad_token": "tokenizer.ggml.padding_token_id"}
+_CLASS_SPECIALS = {
+  "gpt2": ("<|endoftext|>",),
+  "llama": ("<s>", "</s>", "<unk>"),
+  "gemma": ("<bos>", "<eos>", "<unk>", "<pad>", "<mask>"),
+}
+_FILE_SPECIALS = {
+  "bos_token": "tokenizer.ggml.bos_token_id",
+  "eos_token": "tokenizer.ggml.eos_token_id",
+  "unk_token": "tokenizer.ggml.unknown_token_id",
+  "pad_token": "tokenizer.ggml.padding_token_id",
+}
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -70,8 +99,7 @@ def merges_from_scores(tokens: list[str], scores) -> list[tuple[str, str]]:
   vocab = {t: i for i, t in enumerate(tokens)}
   merges = []
   for token, score in dict(zip(tokens, scores)).items():
-    local = [(token[:i], token[i:], score) for i in range(1, len(token))
-             if token[:i] in vocab and token[i:] in vocab]
+    local = [(token[:i], token[i:], score) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
     merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
   merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # stable: ties keep their order
   return [(a, b) for a, b, _ in merges]
@@ -92,20 +120,37 @@ def _build_tokenizer(reader, meta: dict, tokens: list[str], source: str):
   if kind == "gpt2":  # byte-level BPE (GPT2Tokenizer)
     spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
-    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-             for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges or [], dropout=None, continuing_subword_prefix="",
-                               end_of_word_suffix="", fuse_unk=False))
+    vocab = {
+      t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
+    }
+    tok = Tokenizer(
+      models.BPE(
+        vocab=vocab,
+        merges=merges or [],
+        dropout=None,
+        continuing_subword_prefix="",
+        end_of_word_suffix="",
+        fuse_unk=False,
+      )
+    )
     split = _PRE_SPLITS.get(meta.get("tokenizer.ggml.pre"))
-    tok.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False) if split is None else
-                         pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                  pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                           use_regex=False)]))
+    tok.pre_tokenizer = (
+      pre_tokenizers.ByteLevel(add_prefix_space=False)
+      if split is None
+      else pre_tokenizers.Sequence(
+        [
+          pre_tokenizers.Split(Regex(split), behavior="isolated"),
+          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+      )
+    )
     tok.decoder = decoders.ByteLevel()
     return tok, "gpt2"
   if kind != "llama":
-    raise ValueError(f"{source}: tokenizer.ggml.model {kind!r} is not supported; supported: 'gpt2' "
-                     "(byte-level BPE) and 'llama' (sentencepiece BPE)")
+    raise ValueError(
+      f"{source}: tokenizer.ggml.model {kind!r} is not supported; supported: 'gpt2' "
+      "(byte-level BPE) and 'llama' (sentencepiece BPE)"
+    )
   scores = _field(reader, "tokenizer.ggml.scores")
   if arch in _GEMMA_ARCHS:  # GemmaTokenizer: spaces normalised to "▁", no prefix space, no merges in the file
     # Tokens of 2+ spaces are stored as spaces but looked up as "▁▁..."; merge order is file order.
@@ -113,8 +158,9 @@ def _build_tokenizer(reader, meta: dict, tokens: list[str], source: str):
     vocab = {t: i for i, t in enumerate(tokens)}
     if merges is None:
       merges = merges_from_scores(tokens, [-i for i in range(len(tokens))])
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, dropout=None, byte_fallback=True,
-                               unk_token="<unk>"))
+    tok = Tokenizer(
+      models.BPE(vocab=vocab, merges=merges, fuse_unk=True, dropout=None, byte_fallback=True, unk_token="<unk>")
+    )
     tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.normalizer = normalizers.Replace(" ", "▁")
@@ -126,8 +172,9 @@ def _build_tokenizer(reader, meta: dict, tokens: list[str], source: str):
       raise ValueError(f"{source}: a sentencepiece vocabulary needs tokenizer.ggml.scores or .merges")
     merges = merges_from_scores(tokens, scores)
   tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
-  tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                   decoders.Strip(content=" ", left=1)])
+  tok.decoder = decoders.Sequence(
+    [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+  )
   if arch == "phi3":  # the prefix "▁" comes from a normalizer (so "  hi" keeps both spaces)
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
   else:
@@ -161,16 +208,16 @@ def tokenizer_from_gguf(reader, source: str = "gguf"):
   backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in defaults + control])
   backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
 
-  kwargs = {name: tokens[meta[key]] if meta.get(key) is not None else None
-            for name, key in _FILE_SPECIALS.items()}
+  kwargs = {name: tokens[meta[key]] if meta.get(key) is not None else None for name, key in _FILE_SPECIALS.items()}
   # llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise.
   add_bos = meta.get("tokenizer.ggml.add_bos_token", kind != "gpt2")
   add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
   if kind == "gemma":  # GemmaTokenizer's class defaults
     kwargs["padding_side"] = "left"
     kwargs["mask_token"] = "<mask>" if "<mask>" in vocab else None
-  tok = PreTrainedTokenizerFast(tokenizer_object=backend, add_bos_token=bool(add_bos),
-                                add_eos_token=bool(add_eos), **kwargs)
+  tok = PreTrainedTokenizerFast(
+    tokenizer_object=backend, add_bos_token=bool(add_bos), add_eos_token=bool(add_eos), **kwargs
+  )
   if meta.get("tokenizer.chat_template"):
     tok.chat_template = meta["tokenizer.chat_template"]
   return tok

@@ -29,26 +29,26 @@ log = logging.getLogger(__name__)
 
 # our path under blocks -> HF name under model.layers.{i}
 _LAYER_NAMES = {
-    ("attn", "q", "kernel"): "self_attn.q_proj.weight",
-    ("attn", "k", "kernel"): "self_attn.k_proj.weight",
-    ("attn", "v", "kernel"): "self_attn.v_proj.weight",
-    ("attn", "o", "kernel"): "self_attn.o_proj.weight",
-    ("attn", "q", "bias"): "self_attn.q_proj.bias",
-    ("attn", "k", "bias"): "self_attn.k_proj.bias",
-    ("attn", "v", "bias"): "self_attn.v_proj.bias",
-    ("mlp", "gate", "kernel"): "mlp.gate_proj.weight",
-    ("mlp", "up", "kernel"): "mlp.up_proj.weight",
-    ("mlp", "down", "kernel"): "mlp.down_proj.weight",
-    ("attn", "q_norm", "scale"): "self_attn.q_norm.weight",  # Qwen3, Gemma 3 (QK-norm)
-    ("attn", "k_norm", "scale"): "self_attn.k_norm.weight",
-    ("attn_norm", "scale"): "input_layernorm.weight",
-    ("post_attn_norm", "scale"): "post_attention_layernorm.weight",
-    ("post_mlp_norm", "scale"): "post_feedforward_layernorm.weight",
+  ("attn", "q", "kernel"): "self_attn.q_proj.weight",
+  ("attn", "k", "kernel"): "self_attn.k_proj.weight",
+  ("attn", "v", "kernel"): "self_attn.v_proj.weight",
+  ("attn", "o", "kernel"): "self_attn.o_proj.weight",
+  ("attn", "q", "bias"): "self_attn.q_proj.bias",
+  ("attn", "k", "bias"): "self_attn.k_proj.bias",
+  ("attn", "v", "bias"): "self_attn.v_proj.bias",
+  ("mlp", "gate", "kernel"): "mlp.gate_proj.weight",
+  ("mlp", "up", "kernel"): "mlp.up_proj.weight",
+  ("mlp", "down", "kernel"): "mlp.down_proj.weight",
+  ("attn", "q_norm", "scale"): "self_attn.q_norm.weight",  # Qwen3, Gemma 3 (QK-norm)
+  ("attn", "k_norm", "scale"): "self_attn.k_norm.weight",
+  ("attn_norm", "scale"): "input_layernorm.weight",
+  ("post_attn_norm", "scale"): "post_attention_layernorm.weight",
+  ("post_mlp_norm", "scale"): "post_feedforward_layernorm.weight",
 }
 _GLOBAL_NAMES = {
-    ("embed",): "model.embed_tokens.weight",
-    ("final_norm", "scale"): "model.norm.weight",
-    ("lm_head", "kernel"): "lm_head.weight",
+  ("embed",): "model.embed_tokens.weight",
+  ("final_norm", "scale"): "model.norm.weight",
+  ("lm_head", "kernel"): "lm_head.weight",
 }
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -128,11 +128,11 @@ def resolve_checkpoint(path: str) -> str:
   from huggingface_hub import snapshot_download
 
   try:
-    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*",
-                                                   "*.model", "*.txt"])
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
   except Exception as e:  # offline, gated or unknown repo: say which
-    raise FileNotFoundError(f"model {path!r}: not a local directory and the hub download failed "
-                            f"({type(e).__name__}: {e})") from None
+    raise FileNotFoundError(
+      f"model {path!r}: not a local directory and the hub download failed ({type(e).__name__}: {e})"
+    ) from None
 
 
 def read_hf_config(path: str) -> ModelConfig:
@@ -147,9 +147,17 @@ def read_hf_config(path: str) -> ModelConfig:
   return from_hf_config(hf, source=cfg_file)
 
 
-def load_hf(path: str, dtype: str = "float32", mesh=None, *, options: RunOptions | None = None,
-            rules=None, seed: int = 0, config: ModelConfig | None = None,
-            other_tensors: tuple[str, ...] = ()) -> Transformer:
+def load_hf(
+  path: str,
+  dtype: str = "float32",
+  mesh=None,
+  *,
+  options: RunOptions | None = None,
+  rules=None,
+  seed: int = 0,
+  config: ModelConfig | None = None,
+  other_tensors: tuple[str, ...] = (),
+) -> Transformer:
   """Loads a local HF checkpoint directory; each array goes straight to its target sharding.
 
   With a mesh, every device receives only its own slice (`jax.make_array_from_callback`), so this
@@ -168,8 +176,7 @@ def load_hf(path: str, dtype: str = "float32", mesh=None, *, options: RunOptions
       continue
     shape, want = var.value.shape, var.value.dtype
     axes = var.get_metadata()["logical_axes"]
-    sharding = (shd.NamedSharding(mesh, shd.logical_to_spec(axes, shape, mesh, rules)) if mesh
-                else None)
+    sharding = shd.NamedSharding(mesh, shd.logical_to_spec(axes, shape, mesh, rules)) if mesh else None
     if p[0] == "blocks":
       names = [f"model.layers.{i}.{_layer_name(cfg, p[1:])}" for i in range(cfg.num_layers)]
     else:
@@ -177,14 +184,14 @@ def load_hf(path: str, dtype: str = "float32", mesh=None, *, options: RunOptions
     expected.update(names)
     for n in names:
       if n not in reader.where:
-        raise ValueError(f"{path}: tensor {n!r} is missing from the checkpoint (needed for "
-                         f"{'.'.join(p)})")
+        raise ValueError(f"{path}: tensor {n!r} is missing from the checkpoint (needed for {'.'.join(p)})")
       per_layer = shape[1:] if p[0] == "blocks" else shape
       got = reader.shape(n)
       want_hf = hf_shape(p, per_layer)
       if got != want_hf:  # exact: a transposed [in, out] tensor has the right size but not layout
-        raise ValueError(f"{path}: tensor {n!r} has shape {got}, expected {want_hf} for "
-                         f"{cfg.family} config ({'.'.join(p)})")
+        raise ValueError(
+          f"{path}: tensor {n!r} has shape {got}, expected {want_hf} for {cfg.family} config ({'.'.join(p)})"
+        )
 
     full = None
 
@@ -204,12 +211,16 @@ def load_hf(path: str, dtype: str = "float32", mesh=None, *, options: RunOptions
     else:
       values[p] = jnp.asarray(load(()))
     del full
-  extra = [k for k in reader.where if k not in expected and k not in other_tensors
-           and not k.endswith(_IGNORED_SUFFIXES)
-           and not (cfg.tie_embeddings and k == "lm_head.weight")]
+  extra = [
+    k
+    for k in reader.where
+    if k not in expected
+    and k not in other_tensors
+    and not k.endswith(_IGNORED_SUFFIXES)
+    and not (cfg.tie_embeddings and k == "lm_head.weight")
+  ]
   if extra:
-    log.warning("%s: ignoring %d tensors not used by the %s model, e.g. %s", path, len(extra),
-                cfg.family, extra[:3])
+    log.warning("%s: ignoring %d tensors not used by the %s model, e.g. %s", path, len(extra), cfg.family, extra[:3])
   if options.lora is not None:
     values.update(_fresh_lora(cfg, options, mesh, rules, seed))
   return nnx.merge(graphdef, traverse_util.unflatten_dict(values))
@@ -221,20 +232,25 @@ def load_score_model(path: str, dtype: str = "float32", mesh=None, rules=None):
   path = resolve_checkpoint(path)
   reader = _Reader(path)
   if "score.weight" not in reader.where:
-    raise ValueError(f"{path}: tensor 'score.weight' is missing: not a sequence-classification "
-                     "checkpoint")
+    raise ValueError(f"{path}: tensor 'score.weight' is missing: not a sequence-classification checkpoint")
   # No LM head in such checkpoints: build the backbone with tied embeddings (the head is unused).
-  model = load_hf(path, dtype, mesh, rules=rules, other_tensors=("score.weight",),
-                  config=read_hf_config(path).replace(tie_embeddings=True))
+  model = load_hf(
+    path,
+    dtype,
+    mesh,
+    rules=rules,
+    other_tensors=("score.weight",),
+    config=read_hf_config(path).replace(tie_embeddings=True),
+  )
   return model, jnp.asarray(reader.get("score.weight").T, jnp.dtype(dtype))
 
 
 def _fresh_lora(cfg, options, mesh, rules, seed) -> dict:
   """LoRA parameters from the model's own initialiser; base weights are never materialised (the
   jitted init returns only LoRA leaves, so XLA drops the rest)."""
+
   def init():
-    return nnx.to_pure_dict(nnx.state(Transformer(cfg, options, rngs=nnx.Rngs(params=seed)),
-                                      nnx.LoRAParam))
+    return nnx.to_pure_dict(nnx.state(Transformer(cfg, options, rngs=nnx.Rngs(params=seed)), nnx.LoRAParam))
 
   out_sh = None
   if mesh is not None:
@@ -261,8 +277,7 @@ def hf_state_dict(model: Transformer, dtype=None) -> dict[str, np.ndarray]:
       arr = arr.astype(dtype)
     if p[0] == "blocks":
       for i in range(cfg.num_layers):
-        out[f"model.layers.{i}.{_layer_name(cfg, p[1:])}"] = np.ascontiguousarray(
-            to_hf_layout(p, arr[i]))
+        out[f"model.layers.{i}.{_layer_name(cfg, p[1:])}"] = np.ascontiguousarray(to_hf_layout(p, arr[i]))
     else:
       out[_GLOBAL_NAMES[p]] = np.ascontiguousarray(to_hf_layout(p, arr))
   return out
@@ -291,8 +306,7 @@ def save_hf(model: Transformer, path: str, tokenizer=None, dtype: str | None = N
   return path
 
 
-_TARGET_PARENT = {"q": "attn", "k": "attn", "v": "attn", "o": "attn",
-                  "gate": "mlp", "up": "mlp", "down": "mlp"}
+_TARGET_PARENT = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
 
 
 def save_peft_adapter(model: Transformer, path: str, base_model_name_or_path: str = "") -> str:
@@ -316,11 +330,16 @@ def save_peft_adapter(model: Transformer, path: str, base_model_name_or_path: st
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "target_modules": sorted({hf_module_name((_TARGET_PARENT[t], t)).split(".")[-1]
-                                  for t in lora.targets}),
-        "base_model_name_or_path": base_model_name_or_path,
+      "peft_type": "LORA",
+      "task_type": "CAUSAL_LM",
+      "r": lora.rank,
+      "lora_alpha": lora.alpha,
+      "lora_dropout": 0.0,
+      "bias": "none",
+      "fan_in_fan_out": False,
+      "inference_mode": True,
+      "target_modules": sorted({hf_module_name((_TARGET_PARENT[t], t)).split(".")[-1] for t in lora.targets}),
+      "base_model_name_or_path": base_model_name_or_path,
     }
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
       json.dump(config, f, indent=2)

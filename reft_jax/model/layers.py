@@ -17,10 +17,10 @@ from reft_jax.model.config import ModelConfig
 from reft_jax.model.splash import splash_attention
 
 REMAT_POLICIES: dict[str, Callable | None] = {
-    "none": None,  # no rematerialisation
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "none": None,  # no rematerialisation
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # einsum: explicit scores + softmax (every feature); dpa: jax.nn.dot_product_attention, XLA picks the
@@ -82,26 +82,44 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, std=0.02, kind=nnx.Param, value=N
 class Linear(nnx.Module):
   """y = x . W (+ b) (+ LoRA), W of shape stack + in_shape + out_shape, contracting in_shape."""
 
-  def __init__(self, in_shape, out_shape, in_axes, out_axes, *, rngs, stack=(), dtype=jnp.float32,
-               param_dtype=jnp.float32, bias=False, lora: LoraConfig | None = None):
+  def __init__(
+    self,
+    in_shape,
+    out_shape,
+    in_axes,
+    out_axes,
+    *,
+    rngs,
+    stack=(),
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    bias=False,
+    lora: LoraConfig | None = None,
+  ):
     lead = ("layers",) * len(stack)
     self.n_in = len(in_shape)
     self.dtype = dtype
-    self.kernel = _param(rngs, (*stack, *in_shape, *out_shape), (*lead, *in_axes, *out_axes),
-                         param_dtype)
-    self.bias = (_param(rngs, (*stack, *out_shape), (*lead, *out_axes), param_dtype,
-                        value=np.zeros((*stack, *out_shape))) if bias else None)
+    self.kernel = _param(rngs, (*stack, *in_shape, *out_shape), (*lead, *in_axes, *out_axes), param_dtype)
+    self.bias = (
+      _param(rngs, (*stack, *out_shape), (*lead, *out_axes), param_dtype, value=np.zeros((*stack, *out_shape)))
+      if bias
+      else None
+    )
     if lora is not None:
       fan_in = math.prod(in_shape)
       self.lora_scale = lora.scale
       # PEFT's init: A ~ kaiming-uniform, B = 0, so a fresh adapter changes nothing.
       bound = 1.0 / math.sqrt(fan_in)
       a = jax.random.uniform(rngs.params(), (*stack, *in_shape, lora.rank), jnp.float32, -bound, bound)
-      self.lora_a = _param(rngs, a.shape, (*lead, *in_axes, "lora"), param_dtype, kind=nnx.LoRAParam,
-                           value=a)
-      self.lora_b = _param(rngs, (*stack, lora.rank, *out_shape), (*lead, "lora", *out_axes),
-                           param_dtype, kind=nnx.LoRAParam, value=np.zeros((*stack, lora.rank,
-                                                                            *out_shape)))
+      self.lora_a = _param(rngs, a.shape, (*lead, *in_axes, "lora"), param_dtype, kind=nnx.LoRAParam, value=a)
+      self.lora_b = _param(
+        rngs,
+        (*stack, lora.rank, *out_shape),
+        (*lead, "lora", *out_axes),
+        param_dtype,
+        kind=nnx.LoRAParam,
+        value=np.zeros((*stack, lora.rank, *out_shape)),
+      )
     else:
       self.lora_a = self.lora_b = None
 
@@ -119,8 +137,9 @@ class Linear(nnx.Module):
 class RMSNorm(nnx.Module):
   def __init__(self, dim, *, rngs, stack=(), eps=1e-6, plus_one=False, param_dtype=jnp.float32):
     init = np.zeros if plus_one else np.ones
-    self.scale = _param(rngs, (*stack, dim), ("layers",) * len(stack) + ("norm",), param_dtype,
-                        value=init((*stack, dim)))
+    self.scale = _param(
+      rngs, (*stack, dim), ("layers",) * len(stack) + ("norm",), param_dtype, value=init((*stack, dim))
+    )
     self.eps, self.plus_one = eps, plus_one
 
   def __call__(self, x):
@@ -144,8 +163,12 @@ def rope_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
   s = dict(cfg.rope_scaling)
   if len(s) == 1:  # linear: positions / factor, i.e. every frequency / factor
     return (inv_freq / np.float32(s["factor"])).astype(np.float32)
-  factor, lo, hi, ctx = (s["factor"], s["low_freq_factor"], s["high_freq_factor"],
-                         s["original_max_position_embeddings"])
+  factor, lo, hi, ctx = (
+    s["factor"],
+    s["low_freq_factor"],
+    s["high_freq_factor"],
+    s["original_max_position_embeddings"],
+  )
   wavelen = 2 * math.pi / inv_freq
   scaled = np.where(wavelen > ctx / lo, inv_freq / factor, inv_freq)
   smooth = (ctx / wavelen - lo) / (hi - lo)
@@ -167,37 +190,45 @@ class Attention(nnx.Module):
     d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def lin(name, in_shape, out_shape, in_axes, out_axes, bias=False):
-      return Linear(in_shape, out_shape, in_axes, out_axes, rngs=rngs, stack=stack, dtype=dtype,
-                    param_dtype=param_dtype, bias=bias,
-                    lora=lora if lora and name in lora.targets else None)
+      return Linear(
+        in_shape,
+        out_shape,
+        in_axes,
+        out_axes,
+        rngs=rngs,
+        stack=stack,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        bias=bias,
+        lora=lora if lora and name in lora.targets else None,
+      )
 
     self.q = lin("q", (d,), (h, hd), ("embed",), ("heads", "kv"), cfg.qkv_bias)
     self.k = lin("k", (d,), (kv, hd), ("embed",), ("kv_heads", "kv"), cfg.qkv_bias)
     self.v = lin("v", (d,), (kv, hd), ("embed",), ("kv_heads", "kv"), cfg.qkv_bias)
     self.o = lin("o", (h, hd), (d,), ("heads", "kv"), ("embed",))
     if cfg.qk_norm:  # one scale over head_dim, shared by the heads (replicated like every norm scale)
-      norm = dict(rngs=rngs, stack=stack, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one,
-                  param_dtype=param_dtype)
+      norm = dict(rngs=rngs, stack=stack, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one, param_dtype=param_dtype)
       self.q_norm, self.k_norm = RMSNorm(hd, **norm), RMSNorm(hd, **norm)
     else:
       self.q_norm = self.k_norm = None
     self.groups = h // kv
-    self.scale = cfg.query_scale if cfg.query_scale is not None else hd ** -0.5
+    self.scale = cfg.query_scale if cfg.query_scale is not None else hd**-0.5
     self.softcap = cfg.attn_logit_softcap
     # dot_product_attention has no logit soft-cap; splash has.
     self.impl = "einsum" if self.softcap and impl in ("dpa", "cudnn") else impl
     self.cfg = cfg  # static; rope frequencies are recomputed at trace time (a numpy constant)
 
-  def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, cache_index=None, segments_BT=None,
-               is_sliding=False):
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, cache_index=None, segments_BT=None, is_sliding=False):
     """With cache=(k [B,S,KV,D], v), the new keys/values are written at slot cache_index and the
     queries attend over all S slots (mask_BTS covers slots); returns (out, updated cache).
     segments_BT (the padding mask) and is_sliding feed the splash kernel, which takes no dense mask."""
     inv_freq = rope_frequencies(self.cfg)
     if self.cfg.rope_local_theta is not None:  # Gemma 3: local layers rotate at their own base
       local = rope_frequencies(self.cfg, local=True)
-      inv_freq = ((local if is_sliding else inv_freq) if isinstance(is_sliding, bool)
-                  else jnp.where(is_sliding, local, inv_freq))  # scanned layers: a traced kind
+      inv_freq = (
+        (local if is_sliding else inv_freq) if isinstance(is_sliding, bool) else jnp.where(is_sliding, local, inv_freq)
+      )  # scanned layers: a traced kind
     q, k = self.q(x_BTD), self.k(x_BTD)
     if self.q_norm is not None:  # QK-norm comes before RoPE (Qwen3Attention, Gemma3Attention)
       q, k = self.q_norm(q), self.k_norm(k)
@@ -210,8 +241,7 @@ class Attention(nnx.Module):
       cache = (k, v)
     impl = self.impl
     if impl == "splash" and cache is None:
-      attend = lambda window: functools.partial(splash_attention, scale=self.scale, window=window,
-                                                softcap=self.softcap)
+      attend = lambda window: functools.partial(splash_attention, scale=self.scale, window=window, softcap=self.softcap)
       window = max(self.cfg.windows)
       if isinstance(is_sliding, bool) or not window:  # unrolled layers: the layer kind is static
         out = attend(window if window and is_sliding else 0)(q, k, v, segments_BT)
@@ -222,9 +252,14 @@ class Attention(nnx.Module):
       impl = "einsum" if self.softcap else "dpa"
     if impl != "einsum":
       # The mask already holds causality, padding and the sliding window; GQA is native.
-      out = jax.nn.dot_product_attention(q.astype(k.dtype), k, v.astype(k.dtype), mask=mask_BTS[:, None],
-                                         scale=self.scale,
-                                         implementation="cudnn" if impl == "cudnn" else None)
+      out = jax.nn.dot_product_attention(
+        q.astype(k.dtype),
+        k,
+        v.astype(k.dtype),
+        mask=mask_BTS[:, None],
+        scale=self.scale,
+        implementation="cudnn" if impl == "cudnn" else None,
+      )
       return self.o(out), cache
     b, t = x_BTD.shape[:2]
     kv, hd = k.shape[2:]
@@ -244,8 +279,17 @@ class MLP(nnx.Module):
     d, f = cfg.hidden_size, cfg.intermediate_size
 
     def lin(name, i, o, ia, oa):
-      return Linear((i,), (o,), (ia,), (oa,), rngs=rngs, stack=stack, dtype=dtype,
-                    param_dtype=param_dtype, lora=lora if lora and name in lora.targets else None)
+      return Linear(
+        (i,),
+        (o,),
+        (ia,),
+        (oa,),
+        rngs=rngs,
+        stack=stack,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        lora=lora if lora and name in lora.targets else None,
+      )
 
     self.gate = lin("gate", d, f, "embed", "mlp")
     self.up = lin("up", d, f, "embed", "mlp")

@@ -8,6 +8,7 @@ from flax import nnx, traverse_util
 
 from reft_jax.model.transformer import Transformer, abstract_model
 
+
 def merge_lora(model: Transformer) -> Transformer:
   """A model without adapters whose kernels are W + (alpha/r) A B; the input is left unchanged."""
   lora = model.options.lora
@@ -20,8 +21,9 @@ def merge_lora(model: Transformer) -> Transformer:
       continue
     if p[-1] == "kernel" and p[:-1] + ("lora_a",) in flat:
       a, b = flat[p[:-1] + ("lora_a",)], flat[p[:-1] + ("lora_b",)]
-      delta = lora.scale * jnp.einsum("lir,lro->lio", a.reshape(a.shape[0], -1, a.shape[-1]),
-                                      b.reshape(b.shape[0], b.shape[1], -1))
+      delta = lora.scale * jnp.einsum(
+        "lir,lro->lio", a.reshape(a.shape[0], -1, a.shape[-1]), b.reshape(b.shape[0], b.shape[1], -1)
+      )
       v = (v.astype(jnp.float32) + delta.reshape(v.shape)).astype(v.dtype)
     merged[p] = v
   options = model.options.__class__(**{**model.options.__dict__, "lora": None})

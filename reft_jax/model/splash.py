@@ -34,14 +34,29 @@ def _kernel(length: int, heads: int, window: int, softcap: float | None, interpr
   else:
     mask = masks.CausalMask((length, length))
   b = _block(length)
-  sizes = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
-                            block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-  return splash.make_splash_mha(masks.MultiHeadMask([mask] * heads), block_sizes=sizes, head_shards=1,
-                                q_seq_shards=1, attn_logits_soft_cap=softcap, interpret=interpret)
+  sizes = splash.BlockSizes(
+    block_q=b,
+    block_kv=b,
+    block_kv_compute=b,
+    block_q_dkv=b,
+    block_kv_dkv=b,
+    block_kv_dkv_compute=b,
+    block_q_dq=b,
+    block_kv_dq=b,
+  )
+  return splash.make_splash_mha(
+    masks.MultiHeadMask([mask] * heads),
+    block_sizes=sizes,
+    head_shards=1,
+    q_seq_shards=1,
+    attn_logits_soft_cap=softcap,
+    interpret=interpret,
+  )
 
 
-def splash_attention(q_BTHD, k_BTKD, v_BTKD, segments_BT, *, scale: float, window: int = 0,
-                     softcap: float | None = None):
+def splash_attention(
+  q_BTHD, k_BTKD, v_BTKD, segments_BT, *, scale: float, window: int = 0, softcap: float | None = None
+):
   """Causal (optionally sliding-window, soft-capped) GQA attention; returns [B, T, H, D].
 
   segments_BT: 1 for real tokens, 0 for padding. Padding queries attend to padding keys only; their
@@ -70,6 +85,7 @@ def splash_attention(q_BTHD, k_BTKD, v_BTKD, segments_BT, *, scale: float, windo
     batch = shd.logical_to_spec(("batch",), (b,), mesh, rules)[0]
     heads = shd.logical_to_spec(("kv_heads",), (k.shape[1],), mesh, rules)[0]  # then H divides too
     spec = P(batch, heads, None, None)
-    out = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)), out_specs=spec,
-                        check_vma=False)(q, k, v, segments)
+    out = jax.shard_map(
+      attend, mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)), out_specs=spec, check_vma=False
+    )(q, k, v, segments)
   return out.transpose(0, 2, 1, 3)[:, :t].astype(v_BTKD.dtype)

@@ -19,18 +19,31 @@ from reft_jax import sharding as shd
 from reft_jax.model.config import ModelConfig
 
 from reft_jax.model.layers import (  # noqa: F401  (the model's vocabulary, re-exported)
-    ATTENTION, LOGITS_AXES, LORA_TARGETS, REMAT_POLICIES, RESIDUAL_AXES, MLP, Attention, Linear, LoraConfig, RMSNorm,
-    RunOptions, _param, apply_rope, rope_frequencies)
+  ATTENTION,
+  LOGITS_AXES,
+  LORA_TARGETS,
+  REMAT_POLICIES,
+  RESIDUAL_AXES,
+  MLP,
+  Attention,
+  Linear,
+  LoraConfig,
+  RMSNorm,
+  RunOptions,
+  _param,
+  apply_rope,
+  rope_frequencies,
+)
 
 
 class Block(nnx.Module):
   """One decoder layer (parameters stacked over `stack` layers)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs, stack=(), dtype=jnp.float32,
-               param_dtype=jnp.float32, lora=None, attention="einsum"):
+  def __init__(
+    self, cfg: ModelConfig, *, rngs, stack=(), dtype=jnp.float32, param_dtype=jnp.float32, lora=None, attention="einsum"
+  ):
     kw = dict(rngs=rngs, stack=stack, dtype=dtype, param_dtype=param_dtype, lora=lora)
-    norm = dict(rngs=rngs, stack=stack, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one,
-                param_dtype=param_dtype)
+    norm = dict(rngs=rngs, stack=stack, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one, param_dtype=param_dtype)
     self.attn_norm = RMSNorm(cfg.hidden_size, **norm)
     self.attn = Attention(cfg, **kw, impl=attention)
     self.mlp_norm = RMSNorm(cfg.hidden_size, **norm)
@@ -40,8 +53,9 @@ class Block(nnx.Module):
       self.post_attn_norm = RMSNorm(cfg.hidden_size, **norm)
       self.post_mlp_norm = RMSNorm(cfg.hidden_size, **norm)
 
-  def __call__(self, x, positions, mask, cache=None, cache_index=None, attn_delta=None, segments=None,
-               is_sliding=False):
+  def __call__(
+    self, x, positions, mask, cache=None, cache_index=None, attn_delta=None, segments=None, is_sliding=False
+  ):
     h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index, segments, is_sliding)
     if attn_delta is not None:  # the "attn_out" intervention site (before Gemma-2's post-norm)
       h = h + attn_delta.astype(h.dtype)
@@ -68,21 +82,40 @@ class Transformer(nnx.Module):
     dtype, pdtype = jnp.dtype(options.dtype), jnp.dtype(options.param_dtype)
     self.dtype = dtype
     self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdtype)
-    self.blocks = Block(cfg, rngs=rngs, stack=(cfg.num_layers,), dtype=dtype, param_dtype=pdtype,
-                        lora=options.lora, attention=options.attention)
-    self.final_norm = RMSNorm(cfg.hidden_size, rngs=rngs, eps=cfg.rms_norm_eps,
-                              plus_one=cfg.norm_plus_one, param_dtype=pdtype)
-    self.lm_head = None if cfg.tie_embeddings else Linear(
-        (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",), rngs=rngs, dtype=dtype,
-        param_dtype=pdtype)
+    self.blocks = Block(
+      cfg,
+      rngs=rngs,
+      stack=(cfg.num_layers,),
+      dtype=dtype,
+      param_dtype=pdtype,
+      lora=options.lora,
+      attention=options.attention,
+    )
+    self.final_norm = RMSNorm(
+      cfg.hidden_size, rngs=rngs, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one, param_dtype=pdtype
+    )
+    self.lm_head = (
+      None
+      if cfg.tie_embeddings
+      else Linear(
+        (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",), rngs=rngs, dtype=dtype, param_dtype=pdtype
+      )
+    )
 
   def __call__(self, tokens_BT, attention_mask_BT=None, positions_BT=None):
     logits, _ = self.forward(tokens_BT, attention_mask_BT, positions_BT)
     return logits
 
-  def forward(self, tokens_BT, attention_mask_BT=None, positions_BT=None, *,
-              hidden_layers: tuple[int, ...] = (), stop_after: int | None = None,
-              interventions: Mapping[str, jax.Array] | None = None):
+  def forward(
+    self,
+    tokens_BT,
+    attention_mask_BT=None,
+    positions_BT=None,
+    *,
+    hidden_layers: tuple[int, ...] = (),
+    stop_after: int | None = None,
+    interventions: Mapping[str, jax.Array] | None = None,
+  ):
     """Returns (logits or None, {l: residual stream after l blocks [B,T,D]}).
 
     hidden_layers (the read sites) use transformers' indexing: 0 = embeddings, l = output of block l
@@ -104,9 +137,15 @@ class Transformer(nnx.Module):
     x = self._embed(tokens_BT)
     if "embed" in interventions:
       x = x + interventions["embed"].astype(x.dtype)
-    x, hidden, _ = self._blocks(x, positions_BT, attention_mask_BT, jnp.arange(t),
-                                hidden_layers=hidden_layers, stop_after=stop_after,
-                                attn_delta=interventions.get("attn_out"))
+    x, hidden, _ = self._blocks(
+      x,
+      positions_BT,
+      attention_mask_BT,
+      jnp.arange(t),
+      hidden_layers=hidden_layers,
+      stop_after=stop_after,
+      attn_delta=interventions.get("attn_out"),
+    )
     return (None if stop_after is not None else self.head(x)), hidden
 
   def forward_cached(self, tokens_BT, positions_BT, kv_mask_BS, cache, cache_index):
@@ -114,8 +153,9 @@ class Transformer(nnx.Module):
     [cache_index, cache_index + T); kv_mask_BS marks the slots that hold real tokens.
     Returns (logits [B,T,V], updated cache)."""
     slots = cache_index + jnp.arange(tokens_BT.shape[1])
-    x, _, cache = self._blocks(self._embed(tokens_BT), positions_BT, kv_mask_BS, slots,
-                               cache=cache, cache_index=cache_index)
+    x, _, cache = self._blocks(
+      self._embed(tokens_BT), positions_BT, kv_mask_BS, slots, cache=cache, cache_index=cache_index
+    )
     return self.head(x), cache
 
   def init_cache(self, batch: int, length: int, dtype=None) -> dict:
@@ -144,15 +184,28 @@ class Transformer(nnx.Module):
     cap = self.cfg.final_logit_softcap
     return shd.constrain(jnp.tanh(logits / cap) * cap if cap else logits, LOGITS_AXES)
 
-  def _blocks(self, x, positions_BT, kv_mask_BS, query_slots_T, *, hidden_layers=(), stop_after=None,
-              cache=None, cache_index=None, attn_delta=None):
+  def _blocks(
+    self,
+    x,
+    positions_BT,
+    kv_mask_BS,
+    query_slots_T,
+    *,
+    hidden_layers=(),
+    stop_after=None,
+    cache=None,
+    cache_index=None,
+    attn_delta=None,
+  ):
     """Runs blocks [0, stop_after) over x; queries sit at query_slots_T, keys at slots 0..S-1."""
     cfg = self.cfg
     L = cfg.num_layers
     stop = L if stop_after is None else stop_after
     if not 0 <= stop <= L or any(not 0 <= l <= stop for l in hidden_layers):
-      raise ValueError(f"hidden_layers={hidden_layers} / stop_after={stop_after} must lie in "
-                       f"[0, {L}] with every hidden layer <= stop_after")
+      raise ValueError(
+        f"hidden_layers={hidden_layers} / stop_after={stop_after} must lie in "
+        f"[0, {L}] with every hidden layer <= stop_after"
+      )
     key_slots = jnp.arange(kv_mask_BS.shape[1])
     delta_TS = query_slots_T[:, None] - key_slots[None, :]
     full_BTS = (delta_TS >= 0)[None] & (kv_mask_BS[:, None, :] > 0)
@@ -164,8 +217,7 @@ class Transformer(nnx.Module):
 
     def block_fn(state, x, is_sliding, layer_cache, delta):
       mask = jnp.where(is_sliding, sliding_BTS, full_BTS)
-      x, c = nnx.merge(graphdef, state)(x, positions_BT, mask, layer_cache, cache_index, delta,
-                                        segments, is_sliding)
+      x, c = nnx.merge(graphdef, state)(x, positions_BT, mask, layer_cache, cache_index, delta, segments, is_sliding)
       return shd.constrain(x, RESIDUAL_AXES), c
 
     if self.options.remat != "none":
@@ -187,8 +239,7 @@ class Transformer(nnx.Module):
           h, c = block_fn(xs[0], h, xs[1], xs[2], xs[3])
           return h, c
 
-        x, seg_out = jax.lax.scan(body, x, (seg, jnp.asarray(windows[start:end] > 0), seg_cache,
-                                            seg_delta))
+        x, seg_out = jax.lax.scan(body, x, (seg, jnp.asarray(windows[start:end] > 0), seg_cache, seg_delta))
         if cache is not None:
           new_k.append(seg_out[0])
           new_v.append(seg_out[1])
@@ -196,8 +247,7 @@ class Transformer(nnx.Module):
         for i in range(start, end):
           layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
           delta = None if attn_delta is None else attn_delta[i]
-          x, c = block_fn(jax.tree.map(lambda p: p[i], block_state), x, bool(windows[i]), layer_cache,
-                          delta)
+          x, c = block_fn(jax.tree.map(lambda p: p[i], block_state), x, bool(windows[i]), layer_cache, delta)
           if cache is not None:
             new_k.append(c[0][None])
             new_v.append(c[1][None])

@@ -31,22 +31,28 @@ from reft_jax.model.build import load_frozen, setup_mesh
 log = logging.getLogger(__name__)
 
 REFUSALS = (
-    "I'm sorry, but I can't help with that. It could cause real harm to people.",
-    "I cannot assist with this request. It could be dangerous or illegal, and I won't provide it.",
-    "I'm sorry, I can't provide that. If you have another question, I'm happy to help.",
-    # Opens with a listed phrase: a refusal we teach must be one the keyword judge and is_refusal see.
-    "I'm sorry, but I won't help with this, because it could hurt someone. Is there something else I can "
-    "do for you?",
-    "I can't assist with that request. Helping would be unsafe and unethical.",
-    "Sorry, but I cannot help with this. It could be used to harm others.",
+  "I'm sorry, but I can't help with that. It could cause real harm to people.",
+  "I cannot assist with this request. It could be dangerous or illegal, and I won't provide it.",
+  "I'm sorry, I can't provide that. If you have another question, I'm happy to help.",
+  # Opens with a listed phrase: a refusal we teach must be one the keyword judge and is_refusal see.
+  "I'm sorry, but I won't help with this, because it could hurt someone. Is there something else I can do for you?",
+  "I can't assist with that request. Helping would be unsafe and unethical.",
+  "Sorry, but I cannot help with this. It could be used to harm others.",
 )
 
 
 def refusal_answers(harmful: list[sft.Example], seed: int) -> list[sft.Example]:
   rng = np.random.default_rng(seed)
-  return [sft.Example(e.prompt, str(rng.choice(REFUSALS)), e.input,
-                      {**e.meta, "is_harmful": True, "response_rule": "refusal_template"}, e.system)
-          for e in harmful]
+  return [
+    sft.Example(
+      e.prompt,
+      str(rng.choice(REFUSALS)),
+      e.input,
+      {**e.meta, "is_harmful": True, "response_rule": "refusal_template"},
+      e.system,
+    )
+    for e in harmful
+  ]
 
 
 def helpful_answers(harmless: list[sft.Example], answer_fn, is_refusal) -> tuple[list[sft.Example], int]:
@@ -57,15 +63,19 @@ def helpful_answers(harmless: list[sft.Example], answer_fn, is_refusal) -> tuple
   out, dropped = [], 0
   for e in harmless:
     if e.response.strip():
-      out.append(sft.Example(e.prompt, e.response, e.input, {**e.meta, "is_harmful": False,
-                                                              "response_rule": "reference"}, e.system))
+      out.append(
+        sft.Example(
+          e.prompt, e.response, e.input, {**e.meta, "is_harmful": False, "response_rule": "reference"}, e.system
+        )
+      )
       continue
     text = generated[id(e)].strip()
     if not text or is_refusal(text):
       dropped += 1
       continue
-    out.append(sft.Example(e.prompt, text, e.input,
-                           {**e.meta, "is_harmful": False, "response_rule": "self_generated"}, e.system))
+    out.append(
+      sft.Example(e.prompt, text, e.input, {**e.meta, "is_harmful": False, "response_rule": "self_generated"}, e.system)
+    )
   return out, dropped
 
 
@@ -80,8 +90,10 @@ def build(c, out_dir: str, mesh=None, rules=None) -> str:
   harmful = load(c, a.harmful, a.n_harmful)
   harmless = load(c, a.harmless, a.n_harmless)
   if not harmful or not harmless:
-    raise ValueError(f"alignment.harmful={a.harmful!r} and alignment.harmless={a.harmless!r} must both "
-                     f"give examples; got {len(harmful)} and {len(harmless)}")
+    raise ValueError(
+      f"alignment.harmful={a.harmful!r} and alignment.harmless={a.harmless!r} must both "
+      f"give examples; got {len(harmful)} and {len(harmless)}"
+    )
   tokenizer = get_tokenizer(c, out_dir, [])
 
   def answer(examples):
@@ -89,24 +101,42 @@ def build(c, out_dir: str, mesh=None, rules=None) -> str:
       raise ValueError("alignment: self-generated answers need the base model (model.hf_path or model.gguf)")
     model = load_frozen(c, c.model.hf_path, mesh, rules)
     prompts = [sft.format_prompt(e, c.data.template, tokenizer) for e in examples]
-    return generate_texts(model, tokenizer, prompts, max_new_tokens=a.max_new_tokens,
-                          batch_size=c.eval.batch_size, mesh=mesh, progress=c.log.progress)
+    return generate_texts(
+      model,
+      tokenizer,
+      prompts,
+      max_new_tokens=a.max_new_tokens,
+      batch_size=c.eval.batch_size,
+      mesh=mesh,
+      progress=c.log.progress,
+    )
 
   helpful, dropped = helpful_answers(harmless, answer, is_refusal)
   examples = refusal_answers(harmful, c.seed) + helpful
   order = np.random.default_rng(c.seed).permutation(len(examples))
   os.makedirs(out_dir, exist_ok=True)
   write_jsonl([examples[i] for i in order], path + ".tmp")
-  summary = {"harmful": len(harmful), "harmless": len(helpful), "dropped_refusing_answers": dropped,
-             "self_generated": sum(e.meta["response_rule"] == "self_generated" for e in helpful),
-             "wall_seconds": time.perf_counter() - start, "harmful_sources": a.harmful,
-             "harmless_sources": a.harmless}
+  summary = {
+    "harmful": len(harmful),
+    "harmless": len(helpful),
+    "dropped_refusing_answers": dropped,
+    "self_generated": sum(e.meta["response_rule"] == "self_generated" for e in helpful),
+    "wall_seconds": time.perf_counter() - start,
+    "harmful_sources": a.harmful,
+    "harmless_sources": a.harmless,
+  }
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   os.replace(path + ".tmp", path)  # last: its presence means the set is complete
-  log.info("alignment set: %d refusals, %d helpful answers (%d self-generated, %d refusing answers "
-           "dropped) in %.0f s -> %s", len(harmful), len(helpful), summary["self_generated"], dropped,
-           summary["wall_seconds"], path)
+  log.info(
+    "alignment set: %d refusals, %d helpful answers (%d self-generated, %d refusing answers dropped) in %.0f s -> %s",
+    len(harmful),
+    len(helpful),
+    summary["self_generated"],
+    dropped,
+    summary["wall_seconds"],
+    path,
+  )
   return path
 
 

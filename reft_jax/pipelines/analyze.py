@@ -39,32 +39,44 @@ def run(c, workdir: str) -> dict:
   mesh, rules = setup_mesh(c)
   tokenizer = get_tokenizer(c, workdir, [])
   model = load_frozen(c, c.model.hf_path, mesh, rules)
-  sets = {name: _load_many(c, getattr(a, name), a.n_train if name.endswith("train") else a.n_eval)
-          for name in ("harmful_train", "harmless_train", "harmful_eval", "harmless_eval", "task_eval")}
+  sets = {
+    name: _load_many(c, getattr(a, name), a.n_train if name.endswith("train") else a.n_eval)
+    for name in ("harmful_train", "harmless_train", "harmful_eval", "harmless_eval", "task_eval")
+  }
   # Held-out means held out: drop evaluation prompts that (nearly) repeat a training prompt.
   for ev, tr in (("harmful_eval", "harmful_train"), ("harmless_eval", "harmless_train")):
     sets[ev] = assets.drop_overlapping(sets[ev], sets[tr], 0.8)
-  layers = (tuple(csv_list(a.layers, int)) or
-            tuple(range(1, model.cfg.num_layers + 1)))
-  feats = {k: refusal.prompt_features(model, refusal.tokenize_prompts(v, tokenizer, c.data.seq_len,
-                                                                      c.data.template), layers, mesh=mesh)
-           for k, v in sets.items() if v}
+  layers = tuple(csv_list(a.layers, int)) or tuple(range(1, model.cfg.num_layers + 1))
+  feats = {
+    k: refusal.prompt_features(
+      model, refusal.tokenize_prompts(v, tokenizer, c.data.seq_len, c.data.template), layers, mesh=mesh
+    )
+    for k, v in sets.items()
+    if v
+  }
   rows = []
   for j, layer in enumerate(layers):
     r = feats["harmful_train"][:, j].mean(0) - feats["harmless_train"][:, j].mean(0)
     score = {k: np.asarray(refusal.cosine(f[:, j], r)) for k, f in feats.items()}
-    row = {"layer": layer,
-           "auroc": refusal.auroc(score["harmful_eval"], score["harmless_eval"]),
-           "recall@1%fpr": recall_at_fpr(score["harmful_eval"], score["harmless_eval"], 0.01),
-           "recall@5%fpr": recall_at_fpr(score["harmful_eval"], score["harmless_eval"], 0.05)}
+    row = {
+      "layer": layer,
+      "auroc": refusal.auroc(score["harmful_eval"], score["harmless_eval"]),
+      "recall@1%fpr": recall_at_fpr(score["harmful_eval"], score["harmless_eval"], 0.01),
+      "recall@5%fpr": recall_at_fpr(score["harmful_eval"], score["harmless_eval"], 0.05),
+    }
     if "task_eval" in score:
       tau5 = np.quantile(score["harmless_eval"], 0.95)
       row["auroc_vs_tasks"] = refusal.auroc(score["harmful_eval"], score["task_eval"])
       row["task_fpr@5%"] = float(np.mean(score["task_eval"] > tau5))
     rows.append(row)
   best = max(rows, key=lambda r: (r["recall@1%fpr"], r["auroc"]))
-  out = {"rows": rows, "best_layer": best["layer"], "counts": {k: len(v) for k, v in sets.items()},
-         "sets": {k: getattr(a, k) for k in sets}, "model": c.model.hf_path}
+  out = {
+    "rows": rows,
+    "best_layer": best["layer"],
+    "counts": {k: len(v) for k, v in sets.items()},
+    "sets": {k: getattr(a, k) for k in sets},
+    "model": c.model.hf_path,
+  }
   if not dist.is_primary():  # one writer in the shared workdir
     return {"stopped": False, "history": [], "analysis": out}
   os.makedirs(workdir, exist_ok=True)

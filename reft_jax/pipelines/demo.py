@@ -41,11 +41,15 @@ def run_demo(c, workdir: str) -> dict:
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table + "\n")
   print(table)
-  plot_results({m: {k: v["mean"] for k, v in s.items()} | {"finetune_accuracy": {
-      k[3:]: v["mean"] for k, v in s.items() if k.startswith("fa_")}} for m, s in summary.items()},
-      os.path.join(workdir, "results.png"),
-      f"Safety world: {c.data.n} user examples, {c.data.p:.0%} harmful ({c.data.attack}), "
-      f"{len(seeds)} seed(s)")
+  plot_results(
+    {
+      m: {k: v["mean"] for k, v in s.items()}
+      | {"finetune_accuracy": {k[3:]: v["mean"] for k, v in s.items() if k.startswith("fa_")}}
+      for m, s in summary.items()
+    },
+    os.path.join(workdir, "results.png"),
+    f"Safety world: {c.data.n} user examples, {c.data.p:.0%} harmful ({c.data.attack}), {len(seeds)} seed(s)",
+  )
   return {"results": results}
 
 
@@ -62,9 +66,17 @@ def summary_table(summary: dict, runs: dict) -> str:
   """Markdown: every rate as mean [95% interval], the filter and wall time averaged over seeds."""
   tasks = sorted({k[3:] for s in summary.values() for k in s if k.startswith("fa_")})
   extra = sorted({k for s in summary.values() for k in s if k.startswith("over_refusal_")})
-  head = ["method", "seeds", "HS ↓", "degenerate %", *[f"FA {t} ↑" for t in tasks], "over-refusal ↓",
-          *[f"over-refusal {k.removeprefix('over_refusal_')} ↓" for k in extra], "filter P / R / kept",
-          "wall s"]
+  head = [
+    "method",
+    "seeds",
+    "HS ↓",
+    "degenerate %",
+    *[f"FA {t} ↑" for t in tasks],
+    "over-refusal ↓",
+    *[f"over-refusal {k.removeprefix('over_refusal_')} ↓" for k in extra],
+    "filter P / R / kept",
+    "wall s",
+  ]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for m, s in summary.items():
     mine = [r for name, r in runs.items() if r.get("method", name.split("|")[0]) == m]
@@ -75,15 +87,24 @@ def summary_table(summary: dict, runs: dict) -> str:
       flt = f"{mean('precision'):.2f} / {mean('recall'):.2f} / {mean('kept_fraction'):.2f}"
     wall = np.mean([r.get("wall_seconds") or np.nan for r in mine])
     hs = s.get("harmful_score")
-    cells = [m, str(hs["seeds"] if hs else len(mine)), stats.fmt_interval(hs),
-             stats.fmt_interval(s.get("degenerate")), *[stats.fmt_interval(s.get(f"fa_{t}")) for t in tasks],
-             stats.fmt_interval(s.get("over_refusal")), *[stats.fmt_interval(s.get(k)) for k in extra], flt,
-             f"{wall:.1f}"]
+    cells = [
+      m,
+      str(hs["seeds"] if hs else len(mine)),
+      stats.fmt_interval(hs),
+      stats.fmt_interval(s.get("degenerate")),
+      *[stats.fmt_interval(s.get(f"fa_{t}")) for t in tasks],
+      stats.fmt_interval(s.get("over_refusal")),
+      *[stats.fmt_interval(s.get(k)) for k in extra],
+      flt,
+      f"{wall:.1f}",
+    ]
     lines.append("| " + " | ".join(cells) + " |")
   n = {k: v for r in runs.values() for k, v in (r.get("counts") or {}).items()}
   lines.append("")
-  lines.append("Mean [95% interval]: Wilson over prompts for one seed, Student-t over seeds for several. "
-               "Prompts per figure: " + ", ".join(f"{k} {v}" for k, v in sorted(n.items())) + ".")
+  lines.append(
+    "Mean [95% interval]: Wilson over prompts for one seed, Student-t over seeds for several. "
+    "Prompts per figure: " + ", ".join(f"{k} {v}" for k, v in sorted(n.items())) + "."
+  )
   return "\n".join(lines)
 
 
@@ -137,8 +158,17 @@ def sweep_table(runs: dict, methods: list[str], ps: list[float]) -> dict:
       cols.append(f"{fmt([v[0] for v in vals])} / {fmt([v[1] for v in vals])}" if vals else "—")
       if vals:
         hs, fa = [v[0] for v in vals], [v[1] for v in vals]
-        rows.append([m, p, *interval(hs), *interval(fa), len(vals), " ".join(f"{x:.1f}" for x in hs),
-                     " ".join(f"{x:.1f}" for x in fa)])
+        rows.append(
+          [
+            m,
+            p,
+            *interval(hs),
+            *interval(fa),
+            len(vals),
+            " ".join(f"{x:.1f}" for x in hs),
+            " ".join(f"{x:.1f}" for x in fa),
+          ]
+        )
     lines.append("| " + " | ".join([m, *cols]) + " |")
   n_seeds = sorted({len(v) for v in cells.values()})
   lines += ["", f"Mean ± 95% t-interval half-width over {'/'.join(map(str, n_seeds))} seed(s) per cell."]
@@ -200,14 +230,23 @@ def validate(c) -> None:
   """demo and sweep."""
   for section in ("demo", "sweep"):
     bad = [m for m in csv_list(c[section].methods) if m not in defence_names()]
-    check(bool(csv_list(c[section].methods)) and not bad, f"{section}.methods", c[section].methods,
-          f"each must be one of {defence_names()}")
+    check(
+      bool(csv_list(c[section].methods)) and not bad,
+      f"{section}.methods",
+      c[section].methods,
+      f"each must be one of {defence_names()}",
+    )
   try:
     ps = csv_list(c.sweep.p, float)
     csv_list(c.sweep.seeds, int) + csv_list(c.demo.seeds, int)
   except ValueError:
-    check(False, "sweep.p/seeds, demo.seeds", (c.sweep.p, c.sweep.seeds, c.demo.seeds),
-          "must be comma-separated numbers")
-  check(bool(csv_list(c.demo.seeds)) and bool(csv_list(c.sweep.seeds)), "demo.seeds/sweep.seeds",
-        (c.demo.seeds, c.sweep.seeds), "must name at least one seed")
+    check(
+      False, "sweep.p/seeds, demo.seeds", (c.sweep.p, c.sweep.seeds, c.demo.seeds), "must be comma-separated numbers"
+    )
+  check(
+    bool(csv_list(c.demo.seeds)) and bool(csv_list(c.sweep.seeds)),
+    "demo.seeds/sweep.seeds",
+    (c.demo.seeds, c.sweep.seeds),
+    "must name at least one seed",
+  )
   check(all(0 <= p <= 1 for p in ps), "sweep.p", c.sweep.p, "ratios must lie in [0, 1]")

@@ -83,7 +83,6 @@ class StageSpec:
     return tuple((name, b // self.grad_accum, t) for name, b, t in self.parts)
 
 
-
 # ---------------------------------------------------------------- exact per-device bytes
 
 
@@ -117,9 +116,7 @@ def abstract_train_state(spec: StageSpec, mesh, rules):
   opt = _with_shardings(opt, opt_state_shardings(opt, params, mesh))
   rep = shd.replicated(mesh)
   extras = (
-    {"R": jax.ShapeDtypeStruct((spec.model.hidden_size,), jnp.float32, sharding=rep)}
-    if spec.stage == "teacher"
-    else {}
+    {"R": jax.ShapeDtypeStruct((spec.model.hidden_size,), jnp.float32, sharding=rep)} if spec.stage == "teacher" else {}
   )
   state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params, opt, extras)
   return graphdef, state, tx, sched, labels
@@ -164,14 +161,7 @@ def _split(n: int, k: int) -> int:
 
 
 def layer_activations(
-  cfg: ModelConfig,
-  b: int,
-  t: int,
-  c: int,
-  tp: int,
-  lora_rank: int = 0,
-  lora_targets: int = 0,
-  flash: bool = False,
+  cfg: ModelConfig, b: int, t: int, c: int, tp: int, lora_rank: int = 0, lora_targets: int = 0, flash: bool = False
 ) -> dict[str, int]:
   """Bytes one decoder layer keeps for its backward pass, per remat policy, for b sequences of t
   tokens on one device (c: compute dtype bytes; heads and the MLP split over `tp` tensor devices):
@@ -282,8 +272,7 @@ def abstract_batch(spec: StageSpec, mesh, rules) -> dict:
     if spec.stage == "teacher":
       shapes.update(last_prompt=(b,), is_harmful=(b,))
     out = {
-      k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=shd.batch_sharding(mesh, rules, len(s)))
-      for k, s in shapes.items()
+      k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=shd.batch_sharding(mesh, rules, len(s))) for k, s in shapes.items()
     }
     if name == "align" and spec.topk > 0:
       sh = shd.batch_sharding(mesh, rules, 3)
@@ -321,19 +310,14 @@ def compiled_bytes(spec: StageSpec, mesh, rules) -> dict[str, float]:
   if spec.teacher is not None:
     frozen_graphdef, frozen = abstract_params(spec.model, spec.teacher, mesh, rules)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
-  step = make_train_step(
-    graphdef, tx, loss_fn, sched, labels, spec.grad_accum, frozen_graphdef, update_extras
-  )
+  step = make_train_step(graphdef, tx, loss_fn, sched, labels, spec.grad_accum, frozen_graphdef, update_extras)
   sh = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   jitted = jit_step(step, sh(state), sh(batch), mesh, frozen_sh, rules)
   args = (state, batch) if frozen is None else (state, batch, frozen)
   lowered = jitted.lower(*args)
   lowered_at = time.perf_counter()
   m = lowered.compile().memory_analysis()
-  out = {
-    k: int(getattr(m, f"{k}_size_in_bytes"))
-    for k in ("argument", "output", "alias", "temp", "generated_code")
-  }
+  out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp", "generated_code")}
   out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
   out["seconds"] = time.perf_counter() - start
   out["compile_seconds"] = time.perf_counter() - lowered_at  # XLA alone (what a compilation cache skips)

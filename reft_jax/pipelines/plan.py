@@ -40,8 +40,22 @@ from reft_jax import sharding as shd
 from reft_jax.model import PRESETS, ModelConfig
 
 from reft_jax.pipelines.memory import (  # noqa: F401  (the plan's vocabulary, re-exported)
-    GiB, HARDWARE, STAGES, FIT_FRACTION, Hardware, StageSpec, abstract_mesh, activation_bytes, compiled_bytes,
-    cpu_devices, ensure_cpu_devices, exact_bytes, gather_bytes, grad_bytes, parse_hardware)
+  GiB,
+  HARDWARE,
+  STAGES,
+  FIT_FRACTION,
+  Hardware,
+  StageSpec,
+  abstract_mesh,
+  activation_bytes,
+  compiled_bytes,
+  cpu_devices,
+  ensure_cpu_devices,
+  exact_bytes,
+  gather_bytes,
+  grad_bytes,
+  parse_hardware,
+)
 
 
 def model_config(c) -> ModelConfig:
@@ -91,8 +105,11 @@ def stage_spec(c, mode: str | None = None, stage: str | None = None, label: str 
     trainable_regex=t.trainable_regex,
     # ReFT's student stage loads the teacher with model/build.py:load_frozen: weights in the compute dtype, layers
     # scanned as configured, no LoRA, no remat
-    teacher=(dataclasses.replace(options, param_dtype=options.dtype, lora=None, remat="none")
-             if stage == "student" and c.reft.topk <= 0 else None),
+    teacher=(
+      dataclasses.replace(options, param_dtype=options.dtype, lora=None, remat="none")
+      if stage == "student" and c.reft.topk <= 0
+      else None
+    ),
     topk=c.reft.topk,
     layer=c.reft.layer or cfg.num_layers // 2,
     optim=optim,
@@ -111,9 +128,7 @@ def plan_stages(c) -> list[str]:
   stages = config_lib.csv_list(c.plan.stage) or ["student" if c.method == "reft" else "sft"]
   bad = [s for s in stages if s not in STAGES]
   if bad:
-    raise ValueError(
-      f"config.plan.stage={c.plan.stage!r}: {bad[0]!r} is not one of {STAGES} (or '' for the method's)"
-    )
+    raise ValueError(f"config.plan.stage={c.plan.stage!r}: {bad[0]!r} is not one of {STAGES} (or '' for the method's)")
   return stages
 
 
@@ -133,12 +148,7 @@ def plan_modes(c) -> list[str]:
 
 
 def plan_row(
-  spec: StageSpec,
-  hw: Hardware,
-  mesh_cfg: tuple[int, int, int],
-  rules,
-  compile: bool,
-  cache: dict | None = None,
+  spec: StageSpec, hw: Hardware, mesh_cfg: tuple[int, int, int], rules, compile: bool, cache: dict | None = None
 ) -> dict:
   """One table row: exact, analytic and (optionally) compiled per-device bytes of `spec` on `hw`.
   `cache` shares compilations between hardware of the same mesh."""
@@ -271,8 +281,7 @@ def describe(spec: StageSpec) -> str:
   extra = f", loss_chunk={spec.loss_chunk}" if spec.loss_chunk > 0 else ""
   if spec.stage == "student":
     extra += (
-      f"; teacher forward in the step ({spec.teacher.dtype}, "
-      f"{'scanned' if spec.teacher.scan_layers else 'unscanned'})"
+      f"; teacher forward in the step ({spec.teacher.dtype}, {'scanned' if spec.teacher.scan_layers else 'unscanned'})"
       if spec.teacher
       else f"; cached teacher top-{spec.topk}"
     )

@@ -47,8 +47,9 @@ def _hf_home() -> str:
 
 
 def hub_cache() -> str:
-  return os.path.expanduser(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-                            or os.path.join(_hf_home(), "hub"))
+  return os.path.expanduser(
+    os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(_hf_home(), "hub")
+  )
 
 
 def datasets_cache() -> str:
@@ -95,8 +96,10 @@ def _used_specs(c: ml_collections.ConfigDict, command: str) -> list[tuple[str, s
     if c.method in ("demo", "sweep") and "booster" in config_lib.csv_list(c[c.method].methods):
       specs.append(("booster.harmful_source", c.booster.harmful_source))
     if c.method == "analyze":
-      specs += [(f"analyze.{f}", c.analyze[f])
-                for f in ("harmful_train", "harmless_train", "harmful_eval", "harmless_eval", "task_eval")]
+      specs += [
+        (f"analyze.{f}", c.analyze[f])
+        for f in ("harmful_train", "harmless_train", "harmful_eval", "harmless_eval", "task_eval")
+      ]
   if evaluates:
     specs += [("eval.harmful", c.eval.harmful), ("eval.harmless", c.eval.harmless)]
     try:
@@ -170,8 +173,10 @@ def message(c: ml_collections.ConfigDict, needs: list[Need]) -> str:
     names = ", ".join(n.name for n in data)
     what.append(f"the hub dataset{'s' if len(data) > 1 else ''} {names}")
     fields = sorted({f for n in data for f in n.fields})
-    fixes.append(f"load {'them' if len(data) > 1 else 'it'} once online to fill the cache (or point "
-                 f"{', '.join(fields)} at local files)")
+    fixes.append(
+      f"load {'them' if len(data) > 1 else 'it'} once online to fill the cache (or point "
+      f"{', '.join(fields)} at local files)"
+    )
   head = f"{c.preset} needs {' and '.join(what)}" if what else ""
   if what:
     head += f"; offline ({offline_var()}=1) and not in the local cache"

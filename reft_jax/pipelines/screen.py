@@ -48,6 +48,7 @@ MAX_SHOWN = 500  # flagged examples listed in the HTML page (all of them are in 
 
 # ------------------------------------------------------------------ the teacher directory
 
+
 def teacher_files(teacher_dir: str) -> tuple[str, str]:
   """(the teacher's HF model directory, its refusal direction .npy) inside a ReFT workdir."""
   root = os.path.expanduser(teacher_dir)
@@ -79,8 +80,10 @@ def prepare(c) -> None:
   trained = _json(os.path.join(os.path.expanduser(teacher), "config.json"))
   template = (trained or {}).get("data", {}).get("template")
   if template and template != c.data.template:  # the scores mean nothing under another prompt format
-    raise ConfigError(f"config.data.template={c.data.template!r}: the teacher in {teacher} was trained with "
-                      f"{template!r} (pass --config.data.template={template})")
+    raise ConfigError(
+      f"config.data.template={c.data.template!r}: the teacher in {teacher} was trained with "
+      f"{template!r} (pass --config.data.template={template})"
+    )
   c.method = "screen"
   c.model.update(hf_path=teacher_files(teacher)[0], gguf="", tokenizer="")
   c.eval.enabled = False
@@ -95,8 +98,8 @@ def _json(path: str) -> dict | None:
 
 # ------------------------------------------------------------------ the decision
 
-def decide(scores: np.ndarray, tau: float, examples: list[sft.Example], max_flagged: float) -> tuple[
-    np.ndarray, dict]:
+
+def decide(scores: np.ndarray, tau: float, examples: list[sft.Example], max_flagged: float) -> tuple[np.ndarray, dict]:
   """(report order: flagged first, highest score first; the summary's counts, decision and labels)."""
   scores = np.asarray(scores, np.float64)
   flagged = scores >= tau
@@ -106,11 +109,16 @@ def decide(scores: np.ndarray, tau: float, examples: list[sft.Example], max_flag
   reject = share > max_flagged
   labelled = bool(examples) and all("is_harmful" in e.meta for e in examples)
   summary = {
-      "n": len(scores), "flagged": int(flagged.sum()), "flagged_share": share, "max_flagged": max_flagged,
-      "decision": "reject" if reject else "accept", "exit_code": EXIT_REJECT if reject else EXIT_ACCEPT,
-      "tau": float(tau), "labelled": labelled,
-      "n_labelled_harmful": sum(bool(e.meta.get("is_harmful")) for e in examples) if labelled else None,
-      **reft.label_metrics(flagged, examples),
+    "n": len(scores),
+    "flagged": int(flagged.sum()),
+    "flagged_share": share,
+    "max_flagged": max_flagged,
+    "decision": "reject" if reject else "accept",
+    "exit_code": EXIT_REJECT if reject else EXIT_ACCEPT,
+    "tau": float(tau),
+    "labelled": labelled,
+    "n_labelled_harmful": sum(bool(e.meta.get("is_harmful")) for e in examples) if labelled else None,
+    **reft.label_metrics(flagged, examples),
   }
   return order, summary
 
@@ -123,17 +131,24 @@ def resolve_tau(c, teacher_dir: str, teacher, r, tokenizer, layer: int, mesh) ->
   if flt is not None and flt.get("layer", layer) == layer:
     return float(flt["tau"]), f"{path} (the run's filter)", flt.get("tau_mode", "")
   if flt is not None:
-    log.warning("screen: %s is for layer %s, the teacher's direction for layer %d: tau from reft.tau_mode",
-                path, flt.get("layer"), layer)
+    log.warning(
+      "screen: %s is for layer %s, the teacher's direction for layer %d: tau from reft.tau_mode",
+      path,
+      flt.get("layer"),
+      layer,
+    )
   tau = reft.choose_tau(c, teacher, r, tokenizer, layer, mesh)
   m = c.reft.tau_mode
-  source = {"fixed": "reft.tau",
-            "calibrated": f"reft.target_recall={c.reft.target_recall} on held-out reft.probe_harmful",
-            "fpr": f"reft.target_fpr={c.reft.target_fpr} on held-out reft.probe_harmless"}[m]
+  source = {
+    "fixed": "reft.tau",
+    "calibrated": f"reft.target_recall={c.reft.target_recall} on held-out reft.probe_harmful",
+    "fpr": f"reft.target_fpr={c.reft.target_fpr} on held-out reft.probe_harmless",
+  }[m]
   return tau, source, m
 
 
 # ------------------------------------------------------------------ the run
+
 
 def run(c, workdir: str) -> dict:
   """Scores the upload; writes workdir/screen/{report.jsonl,summary.json,screen.html}. Returns main's
@@ -157,8 +172,9 @@ def run(c, workdir: str) -> dict:
   scores = reft.score_prompts(c, teacher, r, tokenizer, user, layer, mesh)
   tau, source, mode = resolve_tau(c, teacher_dir, teacher, r, tokenizer, layer, mesh)
   order, summary = decide(scores, tau, user, c.screen.max_flagged)
-  summary.update(tau_source=source, tau_mode=mode, layer=layer, teacher=teacher_dir,
-                 data_source=c.data.source, attack=c.data.attack)
+  summary.update(
+    tau_source=source, tau_mode=mode, layer=layer, teacher=teacher_dir, data_source=c.data.source, attack=c.data.attack
+  )
   out = os.path.join(workdir, "screen")
   if dist.is_primary():
     os.makedirs(out, exist_ok=True)
@@ -176,15 +192,25 @@ def run(c, workdir: str) -> dict:
 
 def _row(index: int, e: sft.Example, score: float, tau: float) -> dict:
   # `row`: the example's line in its source (after an attack, in the task data or the harmful pool).
-  return {"index": index, "score": score, "flagged": score >= tau, "is_harmful": e.meta.get("is_harmful"),
-          "source": e.meta.get("source"), "row": e.meta.get("row"), "prompt": e.prompt, "input": e.input}
+  return {
+    "index": index,
+    "score": score,
+    "flagged": score >= tau,
+    "is_harmful": e.meta.get("is_harmful"),
+    "source": e.meta.get("source"),
+    "row": e.meta.get("row"),
+    "prompt": e.prompt,
+    "input": e.input,
+  }
 
 
 def describe(summary: dict) -> str:
   """One line for the terminal."""
   s = summary
-  line = (f"{s['flagged']} of {s['n']} flagged ({100 * s['flagged_share']:.1f}%, max "
-          f"{100 * s['max_flagged']:.1f}%) at tau={s['tau']:.4f} -> {s['decision']}")
+  line = (
+    f"{s['flagged']} of {s['n']} flagged ({100 * s['flagged_share']:.1f}%, max "
+    f"{100 * s['max_flagged']:.1f}%) at tau={s['tau']:.4f} -> {s['decision']}"
+  )
   if s["labelled"]:
     line += f"; against the labels: {_metrics_text(s)}"
   return line
@@ -195,11 +221,14 @@ def _pct(x) -> str:
 
 
 def _metrics_text(s: dict) -> str:
-  return (f"precision {_pct(s['precision'])}, recall {_pct(s['recall'])}, "
-          f"false-positive rate {_pct(s['false_positive_rate'])}")
+  return (
+    f"precision {_pct(s['precision'])}, recall {_pct(s['recall'])}, "
+    f"false-positive rate {_pct(s['false_positive_rate'])}"
+  )
 
 
 # ------------------------------------------------------------------ the page
+
 
 def histogram_png(scores: np.ndarray, tau: float, labels: np.ndarray | None = None) -> bytes:
   """The score histogram with tau marked (split by label when labels are known), as PNG bytes."""
@@ -215,8 +244,13 @@ def histogram_png(scores: np.ndarray, tau: float, labels: np.ndarray | None = No
   if labels is None:
     ax.hist(scores, bins=bins, color="#5b7aa8", label="uploaded examples")
   else:
-    ax.hist([scores[~labels], scores[labels]], bins=bins, stacked=True, color=["#5b7aa8", "#c8553d"],
-            label=["labelled harmless", "labelled harmful"])
+    ax.hist(
+      [scores[~labels], scores[labels]],
+      bins=bins,
+      stacked=True,
+      color=["#5b7aa8", "#c8553d"],
+      label=["labelled harmless", "labelled harmful"],
+    )
   ax.axvline(tau, color="black", linestyle="--", label=f"τ = {tau:.4f}")
   ax.set_xlabel("refusal-feature score cos(h, R)")
   ax.set_ylabel("examples")
@@ -243,42 +277,62 @@ def render_html(summary: dict, rows: list[dict], scores: np.ndarray, examples: l
   """The self-contained page: nothing it shows is fetched from elsewhere; every text from the upload or
   the command line is HTML-escaped."""
   s, esc = summary, (lambda x: html.escape(str(x), quote=True))
-  labels = (np.asarray([bool(e.meta.get("is_harmful")) for e in examples]) if s["labelled"] else None)
+  labels = np.asarray([bool(e.meta.get("is_harmful")) for e in examples]) if s["labelled"] else None
   png = base64.b64encode(histogram_png(scores, s["tau"], labels)).decode("ascii")
-  facts = [("decision", s["decision"]), ("examples", s["n"]), ("flagged", s["flagged"]),
-           ("flagged share", _pct(s["flagged_share"])), ("screen.max_flagged", _pct(s["max_flagged"])),
-           ("τ", f"{s['tau']:.4f}"), ("τ source", s.get("tau_source", "")), ("layer", s.get("layer", "")),
-           ("teacher", s.get("teacher", "")), ("data.source", s.get("data_source", "")),
-           ("data.attack", s.get("attack", ""))]
+  facts = [
+    ("decision", s["decision"]),
+    ("examples", s["n"]),
+    ("flagged", s["flagged"]),
+    ("flagged share", _pct(s["flagged_share"])),
+    ("screen.max_flagged", _pct(s["max_flagged"])),
+    ("τ", f"{s['tau']:.4f}"),
+    ("τ source", s.get("tau_source", "")),
+    ("layer", s.get("layer", "")),
+    ("teacher", s.get("teacher", "")),
+    ("data.source", s.get("data_source", "")),
+    ("data.attack", s.get("attack", "")),
+  ]
   if s["labelled"]:
-    facts += [("labelled harmful", s["n_labelled_harmful"]), ("precision", _pct(s["precision"])),
-              ("recall", _pct(s["recall"])), ("false-positive rate", _pct(s["false_positive_rate"]))]
+    facts += [
+      ("labelled harmful", s["n_labelled_harmful"]),
+      ("precision", _pct(s["precision"])),
+      ("recall", _pct(s["recall"])),
+      ("false-positive rate", _pct(s["false_positive_rate"])),
+    ]
   fact_rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts)
   flagged = [r for r in rows if r["flagged"]]
   label_head = "<th>label</th>" if s["labelled"] else ""
 
   def example_row(rank: int, r: dict) -> str:
-    label = (f"<td>{'harmful' if r['is_harmful'] else 'harmless'}</td>" if s["labelled"] else "")
+    label = f"<td>{'harmful' if r['is_harmful'] else 'harmless'}</td>" if s["labelled"] else ""
     text = r["prompt"] + (f"\n\n{r['input']}" if r["input"] else "")
-    return (f"<tr><td>{rank}</td><td>{r['index']}</td><td>{r['score']:.4f}</td>{label}"
-            f"<td class=\"prompt\">{esc(text)}</td></tr>")
+    return (
+      f"<tr><td>{rank}</td><td>{r['index']}</td><td>{r['score']:.4f}</td>{label}"
+      f'<td class="prompt">{esc(text)}</td></tr>'
+    )
 
   shown = "".join(example_row(k + 1, r) for k, r in enumerate(flagged[:MAX_SHOWN]))
-  more = (f"<p class=\"note\">{len(flagged) - MAX_SHOWN} more flagged examples are in report.jsonl.</p>"
-          if len(flagged) > MAX_SHOWN else "")
-  table = (f"<table><tr><th>#</th><th>index</th><th>score</th>{label_head}<th>prompt</th></tr>{shown}</table>"
-           if flagged else "<p>No example scored at or above τ.</p>")
+  more = (
+    f'<p class="note">{len(flagged) - MAX_SHOWN} more flagged examples are in report.jsonl.</p>'
+    if len(flagged) > MAX_SHOWN
+    else ""
+  )
+  table = (
+    f"<table><tr><th>#</th><th>index</th><th>score</th>{label_head}<th>prompt</th></tr>{shown}</table>"
+    if flagged
+    else "<p>No example scored at or above τ.</p>"
+  )
   return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>reft-jax screening: {esc(s['decision'])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>reft-jax screening: {esc(s["decision"])}</title>
 <style>{_CSS}</style></head><body>
-<h1>Upload screening <span class="decision {esc(s['decision'])}">{esc(s['decision']).upper()}</span></h1>
+<h1>Upload screening <span class="decision {esc(s["decision"])}">{esc(s["decision"]).upper()}</span></h1>
 <p>{esc(describe(s))}. The upload is rejected when more than screen.max_flagged of it scores at or above
 τ on the ReFT teacher's refusal feature.</p>
 <table>{fact_rows}</table>
 <h2>Scores</h2>
-<img alt="histogram of the refusal-feature scores with tau = {s['tau']:.4f} marked"
+<img alt="histogram of the refusal-feature scores with tau = {s["tau"]:.4f} marked"
 src="data:image/png;base64,{png}">
-<h2>Flagged examples ({s['flagged']}), highest score first</h2>
+<h2>Flagged examples ({s["flagged"]}), highest score first</h2>
 {table}{more}
 </body></html>
 """

@@ -35,10 +35,19 @@ def ensure_base(c, workdir: str, mesh, rules) -> str:
   """model.hf_path, or the safety world's base model pretrained into workdir/base."""
   if c.model.hf_path:
     return c.model.hf_path
-  pc = with_updates(c, **{
-      "method": "pretrain", "data.source": "world:pretrain", "data.attack": "none",
-      "train.num_steps": c.demo.pretrain_steps, "train.batch_size": 32, "train.lr": 3e-3,
-      "train.warmup_steps": 30, "model.arch": c.demo.arch})
+  pc = with_updates(
+    c,
+    **{
+      "method": "pretrain",
+      "data.source": "world:pretrain",
+      "data.attack": "none",
+      "train.num_steps": c.demo.pretrain_steps,
+      "train.batch_size": 32,
+      "train.lr": 3e-3,
+      "train.warmup_steps": 30,
+      "model.arch": c.demo.arch,
+    },
+  )
   if not finished(workdir, "base"):
     examples = read_examples(pc)
     tokenizer = get_tokenizer(pc, workdir, examples)
@@ -48,8 +57,9 @@ def ensure_base(c, workdir: str, mesh, rules) -> str:
 
 def evaluate(env: Env, c, workdir: str, name: str, model_path: str, extra: dict) -> dict:
   model = load_frozen(c, model_path, env.mesh, env.rules)
-  return evaluate_and_record(with_updates(c, **{"eval.name": name}), workdir, model, env.tokenizer, env.mesh,
-                             name, extra)
+  return evaluate_and_record(
+    with_updates(c, **{"eval.name": name}), workdir, model, env.tokenizer, env.mesh, name, extra
+  )
 
 
 def run_one(c, workdir: str) -> dict:
@@ -75,8 +85,9 @@ def run_one(c, workdir: str) -> dict:
   return out
 
 
-def compare(c, workdir: str, methods: list[str], ps: list[float], seeds: list[int], *, cell_dirs: bool,
-            reference: bool = False) -> dict:
+def compare(
+  c, workdir: str, methods: list[str], ps: list[float], seeds: list[int], *, cell_dirs: bool, reference: bool = False
+) -> dict:
   """Trains and evaluates every (method, p, seed); returns results.json's content."""
   t0 = time.perf_counter()
   mesh, rules = setup_mesh(c)
@@ -98,8 +109,14 @@ def compare(c, workdir: str, methods: list[str], ps: list[float], seeds: list[in
         root = os.path.join(workdir, f"p{p:g}_seed{seed}") if cell_dirs else workdir
         start = time.perf_counter()
         path, extra = run_defence(env, root, method, user)
-        extra = {"filter": None, **extra, "wall_seconds": time.perf_counter() - start, "method": method,
-                 "p": p, "seed": seed}
+        extra = {
+          "filter": None,
+          **extra,
+          "wall_seconds": time.perf_counter() - start,
+          "method": method,
+          "p": p,
+          "seed": seed,
+        }
         evaluate(env, cell_c, workdir, name, path, extra)
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
@@ -116,4 +133,3 @@ def write_json(path: str, obj) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
-

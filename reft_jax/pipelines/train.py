@@ -18,13 +18,15 @@ from reft_jax.stages import Env, StageSpec, finished, model_dir, run_stage
 log = logging.getLogger(__name__)
 
 
-def train_and_export(c, workdir: str, stage: str, examples: list[sft.Example], tokenizer, mesh, rules, *,
-                     loss_on: str = "response") -> dict:
+def train_and_export(
+  c, workdir: str, stage: str, examples: list[sft.Example], tokenizer, mesh, rules, *, loss_on: str = "response"
+) -> dict:
   """Trains c.model (hf_path or random init) on `examples` as workdir/<stage>; raises stages.Stopped."""
   data = sft.tokenize(examples, tokenizer, c.data.seq_len, c.data.template, loss_on=loss_on)
   if data.num_truncated:
-    log.warning("%s: %d of %d examples were truncated to data.seq_len=%d", stage, data.num_truncated,
-                len(data), c.data.seq_len)
+    log.warning(
+      "%s: %d of %d examples were truncated to data.seq_len=%d", stage, data.num_truncated, len(data), c.data.seq_len
+    )
   env = Env(c, mesh, rules, tokenizer, c.model.hf_path, workdir)
   result = run_stage(env, workdir, StageSpec(stage, data))
   out = {"history": result.history, "model": result.model, "model_dir": result.model_dir}
@@ -40,11 +42,13 @@ def run(c, workdir: str) -> dict:
   examples = read_examples(c)
   tokenizer = get_tokenizer(c, workdir, examples)
   reused = finished(workdir, stage)
-  out = train_and_export(c, workdir, stage, examples, tokenizer, mesh, rules,
-                         loss_on="all" if stage == "pretrain" else "response")
+  out = train_and_export(
+    c, workdir, stage, examples, tokenizer, mesh, rules, loss_on="all" if stage == "pretrain" else "response"
+  )
   out["reused"] = reused
   if c.eval.enabled:
     model = out["model"] or load_frozen(c, model_dir(workdir, stage), mesh, rules)
-    out["results"] = evaluate_and_record(c, workdir, model, tokenizer, mesh, stage,
-                                         {"wall_seconds": time.perf_counter() - start, "filter": None})
+    out["results"] = evaluate_and_record(
+      c, workdir, model, tokenizer, mesh, stage, {"wall_seconds": time.perf_counter() - start, "filter": None}
+    )
   return out

@@ -1,0 +1,134 @@
+"""ReFT's filter: the frozen teacher scores every user prompt by cos(h^l, R) at its layer and drops those
+scoring >= tau (fixed, or calibrated on held-out probe prompts); also what `reft-jax screen` runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+
+from reft_jax import distributed as dist
+from reft_jax import refusal
+from reft_jax.data import sft
+from reft_jax.data.formats import write_jsonl
+from reft_jax.data.load import load
+
+log = logging.getLogger(__name__)
+
+
+def layer_of(c, model) -> int:
+  return c.reft.layer if c.reft.layer > 0 else model.cfg.num_layers // 2
+
+
+def probe_sets(c, tokenizer):
+  """(estimation harmful, estimation harmless, held-out harmful, held-out harmless) prompt sets."""
+  harm = load(c, c.reft.probe_harmful, c.reft.probe_size * 2)
+  safe = load(c, c.reft.probe_harmless, c.reft.probe_size * 2)
+  tok = lambda exs: refusal.tokenize_prompts(exs, tokenizer, c.data.seq_len, c.data.template)
+  h, s = len(harm) // 2, len(safe) // 2
+  return tok(harm[:h]), tok(safe[:s]), tok(harm[h:]), tok(safe[s:])
+
+
+def calibrate_tau(harmful_scores: np.ndarray, target_recall: float) -> float:
+  """The largest tau such that at least target_recall of the held-out harmful prompts score >= tau
+  (i.e. would be dropped)."""
+  s = np.sort(np.asarray(harmful_scores))[::-1]
+  k = int(np.ceil(target_recall * len(s)))
+  return float(s[max(k - 1, 0)])
+
+
+def fpr_tau(harmless_scores: np.ndarray, target_fpr: float) -> float:
+  """The smallest tau that drops at most target_fpr of the held-out harmless prompts (scores > the
+  (1 - target_fpr) quantile), i.e. a false-positive budget instead of a recall target."""
+  s = np.sort(np.asarray(harmless_scores))[::-1]
+  k = int(np.floor(target_fpr * len(s)))  # harmless prompts allowed at or above tau
+  return float(np.nextafter(s[k], np.inf)) if k < len(s) else float(s[-1])
+
+
+def score_prompts(c, teacher, r, tokenizer, examples: list[sft.Example], layer: int, mesh) -> np.ndarray:
+  """cos(h^layer, R) of every example's prompt (as data.template renders it, response dropped): [N]."""
+  data = refusal.tokenize_prompts(examples, tokenizer, c.data.seq_len, c.data.template)
+  return np.asarray(refusal.cosine(refusal.prompt_features(teacher, data, layer, mesh=mesh), r))
+
+
+def choose_tau(c, teacher, r, tokenizer, layer: int, mesh) -> float:
+  """reft.tau_mode's threshold: reft.tau, or calibrated on the held-out half of the probe sets."""
+  if c.reft.tau_mode not in ("calibrated", "fpr"):
+    return float(c.reft.tau)
+  _, _, held_h, held_s = probe_sets(c, tokenizer)
+  held = held_h if c.reft.tau_mode == "calibrated" else held_s
+  cal = np.asarray(refusal.cosine(refusal.prompt_features(teacher, held, layer, mesh=mesh), r))
+  return (
+    calibrate_tau(cal, c.reft.target_recall) if c.reft.tau_mode == "calibrated" else fpr_tau(cal, c.reft.target_fpr)
+  )
+
+
+def label_metrics(flagged: np.ndarray, examples: list[sft.Example]) -> dict:
+  """Precision, recall and false-positive rate of `flagged` against the hidden meta['is_harmful']
+  labels; None where they are undefined (no labels, nothing flagged, one class absent)."""
+  labels = np.asarray([bool(e.meta.get("is_harmful", False)) for e in examples])
+  known = all("is_harmful" in e.meta for e in examples)
+  tp = int(np.sum(flagged & labels))
+  return {
+    "precision": (tp / int(flagged.sum())) if known and flagged.any() else None,
+    "recall": (tp / max(int(labels.sum()), 1)) if known and labels.any() else None,
+    "false_positive_rate": (float(np.mean(flagged[~labels])) if known and (~labels).any() else None),
+  }
+
+
+def filter_user_data(c, workdir, teacher, r, tokenizer, user: list[sft.Example], mesh):
+  """Scores every user prompt; writes filter/{report.jsonl,kept.jsonl,summary.json}. Resumable: an
+  existing summary is reused."""
+  out = os.path.join(workdir, "filter")
+  summary_path = os.path.join(out, "summary.json")
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+    return [user[i] for i in summary["kept_indices"]], summary
+  layer = layer_of(c, teacher)
+  scores = score_prompts(c, teacher, r, tokenizer, user, layer, mesh)
+  tau = choose_tau(c, teacher, r, tokenizer, layer, mesh)
+  dropped = scores >= tau
+  summary = {
+    "n": len(user),
+    "kept": int(np.sum(~dropped)),
+    "kept_fraction": float(np.mean(~dropped)),
+    "tau": float(tau),
+    "tau_mode": c.reft.tau_mode,
+    "layer": layer,
+    **label_metrics(dropped, user),
+    "kept_indices": [int(i) for i in np.flatnonzero(~dropped)],
+  }
+  if summary["kept"] == 0:
+    raise ValueError(
+      f"filter: all {len(user)} user examples scored >= tau={tau:.3f} and were dropped; "
+      "nothing is left to fine-tune on (raise reft.tau or check reft.layer)"
+    )
+  if summary["kept"] == len(user):
+    log.warning("filter: no user example scored >= tau=%.3f; all %d kept", tau, len(user))
+  if dist.is_primary():
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "report.jsonl"), "w") as f:
+      for i, (e, s, d) in enumerate(zip(user, scores, dropped)):
+        f.write(
+          json.dumps(
+            {
+              "index": i,
+              "score": float(s),
+              "kept": not bool(d),
+              "is_harmful": e.meta.get("is_harmful"),
+              "prompt": e.prompt,
+              "input": e.input,
+            }
+          )
+          + "\n"
+        )
+    write_jsonl([user[i] for i in summary["kept_indices"]], os.path.join(out, "kept.jsonl"))
+    tmp = summary_path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(summary, f, indent=2)
+    os.replace(tmp, summary_path)
+  dist.barrier("filter")  # the summary marks the filter done: all processes see it from here on
+  return [user[i] for i in summary["kept_indices"]], summary
