@@ -45,6 +45,8 @@ def _world_overrides(**extra) -> dict:
     "eval.max_new_tokens": 4,
     "eval.batch_size": 8,
     "eval.tasks": "sst2=world:sst2_test",
+    "demo.arch": "tiny",  # the world's base model, pretrained for 2 steps (the demo's, shrunk)
+    "demo.pretrain_steps": 2,
     **extra,
   }
 

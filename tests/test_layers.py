@@ -118,3 +118,17 @@ def test_modules_and_functions_stay_short(module):
     if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES
   ]
   assert not long, f"{path}: functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE.parent / "configs").glob("*.py")), ids=lambda p: p.name)
+def test_config_files_stay_short(path):
+  """configs/: base.py's `defaults` is the table of every field's default (data); the rest is code."""
+  assert path.read_text().count("\n") <= MAX_MODULE_LINES, f"{path}: split it"
+  long = [
+    n.name
+    for n in ast.walk(ast.parse(path.read_text()))
+    if isinstance(n, ast.FunctionDef)
+    and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES
+    and (path.name, n.name) != ("base.py", "defaults")
+  ]
+  assert not long, f"{path}: functions over {MAX_FUNCTION_LINES} lines: {long}"

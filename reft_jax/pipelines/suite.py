@@ -63,16 +63,18 @@ def evaluate(env: Env, c, workdir: str, name: str, model_path: str, extra: dict)
 
 
 def run_one(c, workdir: str) -> dict:
-  """`--config.method=<defence>`: that defence alone on the configured user data, from model.hf_path (or
-  a random init of model.arch, exported to workdir/base): its alignment stage, its fine-tuning stage,
-  evaluation (eval.enabled) and results.json, in the same stages the demo and the sweep run."""
+  """`--config.method=<defence>`: that defence alone on the configured user data, from model.hf_path (on the
+  safety world without one: the world's base model pretrained into workdir/base, as the demo does; else a
+  random init of model.arch): its alignment stage, its fine-tuning stage, evaluation (eval.enabled) and
+  results.json, in the same stages the demo and the sweep run."""
   start = time.perf_counter()
   mesh, rules = setup_mesh(c)
   user = read_examples(c)
-  tokenizer = get_tokenizer(c, workdir, user)
-  base = c.model.hf_path
-  if not base:
-    base = model_dir(workdir, "base")
+  if c.model.hf_path or c.data.source.startswith("world:"):  # the safety world: its pretrained base, as the demo
+    base = ensure_base(c, workdir, mesh, rules)
+    tokenizer = get_tokenizer(with_updates(c, **{"model.hf_path": base}), workdir, [])
+  else:
+    base, tokenizer = model_dir(workdir, "base"), get_tokenizer(c, workdir, user)
     if not finished(workdir, "base"):
       save_hf(build_model(c, mesh, rules, tokenizer), base, tokenizer)
   c = with_updates(c, **{"model.hf_path": base})
