@@ -39,6 +39,7 @@ from reft_jax.defences.registry import Defence, register
 from reft_jax.defences.sft import alignment_budget
 from reft_jax.distributed import to_host
 from reft_jax.model import read_hf_config
+from reft_jax.model.hf import resolve_checkpoint
 from reft_jax.model.build import load_frozen
 from reft_jax.stages import Env, MethodState, StageSpec
 from reft_jax.train import split_model
@@ -102,7 +103,7 @@ def teacher_stage(env: Env) -> StageSpec:
   """The teacher: from the base model, CE on the alignment data (harmful and harmless halves in every
   batch) + lam * the refusal regularizer; R re-estimated on the probe set every K steps (or an EMA)."""
   c, tokenizer, mesh = env.c, env.tokenizer, env.mesh
-  layer = c.reft.layer or read_hf_config(env.base_path).num_layers // 2
+  layer = c.reft.layer or read_hf_config(resolve_checkpoint(env.base_path)).num_layers // 2  # a hub name too
   est_h, est_s, held_h, held_s = probe_sets(c, tokenizer)
 
   def estimate(model):
