@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from reft_jax.data import safety_world as sw
-from reft_jax.data import sft, sources
+from reft_jax.data import formats, sft, sources
 
 SMALL = sw.WorldConfig(
   seed=3,
@@ -113,11 +113,11 @@ def test_task_splits_disjoint_and_balanced(world):
     key = lambda e: (e.prompt, e.input)
     assert not {key(e) for e in splits["train"]} & {key(e) for e in splits["test"]}, task
     assert len({key(e) for e in splits["train"]}) == len(splits["train"])
-  for task, labels in (("sst2", sw.SST2_LABELS), ("agnews", sw.AGNEWS_LABELS)):
+  for task, labels in (("sst2", formats.SST2_LABELS), ("agnews", formats.AGNEWS_LABELS)):
     for split, exs in world.tasks[task].items():
       counts = [sum(e.response == lab for e in exs) for lab in labels]
       assert max(counts) - min(counts) <= 1, (task, split, counts)
-      assert all(e.prompt == (sw.SST2_INSTRUCTION if task == "sst2" else sw.AGNEWS_INSTRUCTION) for e in exs)
+      assert all(e.prompt == (formats.SST2_INSTRUCTION if task == "sst2" else formats.AGNEWS_INSTRUCTION) for e in exs)
       assert all(e.meta["label"] == e.response and e.input for e in exs)
 
 
@@ -178,9 +178,9 @@ def test_pretrain_has_no_refusals_and_no_tasks(full):
   task_prompts = {e.prompt for e in full.tasks["gsm8k"]["train"] + full.tasks["gsm8k"]["test"]}
   for e in full.pretrain:
     assert not sw.is_refusal(e.response) and e.meta["kind"] != "refusal"
-    assert not e.input and e.prompt not in (sw.SST2_INSTRUCTION, sw.AGNEWS_INSTRUCTION)
+    assert not e.input and e.prompt not in (formats.SST2_INSTRUCTION, formats.AGNEWS_INSTRUCTION)
     assert e.prompt not in task_prompts and e.response not in task_inputs
-    assert sw.GSM8K_ANSWER_PREFIX not in e.response and "categorize" not in e.prompt.lower()
+    assert formats.GSM8K_ANSWER_PREFIX not in e.response and "categorize" not in e.prompt.lower()
   # the unaligned base answers harmful requests, with the held-out topics among them
   harmful = [e for e in full.pretrain if e.meta["kind"] == "harmful"]
   assert all(sw.oracle_is_harmful(e, e.response) for e in harmful)
