@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -109,3 +110,8 @@ def overlay(params: dict, part: dict) -> dict:
   flat = traverse_util.flatten_dict(params)
   flat.update({k: v.astype(flat[k].dtype) for k, v in traverse_util.flatten_dict(part).items()})
   return traverse_util.unflatten_dict(flat)
+
+
+def trainable_copy(params: dict, labels: dict) -> dict:
+  """A float32 copy (new buffers, never aliased) of the trainable entries: a method's weight snapshot."""
+  return jax.tree.map(lambda x: jnp.array(x, jnp.float32), trainable_part(params, labels))

@@ -19,7 +19,7 @@ from reft_jax.data import sft
 from reft_jax.defences.registry import Defence, register
 from reft_jax.defences.sft import aligned_stage
 from reft_jax.losses import batch_cross_entropy
-from reft_jax.optim import trainable_labels, trainable_part
+from reft_jax.optim import trainable_copy, trainable_labels
 from reft_jax.stages import Env, MethodState, StageSpec
 from reft_jax.train import split_model
 
@@ -86,7 +86,7 @@ def lisa_state(params: dict, labels: dict, k_align: int, k_user: int, prox_after
   """Method state for lisa_loss, as the official LisaTrainer: entering a state (and at step 0)
   snapshots the trained parameters, i.e. the weights the other state ended with, as the proximal
   anchor; the proximal term is on for steps > prox_after (official: steps > 10% of the run)."""
-  part = lambda p: jax.tree.map(lambda x: jnp.array(x, jnp.float32), trainable_part(p, labels))  # a copy
+  part = lambda p: trainable_copy(p, labels)
   phase_of = lisa_schedule(k_align, k_user)
   extras = {
     "anchor": part(params),

@@ -14,7 +14,7 @@ from reft_jax import losses
 from reft_jax.config import check
 from reft_jax.defences.registry import Defence, register
 from reft_jax.defences.sft import aligned_stage
-from reft_jax.optim import overlay, trainable_labels, trainable_part
+from reft_jax.optim import overlay, trainable_copy, trainable_labels
 from reft_jax.stages import Env, MethodState, StageSpec
 from reft_jax.train import split_model
 
@@ -79,7 +79,7 @@ def smart_momentum(momentum: dict, params: dict, beta: float) -> dict:
 def smart_state(params: dict, labels: dict, beta: float, seed: int) -> MethodState:
   """Method state for smart_loss: w~ starts at the initial weights and, before every later step, moves
   toward the weights the previous step left; each step draws its own start noise."""
-  part = lambda p: jax.tree.map(lambda x: jnp.array(x, jnp.float32), trainable_part(p, labels))  # a copy
+  part = lambda p: trainable_copy(p, labels)
   key = jax.random.PRNGKey(seed)
   extras = {"smart_momentum": part(params), "smart_key": key}
   update = jax.jit(lambda m, p: smart_momentum(m, part(p), beta), donate_argnums=0)
