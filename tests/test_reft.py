@@ -112,7 +112,7 @@ def test_fpr_tau_keeps_the_false_positive_budget():
     assert np.mean(scores >= np.nextafter(tau, -np.inf) - 1e-9) > fpr  # the smallest such tau
 
 
-def _planted_filter(monkeypatch, tmp_path, tok, c, scores_of):
+def _planted_filter(monkeypatch, tmp_path, tok, c, scores_of, layer=0):
   rng = np.random.default_rng(0)
   user = _examples(10, True, rng) + _examples(30, False, rng)
   r = np.ones(4, np.float32)
@@ -123,7 +123,35 @@ def _planted_filter(monkeypatch, tmp_path, tok, c, scores_of):
   class Teacher:  # only its config is read
     cfg = PRESETS["tiny"]
 
-  return user, reft.filter_user_data(c, str(tmp_path), Teacher(), r, tok, user, mesh=None)
+  return user, reft.filter_user_data(c, str(tmp_path), Teacher(), r, tok, user, mesh=None, layer=layer)
+
+
+def test_select_layer_picks_the_layer_whose_direction_separates_held_out_probes(monkeypatch):
+  rng = np.random.default_rng(0)
+  margin = {2: 0.3, 3: 3.0, 4: 1.0}  # per layer: how far apart the classes lie along one axis
+
+  def features(model, data, layers, **kw):  # data: the probe set's name; harmful ones end in "h"
+    out = rng.normal(size=(40, len(layers), 8))
+    out[:, :, 0] += 4.0  # a shared offset: cosines are not trivially +-1
+    for j, layer in enumerate(layers):
+      out[:, j, 1] += margin[layer] * (1.0 if data.endswith("h") else -1.0)
+    return out
+
+  monkeypatch.setattr(refusal, "prompt_features", features)
+
+  class Model:
+    cfg = PRESETS["tiny"].replace(num_layers=4)
+
+  layer, rows = reft.select_layer(Model(), ("est_h", "est_s", "held_h", "held_s"))
+  assert layer == 3 and [r["layer"] for r in rows] == [2, 3, 4]
+  assert rows[1]["d_prime"] > rows[2]["d_prime"] > rows[0]["d_prime"] > 0
+  assert rows[1]["auroc"] == 1.0
+
+
+def test_filter_scores_at_the_layer_the_teacher_recorded(monkeypatch, tmp_path, tok):
+  c = tiny_config(**{"data.seq_len": 48})
+  _, (_, summary) = _planted_filter(monkeypatch, tmp_path, tok, c, lambda i: 1.0 if i < 10 else -1.0, layer=3)
+  assert summary["layer"] == 3  # not layer_of's num_layers // 2
 
 
 def test_filter_on_a_planted_set_writes_an_auditable_report(monkeypatch, tmp_path, tok):

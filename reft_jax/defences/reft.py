@@ -26,6 +26,7 @@ from reft_jax.config import BUILD_ALIGNMENT, check
 from reft_jax.data import sft
 from reft_jax.data.load import load
 from reft_jax.defences.reft_filter import (  # noqa: F401  (the filter's vocabulary, re-exported)
+  AUTO_LAYER,
   calibrate_tau,
   choose_tau,
   filter_user_data,
@@ -34,6 +35,7 @@ from reft_jax.defences.reft_filter import (  # noqa: F401  (the filter's vocabul
   layer_of,
   probe_sets,
   score_prompts,
+  select_layer,
 )
 from reft_jax.defences.registry import Defence, register
 from reft_jax.defences.sft import alignment_budget
@@ -103,8 +105,10 @@ def teacher_stage(env: Env) -> StageSpec:
   """The teacher: from the base model, CE on the alignment data (harmful and harmless halves in every
   batch) + lam * the refusal regularizer; R re-estimated on the probe set every K steps (or an EMA)."""
   c, tokenizer, mesh = env.c, env.tokenizer, env.mesh
-  layer = c.reft.layer or read_hf_config(resolve_checkpoint(env.base_path)).num_layers // 2  # a hub name too
-  est_h, est_s, held_h, held_s = probe_sets(c, tokenizer)
+  probes = probe_sets(c, tokenizer)
+  est_h, est_s, held_h, held_s = probes
+  out_dir = os.path.join(env.shared_dir, "teacher")
+  layer = teacher_layer(env, probes, out_dir)
 
   def estimate(model):
     fh = refusal.prompt_features(model, est_h, layer, mesh=mesh)
@@ -131,7 +135,6 @@ def teacher_stage(env: Env) -> StageSpec:
     {"harmful": sft.Batcher(tok(harm), half, seed=c.seed), "harmless": sft.Batcher(tok(safe), half, seed=c.seed + 1)}
   )
   every = c.reft.update_every or max(budget["num_steps"] // 10, 1)
-  out_dir = os.path.join(env.shared_dir, "teacher")
   log_path = os.path.join(out_dir, "refusal.jsonl")
 
   def setup(base):
@@ -164,6 +167,35 @@ def teacher_stage(env: Env) -> StageSpec:
   return StageSpec(
     "teacher", data, init=env.base_path, loss=teacher_loss(layer, c.reft.lam), train=budget, setup=setup, finish=finish
   )
+
+
+def teacher_layer(env: Env, probes, out_dir: str) -> int:
+  """reft.layer; 0 = num_layers // 2; AUTO_LAYER = select_layer on the base model, chosen once and kept in
+  out_dir/layer.json (a resumed run, the filter and `screen` use the same layer)."""
+  c = env.c
+  if c.reft.layer != AUTO_LAYER:
+    return c.reft.layer or read_hf_config(resolve_checkpoint(env.base_path)).num_layers // 2  # a hub name too
+  path = os.path.join(out_dir, "layer.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return int(json.load(f)["layer"])
+  layer, rows = select_layer(load_frozen(c, env.base_path, env.mesh, env.rules), probes, env.mesh)
+  log.info("teacher: refusal-feature layer %d chosen on the probe sets' held-out halves (base model)", layer)
+  if dist.is_primary():
+    os.makedirs(out_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump({"layer": layer, "criterion": "d_prime, then auroc", "rows": rows}, f, indent=2)
+    os.replace(path + ".tmp", path)
+  return layer
+
+
+def recorded_layer(teacher_dir: str) -> int:
+  """The layer a trained teacher's direction belongs to (its refusal.json), 0 when it records none."""
+  path = os.path.join(os.path.dirname(teacher_dir), "refusal.json")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    return int(json.load(f).get("layer") or 0)
 
 
 def _append_json(path: str, record: dict) -> None:
@@ -241,7 +273,7 @@ def student_stage(env: Env, root: str, teacher_dir: str, user: list[sft.Example]
   c = env.c
   teacher = load_frozen(c, teacher_dir, env.mesh, env.rules)  # exported (LoRA-merged), on the student's mesh
   r = np.load(os.path.join(os.path.dirname(teacher_dir), "refusal_direction.npy"))
-  kept, summary = filter_user_data(c, root, teacher, r, env.tokenizer, user, env.mesh)
+  kept, summary = filter_user_data(c, root, teacher, r, env.tokenizer, user, env.mesh, recorded_layer(teacher_dir))
   log.info(
     "filter: kept %d of %d (precision %s, recall %s, tau %.3f)",
     summary["kept"],
@@ -275,7 +307,7 @@ def student_stage(env: Env, root: str, teacher_dir: str, user: list[sft.Example]
 
 def _validate(c):
   r = c.reft
-  check(r.layer >= 0, "reft.layer", r.layer, "must be >= 0 (0 = num_layers // 2)")
+  check(r.layer >= AUTO_LAYER, "reft.layer", r.layer, "must be >= 0 (0 = num_layers // 2) or -1 (chosen on the probes)")
   check(r.lam >= 0 and r.beta >= 0, "reft.lam/beta", (r.lam, r.beta), "must be >= 0")
   check(r.temperature > 0, "reft.temperature", r.temperature, "must be positive")
   check(0 <= r.ema_momentum < 1, "reft.ema_momentum", r.ema_momentum, "must lie in [0, 1)")
@@ -326,7 +358,7 @@ REFT = register(
     validate=_validate,
     source="ReFT (METHODS.md §1; our reconstruction)",
     defaults=dict(
-      layer=0,  # refusal-feature layer; 0 = num_layers // 2
+      layer=0,  # refusal-feature layer; 0 = num_layers // 2; -1 = chosen on the probe sets (select_layer)
       lam=1.0,  # weight of the refusal regularizer
       update_every=0,  # re-estimate R on the probe set every K teacher steps; 0 = 1/10 of training
       ema_momentum=0.0,  # > 0: R <- m R + (1 - m) R_batch instead of probe re-estimation

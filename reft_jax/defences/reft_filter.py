@@ -18,8 +18,34 @@ from reft_jax.data.load import load
 log = logging.getLogger(__name__)
 
 
+AUTO_LAYER = -1  # reft.layer=-1: the teacher picks its layer on the base model (select_layer)
+
+
 def layer_of(c, model) -> int:
   return c.reft.layer if c.reft.layer > 0 else model.cfg.num_layers // 2
+
+
+def separation(harm: np.ndarray, safe: np.ndarray) -> float:
+  """d' of two score samples: (mean difference) / pooled standard deviation. Unlike the AUROC it keeps
+  ranking layers once both reach 1.0 on a small held-out set (a margin generalises; a rank does not)."""
+  pooled = np.sqrt((np.var(harm) + np.var(safe)) / 2) + 1e-8
+  return float((np.mean(harm) - np.mean(safe)) / pooled)
+
+
+def select_layer(model, probes, mesh=None, first: int = 2) -> tuple[int, list[dict]]:
+  """The layer (of first..num_layers) whose difference-of-means direction, estimated on the probe sets'
+  estimation halves, best separates their held-out halves (d', then AUROC): the provider's own sets, never
+  an evaluation set. probes: probe_sets' four sets. Returns (layer, one row per layer)."""
+  est_h, est_s, held_h, held_s = probes
+  layers = tuple(range(first, model.cfg.num_layers + 1))
+  f = [refusal.prompt_features(model, d, layers, mesh=mesh) for d in (est_h, est_s, held_h, held_s)]
+  rows = []
+  for j, layer in enumerate(layers):
+    r = f[0][:, j].mean(0) - f[1][:, j].mean(0)
+    sh, ss = (np.asarray(refusal.cosine(x[:, j], r)) for x in f[2:])
+    rows.append({"layer": layer, "d_prime": separation(sh, ss), "auroc": refusal.auroc(sh, ss)})
+  best = max(rows, key=lambda row: (row["d_prime"], row["auroc"]))
+  return best["layer"], rows
 
 
 def probe_sets(c, tokenizer):
@@ -78,16 +104,16 @@ def label_metrics(flagged: np.ndarray, examples: list[sft.Example]) -> dict:
   }
 
 
-def filter_user_data(c, workdir, teacher, r, tokenizer, user: list[sft.Example], mesh):
-  """Scores every user prompt; writes filter/{report.jsonl,kept.jsonl,summary.json}. Resumable: an
-  existing summary is reused."""
+def filter_user_data(c, workdir, teacher, r, tokenizer, user: list[sft.Example], mesh, layer: int = 0):
+  """Scores every user prompt at `layer` (the one R was taken at; 0 = layer_of); writes
+  filter/{report.jsonl,kept.jsonl,summary.json}. Resumable: an existing summary is reused."""
   out = os.path.join(workdir, "filter")
   summary_path = os.path.join(out, "summary.json")
   if os.path.exists(summary_path):
     with open(summary_path) as f:
       summary = json.load(f)
     return [user[i] for i in summary["kept_indices"]], summary
-  layer = layer_of(c, teacher)
+  layer = layer or layer_of(c, teacher)
   scores = score_prompts(c, teacher, r, tokenizer, user, layer, mesh)
   tau = choose_tau(c, teacher, r, tokenizer, layer, mesh)
   dropped = scores >= tau

@@ -111,7 +111,7 @@ def stage_spec(c, mode: str | None = None, stage: str | None = None, label: str 
       else None
     ),
     topk=c.reft.topk,
-    layer=c.reft.layer or cfg.num_layers // 2,
+    layer=(c.reft.layer or cfg.num_layers // 2) if c.reft.layer >= 0 else cfg.num_layers,  # -1: at most the last
     optim=optim,
   )
 
