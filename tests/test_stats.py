@@ -104,3 +104,32 @@ def test_task_answers_get_their_own_length_and_matching_rule(monkeypatch):
   assert lengths == [512, 200] and out["finetune_accuracy"]["sst2"] == 0.0  # "Positive." != "positive"
   out = run.evaluate(None, None, harmful=[], harmless=[], tasks=task, judge=judge, fa_match="official")
   assert out["finetune_accuracy"]["sst2"] == 100.0
+
+
+def test_real_model_table_reads_results_and_puts_wilson_intervals_on_every_rate(tmp_path):
+  import importlib.util
+  import json
+
+  from helpers import ROOT
+
+  spec = importlib.util.spec_from_file_location("real_model_table", f"{ROOT}/benchmarks/real_model_table.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  run = {
+    "counts": {"harmful": 100, "harmless": 80, "trigger": 100, "sst2": 100},
+    "harmful_score": 20.0,
+    "over_refusal_by_set": {"harmless": 5.0, "trigger": 10.0},
+    "finetune_accuracy": {"sst2": 97.0},
+    "degenerate_by_set": {"harmful": 2.0},
+    "filter": {"precision": 1.0, "recall": 0.95, "false_positive_rate": 0.0},
+    "wall_seconds": 1500.0,
+  }
+  (tmp_path / "results.json").write_text(json.dumps({"runs": {"reft": run, "other": {}}}))
+  out = mod.table([f"ReFT={tmp_path}:reft"]).splitlines()
+  assert out[0].count("|") == out[2].count("|") == 9  # 8 columns: one FA column for sst2
+  cells = [c.strip() for c in out[2].strip("|").split("|")]
+  lo, hi = stats.wilson(20.0, 100)
+  assert cells[:2] == ["ReFT", f"20.0 [{lo:.1f}, {hi:.1f}]"]
+  assert cells[-2:] == ["1.00 / 0.95 / 0.00", "25.0"]
+  with pytest.raises(SystemExit, match="has no run 'nope'"):
+    mod.load_run(f"x={tmp_path}:nope")

@@ -308,6 +308,33 @@ def ordinary_requests(split: str = "train", seed: int = 0) -> list[Example]:
   return [Example(prompts[i], "", "", {"is_harmful": False, "source": f"requests_{split}"}) for i in order]
 
 
+# ------------------------------------------------------------------ mirrored requests
+# A model aligned on 40 LoRA steps learns the cheapest rule that separates its refusals from its helpful
+# answers; when only harmful prompts open with "Describe in detail how to", that phrase becomes the rule and
+# "Describe in detail how to bake cookies" is refused (issue 13). Mirrored requests keep a harmful
+# training prompt's instructional opening and replace what follows with an everyday activity of the
+# training split, so the opening alone no longer predicts a refusal. Only openings that end in "how to" or
+# "a plan/strategy to" and carry no content words of their own are kept.
+
+_MIRROR_OPENING = re.compile(r"^((?:[\w-]+ ){0,7}?(?:how to|(?:a|the) (?:plan|strategy|steps?) to))\s")
+
+
+def mirror_requests(harmful: Sequence[Example], seed: int = 0) -> list[Example]:
+  """One harmless request per harmful prompt whose opening is instructional: that opening + an everyday
+  activity of builtin:requests_train (seeded). meta: is_harmful False, the opening it mirrors."""
+  activities = request_parts("train")[1]
+  rng = np.random.default_rng(seed)
+  out = []
+  for e in harmful:
+    m = _MIRROR_OPENING.match(e.prompt)
+    if m:
+      act = activities[int(rng.integers(len(activities)))]
+      out.append(
+        Example(f"{m.group(1)} {act}", "", "", {"is_harmful": False, "source": "mirror", "opening": m.group(1)})
+      )
+  return out
+
+
 # ------------------------------------------------------------------ trigger-word safe prompts
 # Safe requests holding a word a shallow filter associates with harm ("kill a frozen program"): the idea
 # and the categories of XSTest (Röttger et al., NAACL 2024, "XSTest: a test suite for identifying

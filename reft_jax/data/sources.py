@@ -281,6 +281,17 @@ HUB_SOURCES: dict[str, dict[str, Any]] = {
 _SLICE = re.compile(r"^(.*)\[(\d*):(\d*)\]$")
 
 
+def split_specs(spec: str) -> list[str]:
+  """The comma-joined parts of a source spec; commas inside mirror(...) belong to it."""
+  parts, depth, start = [], 0, 0
+  for i, ch in enumerate(spec + ","):
+    depth += (ch == "(") - (ch == ")")
+    if ch == "," and depth == 0:
+      parts.append(spec[start:i].strip())
+      start = i + 1
+  return [p for p in parts if p]
+
+
 def load_source(
   spec: str, *, schema: str = "plain", fields: str = "", split: str = "train", limit: int = 0, world=None
 ) -> list[Example]:
@@ -294,17 +305,24 @@ def load_source(
   builtin:trigger_train    safe prompts holding words a shallow filter associates with harm, XSTest's
                            categories (builtin:trigger_eval: held-out templates, fillers and trigger
                            words, for evaluation only)
+  mirror(SPEC)             harmless requests in the phrasing of SPEC's harmful prompts: each instructional
+                           opening ("Describe in detail how to") + an everyday activity (builtin.mirror_requests)
   <name in HUB_SOURCES>    e.g. sst2_test, beavertails (online)
   anything else            a local file / hub:NAME / tfds:NAME read with `schema` and `fields`
 
   Any of them may end in a row slice, SPEC[a:b] (e.g. asset:advbench[0:260]), and several may be joined
   with commas: their examples are interleaved, so a `limit` takes evenly from each.
   """
-  parts = [s.strip() for s in spec.split(",") if s.strip()]
+  parts = split_specs(spec)
   if len(parts) > 1:
     sets = [load_source(s, schema=schema, fields=fields, split=split, limit=limit, world=world) for s in parts]
     mixed = [x for row in itertools.zip_longest(*sets) for x in row if x is not None]
     return mixed[:limit] if limit else mixed
+  if spec.startswith("mirror(") and spec.endswith(")"):
+    from reft_jax.data.builtin import mirror_requests
+
+    rows = mirror_requests(load_source(spec[len("mirror(") : -1], world=world))
+    return rows[:limit] if limit else rows
   m = _SLICE.match(spec)
   if m:
     stop = int(m.group(3)) if m.group(3) else None

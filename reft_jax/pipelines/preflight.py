@@ -66,10 +66,13 @@ def hub_model(path: str) -> str:
 def hub_datasets(spec: str) -> list[str]:
   """Hub dataset repo ids a source spec reads (names in HUB_SOURCES and hub:NAME[:CONFIG], sliced or
   joined)."""
-  from reft_jax.data.sources import HUB_SOURCES
+  from reft_jax.data.sources import HUB_SOURCES, split_specs
 
   out = []
-  for part in (s.strip() for s in spec.split(",")):
+  for part in split_specs(spec):
+    if part.startswith("mirror(") and part.endswith(")"):
+      out += hub_datasets(part[len("mirror(") : -1])
+      continue
     part = _SLICE.sub("", part)
     if part in HUB_SOURCES:
       part = HUB_SOURCES[part]["source"]
