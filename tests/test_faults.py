@@ -182,6 +182,7 @@ def test_a_diverged_checkpoint_is_skipped_and_when_none_restores_nothing_is_move
   assert os.listdir(tmp_path / "all_bad" / "checkpoints") == ["2"]
 
 
+@pytest.mark.slow  # compiles a train step (or starts five processes): ~20 s on 2 cores
 def test_a_rerun_resumes_past_a_corrupt_checkpoint_and_a_torn_metrics_line(finished, tmp_path, capsys):
   workdir = _copy(finished, tmp_path)
   _corrupt(workdir / "sft" / "checkpoints" / "4", "truncated")
@@ -260,6 +261,7 @@ def test_invalid_json_in_the_saved_config_is_one_line(finished, tmp_path, capsys
 # ---------------------------------------------------------------- 6. disks, workdirs, concurrent runs
 
 
+@pytest.mark.slow  # compiles a train step (or starts five processes): ~20 s on 2 cores
 def test_a_full_disk_stops_in_one_line_and_keeps_the_checkpoint(finished, tmp_path, capsys):
   workdir = _copy(finished, tmp_path)
   shutil.rmtree(workdir / "sft" / "checkpoints" / "4")
@@ -427,6 +429,7 @@ def _cli(args, workdir):
   )  # fmt: skip
 
 
+@pytest.mark.slow  # compiles a train step (or starts five processes): ~20 s on 2 cores
 def test_bad_config_files_are_one_line_each(tmp_path):
   syntax = tmp_path / "syntax.py"
   syntax.write_text("def get_config(:\n")

@@ -207,6 +207,8 @@ def test_demo_pipeline_on_a_tiny_world_produces_every_artefact(tmp_path):
     "--config.log.progress=False",
     "--config.reft.topk=8",
     "--config.demo.seeds=0,1",
+    # a 4-step teacher barely separates: its calibrated tau keeps ~1 of 40, under the default reft.min_kept
+    "--config.reft.min_kept=1",
     *world,
   ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
