@@ -64,7 +64,7 @@ class Checkpointer:
       if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)):
         failed.append((step, "holds NaN/inf values (a diverged state)"))
         continue
-      self._set_aside(failed, step)
+      self._set_aside([(s, f"does not restore ({why}); resuming from step {step}") for s, why in failed])
       return step, tree, meta
     if failed:
       reasons = "; ".join(f"{s}: {why}" for s, why in failed)
@@ -74,21 +74,21 @@ class Checkpointer:
       )
     return None
 
-  def _set_aside(self, failed: list, good: int) -> None:
+  def discard(self, step: int, why: str) -> None:
+    """Sets checkpoint `step` aside, if it was saved: its state turned out unusable after the save (the step
+    that started from it gave a NaN gradient)."""
+    self.manager.wait_until_finished()
+    if step in self.manager.all_steps():
+      self._set_aside([(step, why)])
+
+  def _set_aside(self, failed: list[tuple[int, str]]) -> None:
+    """Moves each (step, why) to <directory>.corrupt/<step> with a warning: kept for a look, never deleted."""
     if not failed:
       return
     root = str(self.manager.directory)
     aside = root.rstrip("/") + ".corrupt"
     for step, why in failed:
-      log.warning(
-        "checkpoint %s/%d does not restore (%s); moved to %s/%d, resuming from step %d",
-        root,
-        step,
-        why,
-        aside,
-        step,
-        good,
-      )
+      log.warning("checkpoint %s/%d %s; moved to %s/%d", root, step, why, aside, step)
     if dist.is_primary():
       os.makedirs(aside, exist_ok=True)
       for step, _ in failed:

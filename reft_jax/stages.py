@@ -35,6 +35,7 @@ from reft_jax.model import Transformer, save_hf
 from reft_jax.model.build import build_model
 from reft_jax.optim import make_optimizer
 from reft_jax.train import (
+  NonFiniteLoss,
   batch_shardings,
   flops_per_token,
   init_train_state,
@@ -251,6 +252,9 @@ def train_stage(
     )
     if not stopped:
       ckpt.save(t.num_steps, trainable_subset(state, labels), {"step": t.num_steps, "data_position": t.num_steps})
+  except NonFiniteLoss as e:  # the state that step started from is finite but leads nowhere: not a resume point
+    ckpt.discard(e.step, f"holds the state whose next step was not finite (step {e.step})")
+    raise
   finally:
     ckpt.close()
     writer.close()

@@ -242,7 +242,12 @@ class StopSignal:
 
 
 class NonFiniteLoss(RuntimeError):
-  """A NaN/inf loss or gradient norm: the step's update is broken, so the state after it is never saved."""
+  """A NaN/inf loss or gradient norm at `step`: the state after it is never saved, and the state it started
+  from (finite, but one whose gradient is not) is no checkpoint to resume from either."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 def flops_per_token(model_cfg, seq_len: int) -> float:
@@ -261,9 +266,10 @@ def step_metrics(step: int, metrics: dict, positions: int, dt: float, flops_toke
   for key in ("loss", "grad_norm"):
     if key in m and not math.isfinite(m[key]):
       raise NonFiniteLoss(
-        f"{key.replace('_', ' ')} became {m[key]} at step {step}; stopped before saving its state (every "
-        "checkpoint holds an earlier, finite one). Lower train.lr or check the data and rerun; "
-        "--config.resume_policy=reuse resumes from the last checkpoint with the new settings."
+        f"{key.replace('_', ' ')} became {m[key]} at step {step}; stopped before saving its state (no "
+        "checkpoint holds it or the state it started from). Lower train.lr or check the data and rerun; "
+        "--config.resume_policy=reuse resumes from the last checkpoint with the new settings.",
+        step,
       )
   m["step"] = step
   m["tokens_per_sec"] = m["tokens"] / dt if dt > 0 else 0.0  # real (non-padding) tokens

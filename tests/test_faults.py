@@ -122,6 +122,21 @@ def test_a_nan_gradient_or_loss_stops_before_its_state_is_saved(key):
   assert f"{key.replace('_', ' ')} became nan at step 2" in message and "\n" not in message
 
 
+def test_the_checkpoint_a_diverged_step_started_from_is_set_aside(tmp_path, caplog):
+  # lr=1e6: step 1's update leaves finite but huge weights (checkpoint 2), whose gradient at step 2 is NaN;
+  # resuming from checkpoint 2 at any lr would diverge again, so train_stage sets it aside.
+  ckpt = _orbax(tmp_path, [1, 2])
+  with caplog.at_level(logging.WARNING, logger="reft_jax"):
+    ckpt.discard(2, "holds the state whose next step was not finite (step 2)")
+    ckpt.discard(5, "never saved: nothing to do")
+  step, _, _ = ckpt.restore_latest({"w": jnp.zeros(4)})
+  ckpt.close()
+  assert step == 1 and os.listdir(tmp_path / "checkpoints.corrupt") == ["2"]
+  assert [r.getMessage().split(";")[0] for r in caplog.records if r.name.startswith("reft_jax")] == [
+    f"checkpoint {tmp_path}/checkpoints/2 holds the state whose next step was not finite (step 2)"
+  ]
+
+
 # ---------------------------------------------------------------- 3. corrupt checkpoints
 
 
