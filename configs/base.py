@@ -13,6 +13,9 @@ def defaults(arg: str) -> ml_collections.ConfigDict:
   c.method = "sft"
   c.seed = 0
   c.compile_cache = ""  # a directory for JAX's persistent compilation cache ("" = off)
+  # A rerun whose config differs from workdir/config.json in a field that changes results, while the workdir
+  # holds finished stages or checkpoints: strict = refuse, reuse = go on, reusing them (reft_jax/config.py)
+  c.resume_policy = "strict"
 
   c.model = ml_collections.ConfigDict(
     dict(

@@ -11,9 +11,17 @@ import re
 
 import ml_collections
 
+from reft_jax.files import write_atomic
 from reft_jax.optim import MODES
 
 BUILD_ALIGNMENT = "build"  # reft.alignment: build a real model's alignment set (pipelines/alignment.py)
+
+# resume_policy: what a rerun does when its config differs from workdir/config.json in a field that changes
+# results while the workdir holds finished stages or checkpoints. strict: refuse; reuse: go on, reusing them.
+RESUME_POLICIES = ("strict", "reuse")
+# Fields (sections or dotted keys) a rerun may change freely: they change how a run is logged, checkpointed,
+# laid out on devices or batched for generation, never what it trains (checkpoints restore across meshes).
+FREE_FIELDS = ("log", "checkpoint", "mesh", "plan", "compile_cache", "resume_policy", "eval.batch_size", "eval.name")
 
 
 class ConfigError(ValueError):
@@ -71,6 +79,7 @@ def validate_core(c: ml_collections.ConfigDict) -> None:
     c.checkpoint.every_steps,
     "must be >= 0 (0 = only at the end)",
   )
+  check(c.resume_policy in RESUME_POLICIES, "resume_policy", c.resume_policy, f"must be one of {RESUME_POLICIES}")
   check(c.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", c.checkpoint.max_to_keep, "must be >= 1")
   for f in ("data", "fsdp", "tensor"):
     v = c.mesh[f]
@@ -127,6 +136,41 @@ def buckets(c: ml_collections.ConfigDict) -> tuple[int, ...]:
 def dump(c: ml_collections.ConfigDict, workdir: str) -> str:
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
-  with open(path, "w") as f:
-    json.dump(c.to_dict(), f, indent=2, sort_keys=True)
+  write_atomic(path, json.dumps(c.to_dict(), indent=2, sort_keys=True))
   return path
+
+
+def read_saved(workdir: str) -> dict | None:
+  """workdir/config.json (None when there is none); ValueError in one line when it does not parse."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: not a readable config ({e}); restore it or move it away") from None
+  if not isinstance(saved, dict):
+    raise ValueError(f"{path}: not a config (a JSON object expected); restore it or move it away")
+  return saved
+
+
+def differences(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
+  """'field: saved -> current' for every field outside FREE_FIELDS whose value differs. A field only one side
+  has (added or removed by a code change since) is not compared: its value there is unknown."""
+  now = _flat(json.loads(json.dumps(current.to_dict())))  # JSON's types, as config.json holds them
+  then = _flat(saved)
+  free = lambda k: any(k == f or k.startswith(f + ".") for f in FREE_FIELDS)
+  return [
+    f"{k}: {then[k]!r} -> {now[k]!r}" for k in sorted(now.keys() & then.keys()) if not free(k) and now[k] != then[k]
+  ]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out

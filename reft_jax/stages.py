@@ -9,6 +9,8 @@ checkpoint is saved: the one way a stage says it stopped.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
@@ -26,12 +28,14 @@ from reft_jax.checkpoint import Checkpointer
 from reft_jax.config import buckets, with_updates
 from reft_jax.data import sft
 from reft_jax.data.load import load
+from reft_jax.files import write_atomic
 from reft_jax.losses import make_lm_loss
 from reft_jax.metrics import MetricWriter
 from reft_jax.model import Transformer, save_hf
 from reft_jax.model.build import build_model
 from reft_jax.optim import make_optimizer
 from reft_jax.train import (
+  NonFiniteLoss,
   batch_shardings,
   flops_per_token,
   init_train_state,
@@ -120,10 +124,49 @@ def finished(root: str, stage: str) -> bool:
   return os.path.exists(os.path.join(model_dir(root, stage), "config.json"))
 
 
+def reusable_work(workdir: str) -> list[str]:
+  """What a rerun in workdir reuses instead of redoing: finished stages (<stage>/model) and checkpoints
+  (<stage>/checkpoints/<step>), as paths under workdir (a cell's stages one level down)."""
+  out = []
+  for path, dirs, files in os.walk(workdir):
+    rel = os.path.relpath(path, workdir)
+    depth = 0 if rel == "." else rel.count(os.sep) + 1
+    if os.path.basename(path) == "model" and depth >= 2 and "config.json" in files:
+      out.append(rel)
+    if os.path.basename(path) == "checkpoints":
+      out += [os.path.join(rel, d) for d in sorted((d for d in dirs if d.isdigit()), key=int)]
+    if depth >= 3 or os.path.basename(path) in ("model", "checkpoints", "tensorboard", "eval"):
+      dirs[:] = []  # <cell>/<stage>/<model|checkpoints> is as deep as stages go
+  return sorted(out)
+
+
+_ON_START: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("on_start", default=None)
+
+
+@contextlib.contextmanager
+def on_first_start(fn: Callable[[], None]):
+  """Runs fn() once, when the first stage of this run starts training (main writes config.json then, so a run
+  that fails before any training, or reuses every stage, leaves the saved one as it was)."""
+  done = []
+
+  def once():
+    if not done:
+      done.append(True)
+      fn()
+
+  token = _ON_START.set(once)
+  try:
+    yield
+  finally:
+    _ON_START.reset(token)
+
+
 def run_stage(env: Env, root: str, spec: StageSpec) -> StageResult:
   """Trains `spec` under root/<name> (or reuses it when finished); raises Stopped on a signal."""
   if finished(root, spec.name):
     return StageResult(model_dir(root, spec.name), [])
+  if _ON_START.get() is not None:
+    _ON_START.get()()
   c = with_updates(
     env.c, **({"model.hf_path": spec.init} if spec.init else {}), **{f"train.{k}": v for k, v in spec.train.items()}
   )
@@ -187,11 +230,7 @@ def train_stage(
   ckpt = Checkpointer(
     os.path.join(stage_dir, "checkpoints"), c.checkpoint.every_steps, c.checkpoint.max_to_keep, c.checkpoint.async_save
   )
-  latest = ckpt.latest_step()
-  if latest is not None:
-    subset, meta = ckpt.restore(latest, trainable_subset(state, labels))
-    state = with_trainable(state, subset)
-    log.info("%s: resumed from step %d (data position %s)", stage, latest, meta["data_position"])
+  state = _resume(ckpt, state, labels, stage)
   writer = MetricWriter(stage_dir, tensorboard=c.log.tensorboard)
   start = time.perf_counter()
   try:
@@ -213,12 +252,29 @@ def train_stage(
     )
     if not stopped:
       ckpt.save(t.num_steps, trainable_subset(state, labels), {"step": t.num_steps, "data_position": t.num_steps})
+  except NonFiniteLoss as e:  # the state that step started from is finite but leads nowhere: not a resume point
+    ckpt.discard(e.step, f"holds the state whose next step was not finite (step {e.step})")
+    raise
   finally:
     ckpt.close()
     writer.close()
   if history:
     _write_summary(stage_dir, stage, t.num_steps, history, time.perf_counter() - start, stopped)
   return nnx.merge(graphdef, state.params), history, stopped, state.extras
+
+
+def _resume(ckpt: Checkpointer, state, labels: dict, stage: str):
+  """The state from the newest checkpoint that restores (unchanged when there is none)."""
+  try:
+    restored = ckpt.restore_latest(trainable_subset(state, labels))
+  except ValueError:
+    ckpt.close()
+    raise
+  if restored is None:
+    return state
+  step, subset, meta = restored
+  log.info("%s: resumed from step %d (data position %s)", stage, step, meta["data_position"])
+  return with_trainable(state, subset)
 
 
 def _batcher(c, data) -> tuple:
@@ -239,5 +295,4 @@ def _write_summary(stage_dir: str, stage: str, steps: int, history: list, second
     "stopped_by_signal": stopped,
   }
   if dist.is_primary():
-    with open(os.path.join(stage_dir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    write_atomic(os.path.join(stage_dir, "summary.json"), json.dumps(summary, indent=2))

@@ -242,7 +242,12 @@ class StopSignal:
 
 
 class NonFiniteLoss(RuntimeError):
-  pass
+  """A NaN/inf loss or gradient norm at `step`: the state after it is never saved, and the state it started
+  from (finite, but one whose gradient is not) is no checkpoint to resume from either."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 def flops_per_token(model_cfg, seq_len: int) -> float:
@@ -254,13 +259,18 @@ def flops_per_token(model_cfg, seq_len: int) -> float:
 
 def step_metrics(step: int, metrics: dict, positions: int, dt: float, flops_token: float, peak_flops: float) -> dict:
   """One step's metrics on the host, with throughput (real tokens/s, TFLOP/s over every position, MFU);
-  raises NonFiniteLoss on a NaN/inf loss."""
+  raises NonFiniteLoss on a NaN/inf loss or gradient norm."""
   m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  if not math.isfinite(m["loss"]):
-    raise NonFiniteLoss(
-      f"loss became {m['loss']} at step {step}; stopping without saving "
-      "(the last checkpoint is intact). Lower train.lr or check the data."
-    )
+  # The gradient norm too: a NaN gradient with a still-finite loss already broke the parameters this step
+  # updated, and the loop saves that state only after this check.
+  for key in ("loss", "grad_norm"):
+    if key in m and not math.isfinite(m[key]):
+      raise NonFiniteLoss(
+        f"{key.replace('_', ' ')} became {m[key]} at step {step}; stopped before saving its state (no "
+        "checkpoint holds it or the state it started from). Lower train.lr or check the data and rerun; "
+        "--config.resume_policy=reuse resumes from the last checkpoint with the new settings.",
+        step,
+      )
   m["step"] = step
   m["tokens_per_sec"] = m["tokens"] / dt if dt > 0 else 0.0  # real (non-padding) tokens
   flops = flops_token * positions / dt if dt > 0 else 0.0  # FLOPs are spent on every position, padding too

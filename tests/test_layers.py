@@ -9,7 +9,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "reft_jax"
 # Lowest first; a module may import its own layer and the layers below (docs/ARCHITECTURE.md).
 LAYERS = (
-  ("core", ("config", "checkpoint", "metrics", "sharding", "optim", "losses", "distributed", "train")),
+  ("core", ("config", "checkpoint", "metrics", "files", "sharding", "optim", "losses", "distributed", "train")),
   ("model/data", ("model", "data", "generate", "refusal", "eval", "stages")),
   ("defences", ("defences",)),
   ("pipelines", ("pipelines",)),

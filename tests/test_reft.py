@@ -207,6 +207,8 @@ def test_demo_pipeline_on_a_tiny_world_produces_every_artefact(tmp_path):
     "--config.log.progress=False",
     "--config.reft.topk=8",
     "--config.demo.seeds=0,1",
+    # a 4-step teacher barely separates: its calibrated tau keeps ~1 of 40, under the default reft.min_kept
+    "--config.reft.min_kept=1",
     *world,
   ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
@@ -221,8 +223,14 @@ def test_demo_pipeline_on_a_tiny_world_produces_every_artefact(tmp_path):
   )
   assert r.returncode == 1 and "were dropped" in r.stderr, r.stderr[-3000:]
   os.remove(tmp_path / "error.log")
+  # Another tau in a workdir with finished stages: reused explicitly (tests/test_faults.py)
   r = subprocess.run(
-    [sys.executable, "-m", "reft_jax", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    [sys.executable, "-m", "reft_jax", *args, "--config.resume_policy=reuse"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
   assert r.returncode == 0, r.stderr[-3000:]
   for stage in ("base", "aligned", "teacher"):  # shared by both seeds

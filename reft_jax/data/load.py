@@ -51,7 +51,10 @@ def get_tokenizer(c: ml_collections.ConfigDict, workdir: str, examples: list[sft
   from reft_jax.model.hf import resolve_checkpoint
 
   if c.model.tokenizer:
-    return load_tokenizer(c.model.tokenizer)
+    tok = load_tokenizer(c.model.tokenizer)
+    if c.model.hf_path:
+      _check_same_vocab(tok, c.model.tokenizer, resolve_checkpoint(c.model.hf_path))
+    return tok
   if c.model.hf_path:
     return load_tokenizer(resolve_checkpoint(c.model.hf_path))
   path = os.path.join(workdir, "tokenizer")
@@ -62,6 +65,20 @@ def get_tokenizer(c: ml_collections.ConfigDict, workdir: str, examples: list[sft
   if uses_world(c):  # the whole world's vocabulary, so held-out eval prompts have no unknown words
     texts += world(c).all_texts()
   return build_word_tokenizer(texts, path)
+
+
+def _check_same_vocab(tok, name: str, model_dir: str) -> None:
+  """model.tokenizer next to a checkpoint that ships its own: the two must map text to the same ids, or the
+  model reads every token as another (no error, a far worse loss)."""
+  try:
+    own = load_tokenizer(model_dir)
+  except (OSError, ValueError):  # the checkpoint has no tokenizer of its own: nothing to compare with
+    return
+  if own.get_vocab() != tok.get_vocab():
+    raise ValueError(
+      f"model.tokenizer={name!r} ({len(tok)} tokens) is not the tokenizer of model.hf_path={model_dir!r} "
+      f"({len(own)} tokens; the ids differ): leave model.tokenizer empty to use the checkpoint's own"
+    )
 
 
 def is_local(spec: str) -> bool:

@@ -45,8 +45,12 @@ def parse_fields(spec: str) -> dict[str, str]:
 
 def _read_jsonl(path: str) -> list[dict]:
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
+  with open(path, "rb") as f:  # bytes, decoded line by line: a bad encoding is named with its line
+    for n, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
       if not line.strip():
         continue
       try:
@@ -82,7 +86,10 @@ def read_records(source: str, split: str = "train") -> tuple[list[dict], str]:
       if ext != ".json":
         raise
       with open(source, encoding="utf-8") as f:  # a single JSON array
-        rows = json.load(f)
+        try:
+          rows = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+          raise DataError(f"{source}: neither JSON lines nor a JSON array ({e})") from None
   elif ext in (".parquet", ".csv"):
     import datasets
 

@@ -377,6 +377,10 @@ REFT = register(
       topk=0,  # > 0: cache the teacher's top-k logits once instead of a teacher forward per step
       align_batch_size=8,
       align_seq_len=0,  # alignment examples' length cap (teacher and distillation); 0 = data.seq_len
+      # The filter's guard rails (reft_filter.check_kept): fewer kept user examples than min_kept is an error
+      # (0 = one batch, train.batch_size); dropping more than warn_dropped of them warns loudly.
+      min_kept=0,
+      warn_dropped=0.5,
     ),
   )
 )

@@ -11,6 +11,7 @@ import numpy as np
 
 from reft_jax import distributed as dist
 from reft_jax import refusal
+from reft_jax.config import check
 from reft_jax.data import sft
 from reft_jax.data.formats import write_jsonl
 from reft_jax.data.load import load
@@ -104,6 +105,35 @@ def label_metrics(flagged: np.ndarray, examples: list[sft.Example]) -> dict:
   }
 
 
+def validate_filter(c) -> None:
+  """The filter's guard rails, reft.min_kept and reft.warn_dropped."""
+  check(c.reft.min_kept >= 0, "reft.min_kept", c.reft.min_kept, "must be >= 0 (0 = train.batch_size)")
+  check(0 <= c.reft.warn_dropped <= 1, "reft.warn_dropped", c.reft.warn_dropped, "must lie in [0, 1]")
+
+
+def check_kept(c, summary: dict) -> None:
+  """Raises when the filter kept fewer than reft.min_kept examples (the student would train on a handful,
+  repeated in every batch); warns when it dropped more than reft.warn_dropped of the user data."""
+  n, kept = summary["n"], summary["kept"]
+  need = c.reft.min_kept or c.train.batch_size
+  if kept < need:
+    raise ValueError(
+      f"filter: kept {kept} of {n} user examples (tau={summary['tau']:.3f}), fewer than "
+      f"reft.min_kept={need}: too few to fine-tune on (the upload is nearly all harmful, or reft.tau / "
+      "reft.layer is off; lower reft.min_kept to train on them anyway)"
+    )
+  if n - kept > c.reft.warn_dropped * n:
+    log.warning(
+      "!!! filter: dropped %d of %d user examples (%.0f%% > reft.warn_dropped=%.0f%%): the upload is mostly "
+      "harmful, or reft.tau / reft.layer is off; the student trains on the %d kept",
+      n - kept,
+      n,
+      100 * (n - kept) / n,
+      100 * c.reft.warn_dropped,
+      kept,
+    )
+
+
 def filter_user_data(c, workdir, teacher, r, tokenizer, user: list[sft.Example], mesh, layer: int = 0):
   """Scores every user prompt at `layer` (the one R was taken at; 0 = layer_of); writes
   filter/{report.jsonl,kept.jsonl,summary.json}. Resumable: an existing summary is reused."""
@@ -112,6 +142,7 @@ def filter_user_data(c, workdir, teacher, r, tokenizer, user: list[sft.Example],
   if os.path.exists(summary_path):
     with open(summary_path) as f:
       summary = json.load(f)
+    check_kept(c, summary)
     return [user[i] for i in summary["kept_indices"]], summary
   layer = layer or layer_of(c, teacher)
   scores = score_prompts(c, teacher, r, tokenizer, user, layer, mesh)
@@ -132,6 +163,7 @@ def filter_user_data(c, workdir, teacher, r, tokenizer, user: list[sft.Example],
       f"filter: all {len(user)} user examples scored >= tau={tau:.3f} and were dropped; "
       "nothing is left to fine-tune on (raise reft.tau or check reft.layer)"
     )
+  check_kept(c, summary)
   if summary["kept"] == len(user):
     log.warning("filter: no user example scored >= tau=%.3f; all %d kept", tau, len(user))
   if dist.is_primary():

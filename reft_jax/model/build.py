@@ -55,7 +55,10 @@ def build_model(c: ml_collections.ConfigDict, mesh, rules, tokenizer=None) -> Tr
   """From a HF checkpoint (model.hf_path), or randomly initialised from `model.arch`, sharded."""
   options = run_options(c)
   if c.model.hf_path:
-    return load_hf(c.model.hf_path, mesh=mesh, options=options, rules=rules, seed=c.seed)
+    model = load_hf(c.model.hf_path, mesh=mesh, options=options, rules=rules, seed=c.seed)
+    if tokenizer is not None:
+      check_vocab(len(tokenizer), model.cfg.vocab_size, c.model.tokenizer or c.model.hf_path, c.model.hf_path)
+    return model
   cfg = PRESETS[c.model.arch]
   if tokenizer is not None:
     vocab = -(-len(tokenizer) // 8) * 8
@@ -72,6 +75,16 @@ def build_model(c: ml_collections.ConfigDict, mesh, rules, tokenizer=None) -> Tr
     return nnx.to_pure_dict(nnx.state(Transformer(cfg, options, rngs=nnx.Rngs(params=c.seed))))
 
   return nnx.merge(graphdef, jax.jit(init, out_shardings=shardings)())
+
+
+def check_vocab(tokens: int, rows: int, tokenizer: str, model: str) -> None:
+  """A tokenizer with more tokens than the model has embedding rows does not belong to it (its extra ids
+  would read past the table: NaN or garbage); fewer is normal (vocabularies are padded), so not an error."""
+  if tokens > rows:
+    raise ValueError(
+      f"the tokenizer of {tokenizer} has {tokens} tokens but the model {model} has {rows} embedding rows: "
+      "they do not belong together (set model.tokenizer to the model's own tokenizer, or leave it empty)"
+    )
 
 
 def load_frozen(c: ml_collections.ConfigDict, path: str, mesh, rules) -> Transformer:

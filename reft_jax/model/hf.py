@@ -104,7 +104,7 @@ class _Reader:
       raise FileNotFoundError(f"{path}: no *.safetensors files found")
     self.where: dict[str, str] = {}
     for f in files:
-      with safe_open(f, framework="numpy") as h:
+      with _open(f) as h:
         for k in h.keys():
           self.where[k] = f
     self._handles: dict[str, object] = {}
@@ -112,12 +112,24 @@ class _Reader:
   def get(self, name: str) -> np.ndarray:
     f = self.where[name]
     if f not in self._handles:
-      self._handles[f] = safe_open(f, framework="numpy")
-    return self._handles[f].get_tensor(name)
+      self._handles[f] = _open(f)
+    try:
+      return self._handles[f].get_tensor(name)
+    except Exception as e:  # safetensors' own error type: a file cut short after its header was read
+      raise ValueError(f"{f}: tensor {name!r} cannot be read ({e}); re-download or re-export the model") from None
 
   def shape(self, name: str) -> tuple[int, ...]:
-    with safe_open(self.where[name], framework="numpy") as h:
+    with _open(self.where[name]) as h:
       return tuple(h.get_slice(name).get_shape())
+
+
+def _open(path: str):
+  """safe_open, with one line naming the file when it is not a whole .safetensors file (truncated, empty or
+  something else)."""
+  try:
+    return safe_open(path, framework="numpy")
+  except Exception as e:  # SafetensorError is not an OSError/ValueError
+    raise ValueError(f"{path}: not a readable .safetensors file ({e}); re-download or re-export the model") from None
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -139,10 +151,10 @@ def read_hf_config(path: str) -> ModelConfig:
   cfg_file = os.path.join(path, "config.json")
   if not os.path.exists(cfg_file):
     raise FileNotFoundError(f"{cfg_file}: not found (a Hugging Face model directory needs config.json)")
-  with open(cfg_file) as f:
+  with open(cfg_file, encoding="utf-8") as f:
     try:
       hf = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
   return from_hf_config(hf, source=cfg_file)
 

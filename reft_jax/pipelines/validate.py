@@ -7,6 +7,7 @@ import ml_collections
 from reft_jax import defences
 from reft_jax.config import check, validate_core
 from reft_jax.data.load import validate_data
+from reft_jax.defences.reft_filter import validate_filter
 from reft_jax.eval.record import validate_eval
 from reft_jax.model.build import validate_model
 from reft_jax.pipelines import demo, screen
@@ -28,6 +29,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for d in defences.REGISTRY.values():
     if d.validate:
       d.validate(c)
+  validate_filter(c)  # the reft section's filter fields, beside the filter (defences/reft_filter.py)
   demo.validate(c)
   screen.validate(c)
   validate_eval(c)
