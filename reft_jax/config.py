@@ -21,7 +21,18 @@ BUILD_ALIGNMENT = "build"  # reft.alignment: build a real model's alignment set 
 RESUME_POLICIES = ("strict", "reuse")
 # Fields (sections or dotted keys) a rerun may change freely: they change how a run is logged, checkpointed,
 # laid out on devices or batched for generation, never what it trains (checkpoints restore across meshes).
-FREE_FIELDS = ("log", "checkpoint", "mesh", "plan", "compile_cache", "resume_policy", "eval.batch_size", "eval.name")
+# `method` too: one workdir holds several defences' runs, which share stages by design (README "Running").
+FREE_FIELDS = (
+  "log",
+  "checkpoint",
+  "mesh",
+  "plan",
+  "compile_cache",
+  "resume_policy",
+  "eval.batch_size",
+  "eval.name",
+  "method",
+)
 
 
 class ConfigError(ValueError):

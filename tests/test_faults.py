@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, load_config_module, tiny_config
+from reft_jax import config as config_lib
 from reft_jax import files
 from reft_jax.checkpoint import Checkpointer
 from reft_jax.main import execute
@@ -476,3 +477,10 @@ def test_verbose_prints_the_traceback_that_error_log_holds(tmp_path, capsys):
   code, _, err = _run(capsys, c, tmp_path / "loud", verbose=True)
   assert code == 1 and err.startswith("error: ") and "Traceback" in err
   assert "Traceback" in open(tmp_path / "loud" / "error.log").read()
+
+
+def test_another_defence_in_the_same_workdir_is_not_config_drift():
+  """One workdir holds several defences' runs sharing stages (the alignment set, the aligned model)."""
+  saved = json.loads(json.dumps(_config().to_dict()))
+  assert config_lib.differences(saved, _config(method="sft_aligned")) == []
+  assert config_lib.differences(saved, _config(**{"train.lr": 0.1})) == ["train.lr: 0.003 -> 0.1"]
