@@ -53,7 +53,7 @@ def row(label: str, r: dict) -> list[str]:
     *[rate(fa.get(t), counts.get(t)) for t in sorted(fa)],
     rate((r.get("degenerate_by_set") or {}).get("harmful", r.get("degenerate")), counts.get("harmful")),
     filter_cell,
-    "—" if wall is None else f"{wall / 60:.1f}",
+    "—" if not wall else f"{wall / 60:.1f}",  # 0: every stage was reused from another run
   ]
 
 
@@ -68,7 +68,7 @@ def table(specs: list[str]) -> str:
     *[f"FA {t} ↑" for t in tasks],
     "degenerate % (harmful set)",
     "filter P / R / FPR",
-    "wall min",
+    "training min",
   ]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   lines += ["| " + " | ".join(row(label, r)) + " |" for label, r in runs]

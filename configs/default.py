@@ -163,19 +163,21 @@ def _real_model(c: ml_collections.ConfigDict, gguf: str) -> None:
   # the attack's rows)
   c.booster.harmful_source = "asset:advbench[0:260]"
   harmful_train = "asset:advbench[0:260],asset:donotanswer"
-  # Over-refusal lever (issue 13): helpful answers to trigger-word safe prompts in the alignment set, and
-  # more helpful answers than refusals (160 refusals : 240 helpful, 80 from each harmless source).
+  # Over-refusal levers (issue 13, README ablation): more helpful answers than refusals (160 : 240, 60 from
+  # each harmless source), trigger-word safe prompts, and requests in the harmful prompts' own openings
+  # (mirror: "Describe in detail how to" + an everyday activity), so no opening alone predicts a refusal.
+  harmless_train = "builtin:requests_train,mirror({}),builtin:trigger_train,asset:gsm_symbolic:{}"
   c.alignment.update(
     harmful=harmful_train,
-    harmless="builtin:requests_train,builtin:trigger_train,asset:gsm_symbolic:2",
+    harmless=harmless_train.format("asset:advbench[0:260]", 2),
     n_harmful=160,
     n_harmless=240,
     max_new_tokens=64,
   )
-  harmless_probe = "builtin:requests_train,builtin:trigger_train,asset:gsm_symbolic:3"
+  harmless_probe = harmless_train.format("asset:advbench[0:260]", 3)
   c.reft.update(
     alignment="build",
-    layer=-1,  # chosen on the base model from the probe sets' held-out halves (SmolLM2: 30)
+    layer=-1,  # chosen on the base model from the probe sets' held-out halves (SmolLM2: 28)
     probe_harmful=harmful_train,
     probe_harmless=harmless_probe,
     probe_size=48,
