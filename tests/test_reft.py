@@ -263,3 +263,10 @@ def test_demo_pipeline_on_a_tiny_world_produces_every_artefact(tmp_path):
   probe_log = [json.loads(l) for l in open(tmp_path / "teacher" / "refusal.jsonl")]
   assert [p["step"] for p in probe_log] == [0, 2, 4] and all("auroc" in p for p in probe_log)
   assert "| reft |" in r.stdout
+
+
+def test_the_teacher_log_appends_whole_lines_after_a_torn_tail(tmp_path):
+  path = tmp_path / "refusal.jsonl"
+  path.write_text('{"step": 0}\n{"step": 10, "au')  # a run killed mid-line
+  reft._append_json(str(path), {"step": 10, "auroc": 0.9})
+  assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 0}, {"step": 10, "auroc": 0.9}]

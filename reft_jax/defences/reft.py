@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from reft_jax import distributed as dist
+from reft_jax import files
 from reft_jax import losses, refusal
 from reft_jax.config import BUILD_ALIGNMENT, check
 from reft_jax.data import sft
@@ -199,9 +200,14 @@ def recorded_layer(teacher_dir: str) -> int:
 
 
 def _append_json(path: str, record: dict) -> None:
-  if dist.is_primary():  # one writer in the shared workdir
-    with open(path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+  """One whole line (a torn tail from a killed run is cut first), by the one writer of the shared workdir."""
+  if dist.is_primary():
+    files.repair_tail(path)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+      files.append_line(fd, json.dumps(record) + "\n")
+    finally:
+      os.close(fd)
 
 
 # ------------------------------------------------------------------ student

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from reft_jax import files
 from reft_jax.config import BUILD_ALIGNMENT
 from reft_jax.data import sft
 from reft_jax.data.formats import write_jsonl
@@ -125,8 +126,7 @@ def build(c, out_dir: str, mesh=None, rules=None) -> str:
     "harmful_sources": a.harmful,
     "harmless_sources": a.harmless,
   }
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  files.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
   os.replace(path + ".tmp", path)  # last: its presence means the set is complete
   log.info(
     "alignment set: %d refusals, %d helpful answers (%d self-generated, %d refusing answers dropped) in %.0f s -> %s",
