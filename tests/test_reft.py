@@ -270,3 +270,21 @@ def test_the_teacher_log_appends_whole_lines_after_a_torn_tail(tmp_path):
   path.write_text('{"step": 0}\n{"step": 10, "au')  # a run killed mid-line
   reft._append_json(str(path), {"step": 10, "auroc": 0.9})
   assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 0}, {"step": 10, "auroc": 0.9}]
+
+
+def test_an_auto_layer_is_chosen_once_on_the_base_model_and_recorded(monkeypatch, tmp_path):
+  from reft_jax.stages import Env
+
+  calls = []
+  monkeypatch.setattr(reft, "load_frozen", lambda c, path, mesh, rules: f"model at {path}")
+  monkeypatch.setattr(
+    reft, "select_layer", lambda model, probes, mesh=None: calls.append(model) or (3, [{"layer": 3, "d_prime": 2.0}])
+  )
+  env = Env(tiny_config(**{"reft.layer": -1}), None, None, None, "base/dir", str(tmp_path))
+  out = str(tmp_path / "teacher")
+  assert reft.teacher_layer(env, probes=None, out_dir=out) == 3 and calls == ["model at base/dir"]
+  assert reft.teacher_layer(env, probes=None, out_dir=out) == 3 and len(calls) == 1  # resumed: read, not re-chosen
+  assert json.load(open(tmp_path / "teacher" / "layer.json"))["rows"] == [{"layer": 3, "d_prime": 2.0}]
+  (tmp_path / "teacher" / "refusal.json").write_text(json.dumps({"layer": 3}))
+  assert reft.recorded_layer(str(tmp_path / "teacher" / "model")) == 3
+  assert reft.recorded_layer(str(tmp_path / "nowhere" / "model")) == 0
