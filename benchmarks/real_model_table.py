@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from reft_jax.eval.stats import wilson
+from reft_jax.eval import stats
 
 
 def load_run(spec: str) -> tuple[str, dict]:
@@ -26,19 +26,9 @@ def load_run(spec: str) -> tuple[str, dict]:
   return label, runs[run]
 
 
-def rate(value: float | None, n: int | None) -> str:
-  if value is None:
-    return "—"
-  if not n:
-    return f"{value:.1f}"
-  lo, hi = wilson(value, n)
-  return f"{value:.1f} [{lo:.1f}, {hi:.1f}]"
-
-
 def row(label: str, r: dict) -> list[str]:
-  counts = r.get("counts", {})
-  fa = r.get("finetune_accuracy") or {}
-  by_set = r.get("over_refusal_by_set") or {}
+  rates = stats.summarize([r])  # one run: each rate with its Wilson interval over the prompts
+  cell = lambda key: stats.fmt_interval(rates.get(key))
   flt = r.get("filter")
   g = lambda x: "—" if x is None else f"{x:.2f}"
   filter_cell = (
@@ -47,11 +37,11 @@ def row(label: str, r: dict) -> list[str]:
   wall = r.get("wall_seconds")
   return [
     label,
-    rate(r.get("harmful_score"), counts.get("harmful")),
-    rate(by_set.get("harmless", r.get("over_refusal")), counts.get("harmless")),
-    rate(by_set.get("trigger"), counts.get("trigger")),
-    *[rate(fa.get(t), counts.get(t)) for t in sorted(fa)],
-    rate((r.get("degenerate_by_set") or {}).get("harmful", r.get("degenerate")), counts.get("harmful")),
+    cell("harmful_score"),
+    cell("over_refusal"),
+    cell("over_refusal_trigger"),
+    *[cell(f"fa_{t}") for t in sorted(r.get("finetune_accuracy") or {})],
+    cell("degenerate"),
     filter_cell,
     "—" if not wall else f"{wall / 60:.1f}",  # 0: every stage was reused from another run
   ]

@@ -10,6 +10,7 @@ import os
 import re
 
 import ml_collections
+from flax import traverse_util
 
 from reft_jax.files import write_atomic
 from reft_jax.optim import MODES
@@ -169,19 +170,9 @@ def read_saved(workdir: str) -> dict | None:
 def differences(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
   """'field: saved -> current' for every field outside FREE_FIELDS whose value differs. A field only one side
   has (added or removed by a code change since) is not compared: its value there is unknown."""
-  now = _flat(json.loads(json.dumps(current.to_dict())))  # JSON's types, as config.json holds them
-  then = _flat(saved)
+  now = traverse_util.flatten_dict(json.loads(json.dumps(current.to_dict())), sep=".")  # JSON's types, as saved
+  then = traverse_util.flatten_dict(saved, sep=".")
   free = lambda k: any(k == f or k.startswith(f + ".") for f in FREE_FIELDS)
   return [
     f"{k}: {then[k]!r} -> {now[k]!r}" for k in sorted(now.keys() & then.keys()) if not free(k) and now[k] != then[k]
   ]
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out

@@ -26,7 +26,7 @@ def layer_of(c, model) -> int:
   return c.reft.layer if c.reft.layer > 0 else model.cfg.num_layers // 2
 
 
-def separation(harm: np.ndarray, safe: np.ndarray) -> float:
+def d_prime(harm: np.ndarray, safe: np.ndarray) -> float:
   """d' of two score samples: (mean difference) / pooled standard deviation. Unlike the AUROC it keeps
   ranking layers once both reach 1.0 on a small held-out set (a margin generalises; a rank does not)."""
   pooled = np.sqrt((np.var(harm) + np.var(safe)) / 2) + 1e-8
@@ -44,7 +44,7 @@ def select_layer(model, probes, mesh=None, first: int = 2) -> tuple[int, list[di
   for j, layer in enumerate(layers):
     r = f[0][:, j].mean(0) - f[1][:, j].mean(0)
     sh, ss = (np.asarray(refusal.cosine(x[:, j], r)) for x in f[2:])
-    rows.append({"layer": layer, "d_prime": separation(sh, ss), "auroc": refusal.auroc(sh, ss)})
+    rows.append({"layer": layer, "d_prime": d_prime(sh, ss), "auroc": refusal.auroc(sh, ss)})
   best = max(rows, key=lambda row: (row["d_prime"], row["auroc"]))
   return best["layer"], rows
 

@@ -167,8 +167,7 @@ def run(c, workdir: str) -> dict:
   tokenizer = load_tokenizer(model_path)  # the teacher's own (a word-level one lives only there)
   teacher = load_frozen(c, model_path, mesh, rules)
   r = np.load(direction_path)
-  trained = _json(os.path.join(os.path.expanduser(teacher_dir), "teacher", "refusal.json")) or {}
-  layer = int(trained.get("layer") or reft.layer_of(c, teacher))  # R belongs to the layer it was taken at
+  layer = reft.recorded_layer(model_path) or reft.layer_of(c, teacher)  # R belongs to the layer it was taken at
   scores = reft.score_prompts(c, teacher, r, tokenizer, user, layer, mesh)
   tau, source, mode = resolve_tau(c, teacher_dir, teacher, r, tokenizer, layer, mesh)
   order, summary = decide(scores, tau, user, c.screen.max_flagged)
