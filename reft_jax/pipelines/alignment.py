@@ -4,7 +4,9 @@ No registry package ships refusals or helpful answers, so (documented rule):
   harmful prompts   (e.g. AdvBench rows + Do-Not-Answer) -> one of REFUSALS, picked by a seeded rng;
   harmless prompts  with a reference answer (e.g. gsm_symbolic's worked solution) keep it; those without
                     one (the ordinary requests of builtin:requests_train) get the base model's own greedy
-                    answer (self-distillation: alignment must not change how the model helps). Answers that
+                    answer (self-distillation: alignment must not change how the model helps), or, for
+                    a pretrained model that cannot answer yet, those of `alignment.answer_model` (e.g.
+                    SmolLM2-Instruct for Gemma 3 270M: distillation of its chat behaviour). Answers that
                     eval.judges.is_refusal reads as refusals are dropped, so the set never teaches
                     over-refusal.
 The set is written once to WORKDIR/alignment/alignment.jsonl (+ summary.json) and every stage reads it
@@ -27,7 +29,8 @@ from reft_jax.data.formats import write_jsonl
 from reft_jax.data.load import get_tokenizer, load
 from reft_jax.eval.judges import is_refusal
 from reft_jax.generate import generate_texts
-from reft_jax.model.build import load_frozen, setup_mesh
+from reft_jax.data.tokenizer import load_tokenizer
+from reft_jax.model.build import load_frozen, model_dir, setup_mesh
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +101,17 @@ def build(c, out_dir: str, mesh=None, rules=None) -> str:
   tokenizer = get_tokenizer(c, out_dir, [])
 
   def answer(examples):
-    if not c.model.hf_path:
+    writer, writer_tok = c.model.hf_path, tokenizer
+    if a.answer_model:  # another model writes the answers, in its own chat template
+      writer = model_dir(a.answer_model)
+      writer_tok = load_tokenizer(writer)
+    if not writer:
       raise ValueError("alignment: self-generated answers need the base model (model.hf_path or model.gguf)")
-    model = load_frozen(c, c.model.hf_path, mesh, rules)
-    prompts = [sft.format_prompt(e, c.data.template, tokenizer) for e in examples]
+    model = load_frozen(c, writer, mesh, rules)
+    prompts = [sft.format_prompt(e, c.data.template, writer_tok) for e in examples]
     return generate_texts(
       model,
-      tokenizer,
+      writer_tok,
       prompts,
       max_new_tokens=a.max_new_tokens,
       batch_size=c.eval.batch_size,
@@ -125,6 +132,7 @@ def build(c, out_dir: str, mesh=None, rules=None) -> str:
     "wall_seconds": time.perf_counter() - start,
     "harmful_sources": a.harmful,
     "harmless_sources": a.harmless,
+    "answer_model": a.answer_model or "the base model",
   }
   files.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
   os.replace(path + ".tmp", path)  # last: its presence means the set is complete
