@@ -158,7 +158,7 @@ def _real_model(c: ml_collections.ConfigDict, gguf: str) -> None:
     lora_targets="q,k,v,o,gate,up,down",
     lr=1e-3,
     batch_size=4,
-    num_steps=40,
+    num_steps=80,  # the student: 80 steps of 4 user + 8 alignment examples (lever 4 of the README table)
     warmup_steps=4,
     loss_chunk=16,
   )  # fused chunked head + loss: vocab 49k, ~25% faster steps
@@ -197,8 +197,9 @@ def _real_model(c: ml_collections.ConfigDict, gguf: str) -> None:
     update_every=10,
     tau_mode="calibrated",
     target_recall=0.95,
-    align_batch_size=4,
+    align_batch_size=8,
     align_seq_len=128,
+    topk=64,  # the teacher's top-64 logits cached once: the student's 80 steps run no teacher forward
   )
   c.checkpoint.every_steps = 20
   _real_model_eval(c, harmful_train, harmless_probe)
