@@ -185,6 +185,19 @@ def test_conversion_is_cached_and_redone_when_the_file_changes(tiny_ggufs, tmp_p
   assert len(calls) == 2 and again.cfg == first.cfg
 
 
+def test_model_dir_converts_gguf_specs_once_and_passes_directories_through(tiny_ggufs, tmp_path, monkeypatch):
+  from reft_jax.model.build import model_dir
+
+  _, path = tiny_ggufs["llama"]
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  assert model_dir("/models/some-hf-dir") == "/models/some-hf-dir"
+  out = model_dir(path)
+  assert out == rg.default_cache_dir(path) and rg._is_converted(path, out)
+  calls = []
+  monkeypatch.setattr(rg, "gguf_to_hf", lambda *a: calls.append(a))
+  assert model_dir(path) == out and calls == []  # cached
+
+
 def test_default_cache_dir_honours_xdg(tmp_path, monkeypatch):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
   d = rg.default_cache_dir("/some/where/Model.Q4_1.gguf")
