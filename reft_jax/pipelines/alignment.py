@@ -27,9 +27,9 @@ from reft_jax.config import BUILD_ALIGNMENT
 from reft_jax.data import sft
 from reft_jax.data.formats import write_jsonl
 from reft_jax.data.load import get_tokenizer, load
+from reft_jax.data.tokenizer import load_tokenizer
 from reft_jax.eval.judges import is_refusal
 from reft_jax.generate import generate_texts
-from reft_jax.data.tokenizer import load_tokenizer
 from reft_jax.model.build import load_frozen, model_dir, setup_mesh
 
 log = logging.getLogger(__name__)
