@@ -92,7 +92,7 @@ def test_a_toy_defence_registered_from_this_file_runs_end_to_end(tmp_path, capsy
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-  "name", ["sft_base", "sft_aligned", "vaccine", "booster", "lisa", "mimic", "smart", "restore", "reft"]
+  "name", ["sft_base", "sft_aligned", "vaccine", "booster", "lisa", "mimic", "smart", "restore", "reft", "guardrail"]
 )
 def test_every_defence_runs_standalone(tmp_path, capsys, name):
   c = with_updates(tiny_config(), **_world_overrides(method=name))
@@ -104,7 +104,7 @@ def test_every_defence_runs_standalone(tmp_path, capsys, name):
   aligned = {"sft_base": None, "vaccine": "aligned_vaccine", "booster": "aligned_booster", "reft": "teacher"}
   if aligned.get(name, "aligned"):  # its alignment stage, in the workdir (shared when run by the suite)
     assert os.path.exists(tmp_path / aligned.get(name, "aligned") / "model" / "config.json")
-  extra = {"lisa": "lisa", "reft": "filter", "restore": "restore"}.get(name)
+  extra = {"lisa": "lisa", "reft": "filter", "restore": "restore", "guardrail": "filter"}.get(name)
   assert extra is None or runs[name].get(extra) is not None
 
 

@@ -137,31 +137,47 @@ def check_kept(c, summary: dict) -> None:
 def filter_user_data(c, workdir, teacher, r, tokenizer, user: list[sft.Example], mesh, layer: int = 0):
   """Scores every user prompt at `layer` (the one R was taken at; 0 = layer_of); writes
   filter/{report.jsonl,kept.jsonl,summary.json}. Resumable: an existing summary is reused."""
-  out = os.path.join(workdir, "filter")
-  summary_path = os.path.join(out, "summary.json")
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      summary = json.load(f)
-    check_kept(c, summary)
-    return [user[i] for i in summary["kept_indices"]], summary
+  done = read_audit(c, workdir, user)
+  if done is not None:
+    return done
   layer = layer or layer_of(c, teacher)
   scores = score_prompts(c, teacher, r, tokenizer, user, layer, mesh)
   tau = choose_tau(c, teacher, r, tokenizer, layer, mesh)
-  dropped = scores >= tau
+  return write_audit(c, workdir, user, scores, tau, {"tau_mode": c.reft.tau_mode, "layer": layer})
+
+
+def read_audit(c, workdir, user: list[sft.Example]):
+  """(kept, summary) of a filter that already ran in workdir/filter, else None."""
+  summary_path = os.path.join(workdir, "filter", "summary.json")
+  if not os.path.exists(summary_path):
+    return None
+  with open(summary_path) as f:
+    summary = json.load(f)
+  check_kept(c, summary)
+  return [user[i] for i in summary["kept_indices"]], summary
+
+
+def write_audit(c, workdir, user: list[sft.Example], scores: np.ndarray, tau: float, fields: dict, texts=None):
+  """Drops the examples scoring >= tau; writes the audit report every filter shares,
+  workdir/filter/{report.jsonl (score per example), kept.jsonl, summary.json (written last: the filter's
+  done mark)}. `fields` go into the summary; `texts` (optional, one per example) into the report (e.g. the
+  guard's answer). Returns (kept examples, summary)."""
+  out = os.path.join(workdir, "filter")
+  summary_path = os.path.join(out, "summary.json")
+  dropped = np.asarray(scores) >= tau
   summary = {
     "n": len(user),
     "kept": int(np.sum(~dropped)),
     "kept_fraction": float(np.mean(~dropped)),
     "tau": float(tau),
-    "tau_mode": c.reft.tau_mode,
-    "layer": layer,
+    **fields,
     **label_metrics(dropped, user),
     "kept_indices": [int(i) for i in np.flatnonzero(~dropped)],
   }
   if summary["kept"] == 0:
     raise ValueError(
       f"filter: all {len(user)} user examples scored >= tau={tau:.3f} and were dropped; "
-      "nothing is left to fine-tune on (raise reft.tau or check reft.layer)"
+      "nothing is left to fine-tune on (raise the threshold, reft.tau or guardrail.threshold, or check reft.layer)"
     )
   check_kept(c, summary)
   if summary["kept"] == len(user):
@@ -170,19 +186,17 @@ def filter_user_data(c, workdir, teacher, r, tokenizer, user: list[sft.Example],
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "report.jsonl"), "w") as f:
       for i, (e, s, d) in enumerate(zip(user, scores, dropped)):
-        f.write(
-          json.dumps(
-            {
-              "index": i,
-              "score": float(s),
-              "kept": not bool(d),
-              "is_harmful": e.meta.get("is_harmful"),
-              "prompt": e.prompt,
-              "input": e.input,
-            }
-          )
-          + "\n"
-        )
+        row = {
+          "index": i,
+          "score": float(s),
+          "kept": not bool(d),
+          "is_harmful": e.meta.get("is_harmful"),
+          "prompt": e.prompt,
+          "input": e.input,
+        }
+        if texts is not None:
+          row["guard_answer"] = texts[i]
+        f.write(json.dumps(row) + "\n")
     write_jsonl([user[i] for i in summary["kept_indices"]], os.path.join(out, "kept.jsonl"))
     tmp = summary_path + ".tmp"
     with open(tmp, "w") as f:
