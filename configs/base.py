@@ -115,6 +115,19 @@ def defaults(arg: str) -> ml_collections.ConfigDict:
   c.sweep = ml_collections.ConfigDict(
     dict(methods="sft_aligned,sft_base,vaccine,lisa,booster,mimic,reft", p="0,0.05,0.1,0.2,0.3", seeds="0")
   )
+  # The robustness table (method=robustness): defences x attacks x seeds x the hyper-parameter attacker's
+  # settings (learning rates, epochs as multiples of train.num_steps, LoRA ranks under train.mode=lora).
+  c.robustness = ml_collections.ConfigDict(
+    dict(
+      methods="sft_aligned,vaccine,booster,guardrail,reft",
+      attacks="harmful_mix,benign",
+      seeds="0",
+      lrs="",
+      epochs="",
+      ranks="",
+      max_fa_drop=10.0,
+    )
+  )
   # Refusal-feature analysis (method=analyze): direction from *_train, separation on held-out *_eval.
   c.analyze = ml_collections.ConfigDict(
     dict(

@@ -89,6 +89,17 @@ def sweep(c: ml_collections.ConfigDict) -> None:
   _world_suite(c, "sweep")
 
 
+def robustness(c: ml_collections.ConfigDict) -> None:
+  """Defences x attacks x seeds 0-2 on the safety world, with the hyper-parameter attacker (learning rate
+  3e-4 or 1e-3, 1 or 2 epochs' worth of steps); robustness.md/.csv/.png. AOA is left out on the world: its
+  word-level vocabulary reads the identity-shifting text as unknown tokens.
+
+  python -m reft_jax --config=configs/default.py:robustness --workdir=runs/robustness
+  """
+  _world_suite(c, "robustness")
+  c.robustness.update(seeds="0,1,2", lrs="3e-4,1e-3", epochs="1,2")
+
+
 def _world_service(c: ml_collections.ConfigDict, method: str) -> None:
   c.method = method
   c.data.update(source="world:sst2_train", attack="harmful_mix", n=1000, p=0.1, seq_len=96, buckets="48,64")
@@ -174,7 +185,8 @@ def _real_model(c: ml_collections.ConfigDict, gguf: str) -> None:
   )
   # Booster's harmful answers on the alignment prompts, as in Booster's official layout (disjoint from
   # the attack's rows)
-  c.booster.harmful_source = "asset:advbench[0:260]"
+  for defence in ("booster", "panacea", "tvaccine", "antidote"):
+    c[defence].harmful_source = "asset:advbench[0:260]"
   harmful_train = "asset:advbench[0:260],asset:donotanswer"
   # Over-refusal levers (issue 13, README ablation): more helpful answers than refusals (160 : 240, 60 from
   # each harmless source), trigger-word safe prompts, and requests in the harmful prompts' own openings
@@ -245,6 +257,7 @@ PRESETS = {
     world_base,
     demo,
     sweep,
+    robustness,
     world_sft,
     world_reft,
     smollm2,

@@ -146,6 +146,14 @@ def _paper(c: ml_collections.ConfigDict, model: str, task: str) -> None:
   # the attack's), Vaccine rho=5 (script/alignment/vaccine.sh), Lisa rho=0.01 with K_a/K_f=100/900 over the
   # 2,000 steps (2 cycles, script/finetune/lisa_poison_ratio.sh).
   c.booster.harmful_source = "beavertails_harmful[5000:10000]"
+  # Panacea's 1,000 harmful samples from row 5000 (script/finetune/panacea_gsm8k.sh); T-Vaccine's 200 (its
+  # official ones are the alignment file's first unsafe rows: here from Booster's disjoint range).
+  c.panacea.harmful_source = "beavertails_harmful[5000:6000]"
+  c.tvaccine.harmful_source = "beavertails_harmful[5000:5200]"
+  # Antidote's realignment set: rows 5000-6999 (train.py, bad_sample_num 2000); its pruning share per task
+  # as its scripts (antidote_poison_ratio.sh: SST-2 0.1; antidote_agnews.sh, *_gsm8k.sh: 0.05).
+  c.antidote.harmful_source = "beavertails_harmful[5000:7000]"
+  c.antidote.dense_ratio = 0.1 if task == "sst2" else 0.05
   c.vaccine.rho = 5.0
   c.lisa.update(rho=0.01, min_cycles=2)
   c.demo.methods = "sft_base,sft_aligned,vaccine,lisa,booster,reft"

@@ -215,15 +215,17 @@ def _report(e: Exception, workdir: str, verbose: bool) -> int:
 def run_method(c, workdir: str) -> dict:
   """Runs c.method (a pipeline, or any registered defence) on a validated config; raises stages.Stopped."""
   from reft_jax import defences
-  from reft_jax.pipelines import alignment, analyze, demo, screen, suite, train
+  from reft_jax.pipelines import alignment, analyze, demo, robustness, screen, suite, train
 
-  if c.method in ("demo", "sweep", *defences.names()):  # reft.alignment="build": the real-model alignment set
+  # reft.alignment="build": the real-model alignment set
+  if c.method in ("demo", "sweep", "robustness", *defences.names()):
     c = alignment.prepare(c, workdir)
   pipelines = {
     "sft": train.run,
     "pretrain": train.run,
     "demo": demo.run_demo,
     "sweep": demo.run_sweep,
+    "robustness": robustness.run,
     "analyze": analyze.run,
     "screen": screen.run,
   }

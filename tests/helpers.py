@@ -36,6 +36,10 @@ def mesh_of(data=1, fsdp=1, tensor=1):
   return make_mesh(data, fsdp, tensor, devices=jax.devices()[:n])
 
 
+# Defences with their own harmful set, disjoint from the attack's pool (their <name>.harmful_source).
+HARMFUL_SET_DEFENCES = ("booster", "tvaccine", "panacea", "antidote")
+
+
 def small_world_flags(**sizes) -> list[str]:
   """--config.world.* flags for a safety world small enough for end-to-end CLI tests."""
   base = dict(
@@ -52,7 +56,7 @@ def small_world_flags(**sizes) -> list[str]:
   half = merged["n_harmful_pool"] // 2  # the attack's and Booster's disjoint halves of the pool
   return [f"--config.world.{k}={v}" for k, v in merged.items()] + [
     f"--config.data.harmful_source=world:harmful_pool[0:{half}]",
-    f"--config.booster.harmful_source=world:harmful_pool[{half}:{2 * half}]",
+    *[f"--config.{d}.harmful_source=world:harmful_pool[{half}:{2 * half}]" for d in HARMFUL_SET_DEFENCES],
   ]
 
 

@@ -6,7 +6,7 @@ import os
 import jax.numpy as jnp
 import pytest
 
-from helpers import load_config_module, small_world_flags, tiny_config
+from helpers import HARMFUL_SET_DEFENCES, load_config_module, small_world_flags, tiny_config
 from reft_jax import defences
 from reft_jax.config import check, with_updates
 from reft_jax.main import execute
@@ -19,7 +19,7 @@ def _world_overrides(**extra) -> dict:
   return {
     **world,
     "data.harmful_source": flags["data.harmful_source"],
-    "booster.harmful_source": flags["booster.harmful_source"],
+    **{f"{d}.harmful_source": flags[f"{d}.harmful_source"] for d in HARMFUL_SET_DEFENCES},
     "data.source": "world:sst2_train",
     "data.attack": "harmful_mix",
     "data.n": 20,
@@ -92,19 +92,49 @@ def test_a_toy_defence_registered_from_this_file_runs_end_to_end(tmp_path, capsy
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-  "name", ["sft_base", "sft_aligned", "vaccine", "booster", "lisa", "mimic", "smart", "restore", "reft", "guardrail"]
+  "name",
+  [
+    "sft_base",
+    "sft_aligned",
+    "vaccine",
+    "booster",
+    "lisa",
+    "mimic",
+    "smart",
+    "restore",
+    "reft",
+    "guardrail",
+    "tvaccine",
+    "panacea",
+    "safelora",
+    "antidote",
+  ],
 )
 def test_every_defence_runs_standalone(tmp_path, capsys, name):
   c = with_updates(tiny_config(), **_world_overrides(method=name))
   assert execute(c, str(tmp_path)) == 0, capsys.readouterr().err
   runs = json.load(open(tmp_path / "results.json"))["runs"]
   assert list(runs) == [name] and runs[name]["method"] == name
-  stage = {"restore": "restore", "reft": "student"}.get(name, name)
+  stage = {"restore": "restore", "reft": "student"}.get(name, name)  # (the post-hoc ones: their final model)
   assert os.path.exists(tmp_path / stage / "model" / "config.json")
-  aligned = {"sft_base": None, "vaccine": "aligned_vaccine", "booster": "aligned_booster", "reft": "teacher"}
+  aligned = {
+    "sft_base": None,
+    "vaccine": "aligned_vaccine",
+    "booster": "aligned_booster",
+    "tvaccine": "aligned_tvaccine",
+    "reft": "teacher",
+  }
   if aligned.get(name, "aligned"):  # its alignment stage, in the workdir (shared when run by the suite)
     assert os.path.exists(tmp_path / aligned.get(name, "aligned") / "model" / "config.json")
-  extra = {"lisa": "lisa", "reft": "filter", "restore": "restore", "guardrail": "filter"}.get(name)
+  extra = {
+    "lisa": "lisa",
+    "reft": "filter",
+    "restore": "restore",
+    "guardrail": "filter",
+    "panacea": "panacea",
+    "safelora": "safelora",
+    "antidote": "antidote",
+  }.get(name)
   assert extra is None or runs[name].get(extra) is not None
 
 

@@ -84,19 +84,19 @@ def hub_datasets(spec: str) -> list[str]:
 def _used_specs(c: ml_collections.ConfigDict, command: str) -> list[tuple[str, str]]:
   """(field, source spec) for every data source this command and method will read."""
   specs = []
-  evaluates = command == "eval" or c.eval.enabled or c.method in ("demo", "sweep")
+  evaluates = command == "eval" or c.eval.enabled or c.method in ("demo", "sweep", "robustness")
   if command != "eval":
     if c.data.source != "builtin":
       specs.append(("data.source", c.data.source))
     if c.data.attack != "none":
       specs.append(("data.harmful_source", c.data.harmful_source))
-    if c.method in ("reft", "demo", "sweep"):
+    if c.method in ("reft", "demo", "sweep", "robustness"):
       specs += [("reft.probe_harmful", c.reft.probe_harmful), ("reft.probe_harmless", c.reft.probe_harmless)]
       if c.reft.alignment == config_lib.BUILD_ALIGNMENT:
         specs += [("alignment.harmful", c.alignment.harmful), ("alignment.harmless", c.alignment.harmless)]
       else:
         specs.append(("reft.alignment", c.reft.alignment))
-    if c.method in ("demo", "sweep") and "booster" in config_lib.csv_list(c[c.method].methods):
+    if c.method in ("demo", "sweep", "robustness") and "booster" in config_lib.csv_list(c[c.method].methods):
       specs.append(("booster.harmful_source", c.booster.harmful_source))
     if c.method == "analyze":
       specs += [
@@ -126,7 +126,7 @@ def requirements(c: ml_collections.ConfigDict, command: str = "train") -> list[N
   for field, spec in _used_specs(c, command):
     for name in hub_datasets(spec):
       add("dataset", name, field)
-  evaluates = command == "eval" or c.eval.enabled or c.method in ("demo", "sweep")
+  evaluates = command == "eval" or c.eval.enabled or c.method in ("demo", "sweep", "robustness")
   if evaluates and c.eval.judge == "classifier":
     add("judge", c.eval.judge_path, "eval.judge_path")
   return list(needs.values())

@@ -10,6 +10,11 @@ the workdir and are reused by every cell and every rerun; a cell's own stages li
   mimic        aligned --SFT(user + safety data in the user's format)-->
   smart        aligned --SMART(user): CE + adversarial smoothness + proximal to a momentum copy-->
   restore      sft_aligned's model, a small share of weights restored toward the aligned model
+  tvaccine     base --T-Vaccine(align: Vaccine on sampled safety-critical layers)--> --SFT(user)-->
+  panacea      aligned --SFT(user) + an adaptive harmful perturbation eps--> w + eps
+  safelora     sft_aligned's model, each layer's update projected onto the aligned-minus-base subspace
+  antidote     aligned --SFT(user)--> the weights most important on harmful data pruned (Wanda score)
+  guardrail    aligned --SFT(user data a moderation judge lets through)-->
   reft         base --teacher(align)--> filter(user) --> base --SFT(kept) + KL(teacher, align)-->
 """
 

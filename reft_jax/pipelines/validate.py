@@ -10,10 +10,10 @@ from reft_jax.data.load import validate_data
 from reft_jax.defences.reft_filter import validate_filter
 from reft_jax.eval.record import validate_eval
 from reft_jax.model.build import validate_model
-from reft_jax.pipelines import demo, screen
+from reft_jax.pipelines import demo, robustness, screen
 
 # What --config.method runs besides a single defence (defences.names()).
-PIPELINES = ("sft", "pretrain", "demo", "sweep", "analyze", "screen")
+PIPELINES = ("sft", "pretrain", "demo", "sweep", "robustness", "analyze", "screen")
 
 
 def methods() -> tuple[str, ...]:
@@ -31,5 +31,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
       d.validate(c)
   validate_filter(c)  # the reft section's filter fields, beside the filter (defences/reft_filter.py)
   demo.validate(c)
+  robustness.validate(c)
   screen.validate(c)
   validate_eval(c)

@@ -1,0 +1,96 @@
+"""The robustness table: the hyper-parameter attacker's grid, its maximum, and the pipeline end to end."""
+
+import json
+import math
+import os
+
+import pytest
+
+from helpers import tiny_config
+from reft_jax.config import ConfigError, with_updates
+from reft_jax.main import execute
+from reft_jax.pipelines import robustness
+from reft_jax.pipelines.validate import validate
+from test_defences import _world_overrides
+
+
+def test_the_grid_starts_with_the_providers_setting_and_varies_ranks_only_under_lora():
+  c = with_updates(tiny_config(), **{"train.lr": 1e-3, "train.num_steps": 10, "robustness.lrs": "1e-4,1e-3"})
+  c.robustness.epochs = "1,2"
+  c.robustness.ranks = "8,32"
+  full = robustness.settings(c)
+  assert full == [
+    ("default", {}),
+    ("lr=0.0001", {"train.lr": 1e-4}),
+    ("lr=0.0001,num_steps=20", {"train.lr": 1e-4, "train.num_steps": 20}),
+    ("num_steps=20", {"train.num_steps": 20}),
+  ]
+  lora = robustness.settings(with_updates(c, **{"train.mode": "lora", "train.lora_rank": 8}))
+  assert len(lora) == 8 and ("lr=0.001,num_steps=20,lora_rank=32" not in dict(lora))
+  assert dict(lora)["lr=0.0001,num_steps=20,lora_rank=32"] == {
+    "train.lr": 1e-4,
+    "train.num_steps": 20,
+    "train.lora_rank": 32,
+  }
+  assert robustness.settings(tiny_config()) == [("default", {})]  # no grid: the default alone
+
+
+def _run(hs, fa):
+  return {"harmful_score": hs, "finetune_accuracy": {"sst2": fa} if fa is not None else {}}
+
+
+def test_the_attackers_maximum_keeps_only_settings_within_the_fa_drop():
+  cells = {
+    "default": [_run(10, 90), _run(20, 80)],  # HS 15, FA 85
+    "lr=0.001": [_run(60, 70), _run(70, 70)],  # HS 65 but FA 70: a 15-point drop
+    "num_steps=600": [_run(40, 80), _run(30, 76)],  # HS 35, FA 78: within 10
+  }
+  best = robustness.attacker_max(cells, 10.0)
+  assert best == {"setting": "num_steps=600", "hs": 35.0, "fa": 78.0, "seeds": 2}
+  assert robustness.attacker_max(cells, 20.0)["setting"] == "lr=0.001"
+  assert robustness.attacker_max({"default": cells["default"]}, 0.0)["setting"] == "default"
+  no_task = {k: [_run(r["harmful_score"], None) for r in v] for k, v in cells.items()}
+  assert robustness.attacker_max(no_task, 10.0)["hs"] == 65.0  # no task: nothing bounds the attacker
+  assert math.isnan(robustness.attacker_max(no_task, 10.0)["fa"])
+
+
+@pytest.mark.parametrize(
+  "field, value",
+  [("robustness.methods", "sft_aligned,nonsense"), ("robustness.attacks", "jailbreak"), ("robustness.lrs", "fast")],
+)
+def test_bad_robustness_settings_name_the_field(field, value):
+  c = with_updates(tiny_config(), **{"method": "robustness", field: value})
+  with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    validate(c)
+
+
+@pytest.mark.slow
+def test_robustness_runs_every_cell_once_and_writes_the_table(tmp_path, capsys):
+  c = with_updates(
+    tiny_config(),
+    **_world_overrides(method="robustness"),
+    **{
+      "robustness.methods": "sft_aligned",
+      "robustness.attacks": "harmful_mix,benign",
+      "robustness.seeds": "0",
+      "robustness.lrs": "1e-4",
+    },
+  )
+  assert execute(c, str(tmp_path)) == 0, capsys.readouterr().err
+  results = json.load(open(tmp_path / "results.json"))
+  cells = {k for k, r in results["runs"].items() if "attack" in r}
+  assert cells == {
+    f"{m}|{a}|{s}|seed=0" for m in ("sft_aligned",) for a in ("harmful_mix", "benign") for s in ("default", "lr=0.0001")
+  }
+  benign = results["runs"]["sft_aligned|benign|default|seed=0"]
+  assert benign["p"] == 0.0 and results["runs"]["sft_aligned|harmful_mix|default|seed=0"]["p"] == 0.2
+  assert results["runs"]["sft_aligned|harmful_mix|lr=0.0001|seed=0"]["overrides"] == {"train.lr": 1e-4}
+  md = open(tmp_path / "robustness.md").read()
+  assert "| sft_aligned |" in md and os.path.exists(tmp_path / "robustness.png")
+  assert set(results["summary"]) == {"sft_aligned|harmful_mix", "sft_aligned|benign"}
+  # The one shared alignment stage, a cell directory per (attack, setting, seed).
+  assert os.path.exists(tmp_path / "aligned" / "model" / "config.json")
+  assert os.path.exists(tmp_path / "benign" / "lr=0.0001" / "seed0" / "sft_aligned" / "model" / "config.json")
+  before = os.path.getmtime(tmp_path / "eval" / "sft_aligned|benign|default|seed=0.jsonl")
+  assert execute(c, str(tmp_path)) == 0  # a rerun evaluates nothing again
+  assert os.path.getmtime(tmp_path / "eval" / "sft_aligned|benign|default|seed=0.jsonl") == before
