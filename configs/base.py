@@ -128,6 +128,12 @@ def defaults(arg: str) -> ml_collections.ConfigDict:
       max_fa_drop=10.0,
     )
   )
+  # The adaptive attack on the filter (robustness.attacks=adaptive; data/adaptive.py:AttackConfig): Virus's
+  # weights (lam 0.1 on the filter term, 1 - lam on gradient similarity), top-k and batch (virus.sh); 20 GCG
+  # steps on a 20-token suffix (Virus: 50 steps over the whole sample).
+  c.adaptive = ml_collections.ConfigDict(
+    dict(steps=20, mode="suffix", suffix_len=20, topk=64, batch=128, lam=0.1, margin=None, trainable="")
+  )
   # Refusal-feature analysis (method=analyze): direction from *_train, separation on held-out *_eval.
   c.analyze = ml_collections.ConfigDict(
     dict(

@@ -94,3 +94,41 @@ def test_robustness_runs_every_cell_once_and_writes_the_table(tmp_path, capsys):
   before = os.path.getmtime(tmp_path / "eval" / "sft_aligned|benign|default|seed=0.jsonl")
   assert execute(c, str(tmp_path)) == 0  # a rerun evaluates nothing again
   assert os.path.getmtime(tmp_path / "eval" / "sft_aligned|benign|default|seed=0.jsonl") == before
+
+
+@pytest.mark.slow
+def test_the_adaptive_attack_optimises_the_harmful_prompts_once_against_the_shared_teacher(tmp_path, capsys):
+  c = with_updates(
+    tiny_config(),
+    **_world_overrides(method="robustness"),
+    **{
+      "robustness.methods": "reft",
+      "robustness.attacks": "adaptive",
+      "robustness.seeds": "0",
+      "adaptive.steps": 2,
+      "adaptive.suffix_len": 3,
+      "adaptive.topk": 4,
+      "adaptive.batch": 4,
+      "adaptive.lam": 1.0,
+    },
+  )
+  assert execute(c, str(tmp_path)) == 0, capsys.readouterr().err
+  summary = json.load(open(tmp_path / "adaptive" / "seed0" / "summary.json"))
+  upload = [json.loads(line) for line in open(tmp_path / "adaptive" / "seed0" / "user.jsonl")]
+  harmful = [e for e in upload if e["is_harmful"]]
+  attacked = [e for e in harmful if e.get("adaptive")]
+  assert len(upload) == 20 and len(harmful) == 4  # n = 20, p = 0.2
+  # a prompt whose suffix would not fit data.seq_len is left as it is, and says so
+  assert summary["attacked"] == len(attacked) >= 3 and all(
+    e.get("adaptive_skipped") for e in harmful if e not in attacked
+  )
+  assert all(e["adaptive_steps"] == 2 for e in attacked)
+  assert not any(e.get("adaptive") for e in upload if not e["is_harmful"])
+  # lam = 1: the filter's score never rises, and the recorded recall is the scores' against tau
+  assert all(e["filter_score_after"] <= e["filter_score_before"] + 1e-6 for e in attacked)
+  assert summary["recall_after"] == sum(e["filter_score_after"] >= summary["tau"] for e in attacked) / len(attacked)
+  run = json.load(open(tmp_path / "results.json"))["runs"]["reft|adaptive|default|seed=0"]
+  assert run["attack"] == "adaptive" and run["filter"]["recall"] == pytest.approx(
+    json.load(open(tmp_path / "adaptive" / "default" / "seed0" / "filter" / "summary.json"))["recall"]
+  )
+  assert os.path.exists(tmp_path / "teacher" / "model" / "config.json")  # one teacher: the attacked one

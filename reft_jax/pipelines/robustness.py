@@ -4,7 +4,11 @@
 
 Every (attack, attacker setting, seed, defence) cell trains on shared stages (the base model, alignment
 stages, the ReFT teacher: trained once in the workdir) and is evaluated; a rerun skips the cells already in
-results.json. Attacks (robustness.attacks): any data.attack (harmful_mix, benign: p = 0, aoa, aoa_task).
+results.json. Attacks (robustness.attacks): any data.attack (harmful_mix, benign: p = 0, aoa, aoa_task), and
+`adaptive`: the harmful_mix upload with every harmful prompt optimised against ReFT's filter (white box: the
+shared teacher, its layer, R and tau) while keeping its training gradient (data/adaptive.py, Virus's dual
+objective; settings adaptive.*), written once per seed to WORKDIR/adaptive/seed<seed>/user.jsonl with the
+filter's recall before and after in summary.json. Every defence then trains on that same upload.
 
 The hyper-parameter attacker (robustness.lrs / epochs / ranks; TamperBench's protocol): the user picks the
 fine-tuning learning rate, the number of epochs (multiples of train.num_steps) and the LoRA rank. For each
@@ -19,6 +23,7 @@ interval over seeds], and the attacker's maximum with the setting that reached i
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import os
@@ -28,16 +33,21 @@ import numpy as np
 
 from reft_jax import distributed as dist
 from reft_jax.config import check, csv_list, with_updates
+from reft_jax.data import adaptive, sources
 from reft_jax.data.attacks import ATTACKS
+from reft_jax.data.formats import write_jsonl
 from reft_jax.data.load import get_tokenizer, read_examples
+from reft_jax.defences import get as get_defence
 from reft_jax.defences import names as defence_names
 from reft_jax.defences import run_defence
+from reft_jax.defences.reft import choose_tau, recorded_layer
 from reft_jax.eval import stats
-from reft_jax.model.build import setup_mesh
+from reft_jax.model.build import load_frozen, setup_mesh
 from reft_jax.pipelines.suite import ensure_base, evaluate, write_json
-from reft_jax.stages import Env
+from reft_jax.stages import Env, run_stage
 
 DEFAULT = "default"
+ADAPTIVE = "adaptive"  # harmful_mix with the harmful prompts optimised against the filter
 
 
 def settings(c) -> list[tuple[str, dict]]:
@@ -77,10 +87,14 @@ def run(c, workdir: str) -> dict:
   done = _recorded(workdir)
   for attack in attacks:
     for seed in seeds:
+      data_attack = "harmful_mix" if attack == ADAPTIVE else attack
       data_c = with_updates(
-        c, **{"data.attack": attack, "seed": seed, **({"data.p": 0.0} if attack == "benign" else {})}
+        c, **{"data.attack": data_attack, "seed": seed, **({"data.p": 0.0} if attack == "benign" else {})}
       )
       user = read_examples(data_c)
+      if attack == ADAPTIVE:
+        env.c = data_c
+        user = adaptive_upload(env, workdir, user, seed)
       for setting, over in grid:
         cell_c = with_updates(data_c, **over)
         env.c = cell_c
@@ -109,6 +123,44 @@ def run(c, workdir: str) -> dict:
     print(table["markdown"])
   dist.barrier("robustness")
   return {"results": results}
+
+
+def adaptive_upload(env: Env, workdir: str, user: list, seed: int) -> list:
+  """The upload with its harmful prompts optimised against ReFT's filter (the shared teacher, trained here
+  if no cell has yet); cached in workdir/adaptive/seed<seed>/ (user.jsonl, then summary.json)."""
+  c = env.c
+  out = os.path.join(workdir, ADAPTIVE, f"seed{seed}")
+  path = os.path.join(out, "user.jsonl")
+  if os.path.exists(os.path.join(out, "summary.json")):  # written last: the attack finished
+    return sources.load_source(path)
+  teacher_dir = run_stage(env, env.shared_dir, get_defence("reft").align(env)).model_dir
+  teacher = load_frozen(c, teacher_dir, env.mesh, env.rules)
+  r = np.load(os.path.join(os.path.dirname(teacher_dir), "refusal_direction.npy"))
+  layer = recorded_layer(teacher_dir)
+  tau = choose_tau(c, teacher, r, env.tokenizer, layer, env.mesh)
+  student = load_frozen(c, env.base_path, env.mesh, env.rules)
+  config = adaptive.AttackConfig(**c.adaptive.to_dict(), template=c.data.template, seq_len=c.data.seq_len)
+  start = time.perf_counter()
+  result = adaptive.optimise_prompts(user, teacher, student, env.tokenizer, r, layer, tau, config, seed)
+  attacked = [e for e in result.examples if e.meta.get("adaptive")]
+  before = np.asarray([e.meta["filter_score_before"] for e in attacked])
+  after = np.asarray([e.meta["filter_score_after"] for e in attacked])
+  mean = lambda xs: float(np.mean(xs)) if len(xs) else None
+  summary = {
+    "tau": float(tau),
+    "layer": layer,
+    "attacked": len(attacked),
+    "recall_before": mean(before >= tau),
+    "recall_after": mean(after >= tau),
+    "mean_gradient_similarity": mean([e.meta["gradient_similarity"] for e in attacked]),
+    "seconds": time.perf_counter() - start,
+    "config": dataclasses.asdict(config),
+  }
+  if dist.is_primary():
+    write_jsonl(result.examples, path)
+    write_json(os.path.join(out, "summary.json"), summary)
+  dist.barrier("adaptive")
+  return result.examples
 
 
 def _recorded(workdir: str) -> set[str]:
@@ -235,8 +287,14 @@ def validate(c) -> None:
   check(
     bool(csv_list(r.methods)) and not bad, "robustness.methods", r.methods, f"each must be one of {defence_names()}"
   )
-  bad = [a for a in csv_list(r.attacks) if a not in ATTACKS]
-  check(bool(csv_list(r.attacks)) and not bad, "robustness.attacks", r.attacks, f"each must be one of {ATTACKS}")
+  attacks = (*ATTACKS, ADAPTIVE)
+  bad = [a for a in csv_list(r.attacks) if a not in attacks]
+  check(bool(csv_list(r.attacks)) and not bad, "robustness.attacks", r.attacks, f"each must be one of {attacks}")
+  if ADAPTIVE in csv_list(r.attacks):
+    try:
+      adaptive.AttackConfig(**c.adaptive.to_dict())
+    except (TypeError, ValueError) as e:
+      check(False, "adaptive", c.adaptive.to_dict(), str(e))
   try:
     lrs, epochs, ranks, seeds = (
       csv_list(r.lrs, float),
