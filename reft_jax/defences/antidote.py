@@ -44,24 +44,16 @@ from flax import nnx, traverse_util
 
 from reft_jax import distributed as dist
 from reft_jax import sharding as shd
-from reft_jax.config import ConfigError, check
+from reft_jax.config import check
 from reft_jax.data import sft
 from reft_jax.defences.registry import Defence, register
-from reft_jax.defences.sft import aligned_stage, user_sft
+from reft_jax.defences.sft import aligned_stage, disjoint_harmful_set, user_sft
 from reft_jax.files import write_atomic
 from reft_jax.model import load_hf, save_hf
+from reft_jax.model.layers import LORA_SITES as SITES
 from reft_jax.model.build import run_options
 from reft_jax.stages import Env, StageSpec, finished, model_dir
 
-SITES = {
-  "q": ("attn", "q"),
-  "k": ("attn", "k"),
-  "v": ("attn", "v"),
-  "o": ("attn", "o"),
-  "gate": ("mlp", "gate"),
-  "up": ("mlp", "up"),
-  "down": ("mlp", "down"),
-}
 FULL_TARGETS = ("q", "k", "v")  # official find_layers with full_finetuning: q_proj, k_proj, v_proj
 FINETUNE_LORA = "antidote_sft"  # the LoRA fine-tuning stage, which keeps its adapter
 ADAPTER = "lora.npz"
@@ -213,23 +205,9 @@ def activation_stats(model, data: sft.TokenizedSet, targets, batch_size: int = 8
 
 
 def harmful_set(env: Env) -> list[sft.Example]:
-  """antidote.harmful_source (up to antidote.n_harmful), refused when it shares a prompt with the attack's pool
-  (official: BeaverTails unsafe rows from 5001 for the realignment set, from 0 for the attack)."""
-  c = env.c
-  examples = env.load(c.antidote.harmful_source, c.antidote.n_harmful)
-  if c.data.attack != "none":
-    from reft_jax.data.overlap import overlap
-
-    shared = sorted({i for i, _ in overlap(examples, env.load(c.data.harmful_source))})
-    if shared:
-      raise ConfigError(
-        f"config.antidote.harmful_source={c.antidote.harmful_source!r} shares {len(shared)} prompt(s) with "
-        f"the attack's pool config.data.harmful_source={c.data.harmful_source!r} (e.g. "
-        f"{examples[shared[0]].prompt[:60]!r}); Antidote's realignment set must be disjoint from it"
-      )
-  if not examples:
-    raise ConfigError(f"config.antidote.harmful_source={c.antidote.harmful_source!r}: no examples")
-  return examples
+  """antidote.harmful_source (up to antidote.n_harmful; official: BeaverTails unsafe rows from 5001 for the
+  realignment set, from 0 for the attack), disjoint from the attack's pool (checked)."""
+  return disjoint_harmful_set(env, "antidote", env.c.antidote.n_harmful)
 
 
 def _adapter_path(root: str) -> str:

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from reft_jax.config import ConfigError, check
+from reft_jax.config import check
 from reft_jax.data import sft
 from reft_jax.defences.registry import Defence, register
-from reft_jax.defences.sft import aligned_stage, user_sft
+from reft_jax.defences.sft import aligned_stage, disjoint_harmful_set, user_sft
 from reft_jax.losses import batch_cross_entropy
 from reft_jax.optim import overlay, trainable_labels, trainable_part
 from reft_jax.stages import Env, StageSpec
@@ -62,22 +62,9 @@ def booster_loss(lam: float, alpha: float, mode: str = "full", regex: str = ""):
 
 
 def harmful_set(env: Env) -> list[sft.Example]:
-  """booster.harmful_source, refused when it shares a prompt with the attack's pool: the official code
-  draws it from BeaverTails rows 5000-9999 and the attack from rows 0-..., so the defence never sees the
-  attack's prompts."""
-  c = env.c
-  examples = env.load(c.booster.harmful_source)
-  if c.data.attack != "none":
-    from reft_jax.data.overlap import overlap
-
-    shared = sorted({i for i, _ in overlap(examples, env.load(c.data.harmful_source))})
-    if shared:
-      raise ConfigError(
-        f"config.booster.harmful_source={c.booster.harmful_source!r} shares {len(shared)} prompt(s) with "
-        f"the attack's pool config.data.harmful_source={c.data.harmful_source!r} (e.g. "
-        f"{examples[shared[0]].prompt[:60]!r}); Booster's harmful set must be disjoint from it"
-      )
-  return examples
+  """booster.harmful_source (official: BeaverTails rows 5000-9999, the attack's from 0), disjoint from the
+  attack's pool (checked)."""
+  return disjoint_harmful_set(env, "booster")
 
 
 def align(env: Env) -> StageSpec:

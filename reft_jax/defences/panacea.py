@@ -25,10 +25,10 @@ import optax
 from flax import nnx, traverse_util
 
 from reft_jax import distributed as dist
-from reft_jax.config import ConfigError, check
+from reft_jax.config import check
 from reft_jax.data import sft
 from reft_jax.defences.registry import Defence, register
-from reft_jax.defences.sft import aligned_stage
+from reft_jax.defences.sft import aligned_stage, disjoint_harmful_set
 from reft_jax.files import write_atomic
 from reft_jax.losses import batch_cross_entropy
 from reft_jax.optim import overlay, trainable_copy, trainable_labels, trainable_part
@@ -119,22 +119,9 @@ def apply_epsilon(model, eps: dict) -> None:
 
 
 def harmful_set(env: Env) -> list[sft.Example]:
-  """panacea.harmful_source, refused when it shares a prompt with the attack's pool: the official code
-  draws it from BeaverTails rows 5001-5999 (`poison_data_start=5000`, `bad_sample_num` 1000) and the attack
-  from rows 0-..., so the defence never sees the attack's prompts."""
-  c = env.c
-  examples = env.load(c.panacea.harmful_source)
-  if c.data.attack != "none":
-    from reft_jax.data.overlap import overlap
-
-    shared = sorted({i for i, _ in overlap(examples, env.load(c.data.harmful_source))})
-    if shared:
-      raise ConfigError(
-        f"config.panacea.harmful_source={c.panacea.harmful_source!r} shares {len(shared)} prompt(s) with "
-        f"the attack's pool config.data.harmful_source={c.data.harmful_source!r} (e.g. "
-        f"{examples[shared[0]].prompt[:60]!r}); Panacea's harmful set must be disjoint from it"
-      )
-  return examples
+  """panacea.harmful_source (official: BeaverTails rows 5001-5999, `poison_data_start=5000`, `bad_sample_num`
+  1000; the attack's from 0), disjoint from the attack's pool (checked)."""
+  return disjoint_harmful_set(env, "panacea")
 
 
 def finetune(env: Env, root: str, start: str, user) -> StageSpec:

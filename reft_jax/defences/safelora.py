@@ -42,19 +42,10 @@ from reft_jax.defences.registry import Defence, register
 from reft_jax.defences.sft import aligned_stage, user_sft
 from reft_jax.files import write_atomic
 from reft_jax.model import load_hf, save_hf
+from reft_jax.model.layers import LORA_SITES as SITES
 from reft_jax.model.hf import hf_module_name
 from reft_jax.stages import finished, model_dir
 
-# A LoRA target -> its module under a decoder block.
-SITES = {
-  "q": ("attn", "q"),
-  "k": ("attn", "k"),
-  "v": ("attn", "v"),
-  "o": ("attn", "o"),
-  "gate": ("mlp", "gate"),
-  "up": ("mlp", "up"),
-  "down": ("mlp", "down"),
-}
 HIGHEST = jax.lax.Precision.HIGHEST  # float32 products (no TF32 on GPUs), as torch.mm by default
 
 

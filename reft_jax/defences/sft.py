@@ -6,6 +6,7 @@ sft_aligned  base --SFT(align)--> aligned --SFT(user)-->  (align-then-fine-tune,
 
 from __future__ import annotations
 
+from reft_jax.config import ConfigError
 from reft_jax.defences.registry import Defence, register
 from reft_jax.stages import Env, StageSpec
 
@@ -22,6 +23,27 @@ def aligned_stage(env: Env, name: str = "aligned", loss=None, data=None) -> Stag
   if data is None:
     data = env.tokenize(env.load(env.c.reft.alignment))
   return StageSpec(name, data, init=env.base_path, loss=loss, train=alignment_budget(env))
+
+
+def disjoint_harmful_set(env: Env, section: str, limit: int = 0) -> list:
+  """c.<section>.harmful_source (up to `limit` rows), the defence's own harmful examples, refused when it
+  shares a prompt with the attack's pool: the official Booster / T-Vaccine / Panacea / Antidote code draws
+  them from BeaverTails rows the attack never uses, so a defence never sees the attack's prompts."""
+  c, spec = env.c, env.c[section].harmful_source
+  examples = env.load(spec, limit)
+  if c.data.attack != "none":
+    from reft_jax.data.overlap import overlap
+
+    shared = sorted({i for i, _ in overlap(examples, env.load(c.data.harmful_source))})
+    if shared:
+      raise ConfigError(
+        f"config.{section}.harmful_source={spec!r} shares {len(shared)} prompt(s) with the attack's pool "
+        f"config.data.harmful_source={c.data.harmful_source!r} (e.g. {examples[shared[0]].prompt[:60]!r}); "
+        f"{section}'s harmful set must be disjoint from it"
+      )
+  if not examples:
+    raise ConfigError(f"config.{section}.harmful_source={spec!r}: no examples")
+  return examples
 
 
 def user_sft(name: str):

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from reft_jax.config import ConfigError, check
+from reft_jax.config import check
 from reft_jax.data import sft
 from reft_jax.defences.registry import Defence, register
-from reft_jax.defences.sft import aligned_stage, user_sft
+from reft_jax.defences.sft import aligned_stage, disjoint_harmful_set, user_sft
 from reft_jax.losses import batch_cross_entropy
 from reft_jax.stages import Env, MethodState, StageSpec
 from reft_jax.train import split_model
@@ -128,19 +128,8 @@ def tvaccine_state(
 
 def harmful_pool(env: Env) -> list[sft.Example]:
   """tvaccine.harmful_source (official: the first --prompt_data_size 200 unsafe rows of the alignment
-  file), refused when it shares a prompt with the attack's pool, as Booster's harmful set."""
-  c = env.c
-  examples = env.load(c.tvaccine.harmful_source)
-  if c.data.attack != "none":
-    from reft_jax.data.overlap import overlap
-
-    shared = sorted({i for i, _ in overlap(examples, env.load(c.data.harmful_source))})
-    if shared:
-      raise ConfigError(
-        f"config.tvaccine.harmful_source={c.tvaccine.harmful_source!r} shares {len(shared)} prompt(s) with the "
-        f"attack's pool config.data.harmful_source={c.data.harmful_source!r}; it must be disjoint from it"
-      )
-  return examples
+  file), disjoint from the attack's pool (checked)."""
+  return disjoint_harmful_set(env, "tvaccine")
 
 
 def align(env: Env) -> StageSpec:

@@ -23,6 +23,8 @@ REMAT_POLICIES: dict[str, Callable | None] = {
   "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# Each LoRA target's module under a decoder block (block params: blocks/<submodule>/<module>/kernel).
+LORA_SITES = {t: ("attn" if t in ("q", "k", "v", "o") else "mlp", t) for t in LORA_TARGETS}
 # einsum: explicit scores + softmax (every feature); dpa: jax.nn.dot_product_attention, XLA picks the
 # implementation; cudnn: its cuDNN flash kernel (GPU, bf16/fp16); splash: the Pallas TPU kernel
 # (model/splash.py) for passes without a KV cache, XLA attention with one. The dpa paths fall back to
