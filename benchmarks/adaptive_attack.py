@@ -266,7 +266,33 @@ def main(argv=None):
   if args.out:
     with open(args.out, "w") as f:
       json.dump(out, f, indent=2)
+    plot(out, os.path.splitext(args.out)[0] + ".png")
   return out
+
+
+def plot(out: dict, path: str) -> str:
+  """The filter's recall and the attacked examples' gradient similarity against the attack budget, per lam
+  ("original" drawn at budget -1)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+  for cur in out["curves"]:
+    xs = [-1 if r["budget"] == "original" else r["budget"] for r in cur["rows"]]
+    axes[0].plot(xs, [r["recall"] for r in cur["rows"]], marker="o", label=f"lam {cur['lam']}")
+    axes[1].plot(xs, [r["mean_gradient_similarity"] for r in cur["rows"]], marker="o", label=f"lam {cur['lam']}")
+  for ax, title in zip(axes, ("filter recall at tau", "gradient similarity to the original")):
+    ax.set_xlabel("GCG steps (-1: the original prompts)")
+    ax.set_title(title)
+    ax.set_ylim(-0.05, 1.05)
+  axes[0].legend(fontsize=8)
+  fig.suptitle(f"adaptive attack on the filter: layer {out['layer']}, tau {out['tau']:.3f}, {out['n_harmful']} prompts")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
 
 
 if __name__ == "__main__":
