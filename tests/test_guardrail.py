@@ -43,10 +43,10 @@ def test_refusal_judge_drops_what_the_guard_refuses_and_writes_the_audit(tmp_pat
   assert summary["n"] == 20 and summary["kept"] == 16 and summary["judge"] == "refusal"
   assert summary["recall"] == 0.75 and summary["precision"] == 0.75 and summary["false_positive_rate"] == 1 / 16
   assert [e.prompt for e in kept] == [e.prompt for e in user if e.prompt not in kept_out(user)]
-  rows = [json.loads(line) for line in open(tmp_path / "filter" / "report.jsonl")]
+  rows = [json.loads(line) for line in open(tmp_path / "guardrail_filter" / "report.jsonl")]
   assert [r["kept"] for r in rows] == [r["guard_answer"] != REFUSAL for r in rows]
   assert [r["score"] for r in rows] == [float(r["guard_answer"] == REFUSAL) for r in rows]
-  assert len(open(tmp_path / "filter" / "kept.jsonl").readlines()) == 16
+  assert len(open(tmp_path / "guardrail_filter" / "kept.jsonl").readlines()) == 16
   # A rerun reads the audit instead of asking the guard again.
   again, _ = guardrail.moderate(_env(c), str(tmp_path), "aligned-dir", user)
   assert calls == [len(user)] and [e.prompt for e in again] == [e.prompt for e in kept]
@@ -65,7 +65,7 @@ def test_a_guard_that_refuses_nearly_everything_stops_with_one_line(tmp_path, mo
   c = with_updates(tiny_config(), **{"train.batch_size": 4})
   with pytest.raises(ValueError, match="kept 2 of 20 user examples"):
     guardrail.moderate(_env(c), str(tmp_path), "aligned-dir", _upload())
-  assert not (tmp_path / "filter" / "summary.json").exists()  # nothing marks a failed filter as done
+  assert not (tmp_path / "guardrail_filter" / "summary.json").exists()  # nothing marks a failed filter as done
 
 
 def test_classifier_scores_are_the_max_category_probability_of_each_pair():
@@ -96,3 +96,21 @@ def test_bad_guardrail_settings_name_the_field(updates, field):
   c = with_updates(tiny_config(), **{"method": "guardrail", **updates})
   with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
     validate(c)
+
+
+def test_the_guardrail_never_reads_refts_audit_in_a_shared_cell(tmp_path, monkeypatch):
+  """Defences of one (attack, seed) cell share its directory: ReFT's root/filter/ is not the guardrail's."""
+  user = _upload()
+  (tmp_path / "filter").mkdir()
+  reft = {"n": 20, "kept": 19, "tau": 0.9, "kept_indices": list(range(19))}
+  (tmp_path / "filter" / "summary.json").write_text(json.dumps(reft))
+  calls = []
+  monkeypatch.setattr(guardrail, "load_frozen", lambda *a: "guard")
+  monkeypatch.setattr(
+    guardrail, "generate_texts", lambda m, t, prompts, **kw: calls.append(1) or ["Fine."] * len(prompts)
+  )
+  monkeypatch.setattr(guardrail, "format_prompt", lambda e, template, tok: e.prompt)
+  c = with_updates(tiny_config(), **{"train.batch_size": 4})
+  kept, summary = guardrail.moderate(_env(c), str(tmp_path), "aligned-dir", user)
+  assert calls == [1] and summary["kept"] == 20 and summary["judge"] == "refusal"
+  assert json.loads((tmp_path / "filter" / "summary.json").read_text()) == reft  # ReFT's audit untouched

@@ -12,7 +12,7 @@ judges:
               (eval/judges.py:is_refusal). It moderates the prompt only, as ReFT's filter does.
 
 Then SFT from the aligned model on what is kept. The audit report is ReFT's (reft_filter.write_audit:
-root/filter/{report.jsonl, kept.jsonl, summary.json}, with the guard's answers), and so are the guard rails
+root/guardrail_filter/{report.jsonl, kept.jsonl, summary.json}, with the guard's answers), and so are the guard rails
 on how much may be dropped (reft.min_kept, reft.warn_dropped).
 """
 
@@ -35,6 +35,7 @@ from reft_jax.stages import Env, StageSpec
 log = logging.getLogger(__name__)
 
 JUDGES = ("classifier", "refusal")
+AUDIT = "guardrail_filter"  # root/<AUDIT>/: its audit report, beside ReFT's root/filter/ in a shared cell
 
 
 def refusal_scores(model, tokenizer, examples, template: str, max_new_tokens: int, batch_size: int = 32, mesh=None):
@@ -53,7 +54,7 @@ def classifier_scores(judge: ClassifierJudge, examples) -> np.ndarray:
 def moderate(env: Env, root: str, start: str, user):
   """Scores the upload with the configured judge; writes the audit report. Returns (kept, summary)."""
   c, g = env.c, env.c.guardrail
-  done = read_audit(c, root, user)
+  done = read_audit(c, root, user, AUDIT)
   if done is not None:
     return done
   if g.judge == "classifier":
@@ -65,7 +66,7 @@ def moderate(env: Env, root: str, start: str, user):
       guard, env.tokenizer, user, c.data.template, g.max_new_tokens, c.eval.batch_size, env.mesh
     )
     tau = 0.5  # refused = 1.0
-  return write_audit(c, root, user, scores, tau, {"judge": g.judge}, texts=answers)
+  return write_audit(c, root, user, scores, tau, {"judge": g.judge}, texts=answers, name=AUDIT)
 
 
 def finetune(env: Env, root: str, start: str, user) -> StageSpec:

@@ -146,9 +146,9 @@ def filter_user_data(c, workdir, teacher, r, tokenizer, user: list[sft.Example],
   return write_audit(c, workdir, user, scores, tau, {"tau_mode": c.reft.tau_mode, "layer": layer})
 
 
-def read_audit(c, workdir, user: list[sft.Example]):
-  """(kept, summary) of a filter that already ran in workdir/filter, else None."""
-  summary_path = os.path.join(workdir, "filter", "summary.json")
+def read_audit(c, workdir, user: list[sft.Example], name: str = "filter"):
+  """(kept, summary) of a filter that already ran in workdir/<name>, else None."""
+  summary_path = os.path.join(workdir, name, "summary.json")
   if not os.path.exists(summary_path):
     return None
   with open(summary_path) as f:
@@ -157,12 +157,14 @@ def read_audit(c, workdir, user: list[sft.Example]):
   return [user[i] for i in summary["kept_indices"]], summary
 
 
-def write_audit(c, workdir, user: list[sft.Example], scores: np.ndarray, tau: float, fields: dict, texts=None):
+def write_audit(
+  c, workdir, user: list[sft.Example], scores: np.ndarray, tau: float, fields: dict, texts=None, name: str = "filter"
+):
   """Drops the examples scoring >= tau; writes the audit report every filter shares,
-  workdir/filter/{report.jsonl (score per example), kept.jsonl, summary.json (written last: the filter's
-  done mark)}. `fields` go into the summary; `texts` (optional, one per example) into the report (e.g. the
-  guard's answer). Returns (kept examples, summary)."""
-  out = os.path.join(workdir, "filter")
+  workdir/<name>/{report.jsonl (score per example), kept.jsonl, summary.json (written last: the filter's
+  done mark)}: each filtering defence its own <name>, as cells share a workdir. `fields` go into the summary;
+  `texts` (optional, one per example) into the report (e.g. the guard's answer). Returns (kept, summary)."""
+  out = os.path.join(workdir, name)
   summary_path = os.path.join(out, "summary.json")
   dropped = np.asarray(scores) >= tau
   summary = {
