@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 MODES = ("full", "lora", "regex")
@@ -115,3 +115,12 @@ def overlay(params: dict, part: dict) -> dict:
 def trainable_copy(params: dict, labels: dict) -> dict:
   """A float32 copy (new buffers, never aliased) of the trainable entries: a method's weight snapshot."""
   return jax.tree.map(lambda x: jnp.array(x, jnp.float32), trainable_part(params, labels))
+
+
+def trainable_view(model, mode: str, regex: str = ""):
+  """(the trained part of the model's params, with_part(p) -> the model with p in its place): a loss as a
+  function of the trained weights alone (Booster's and Panacea's shifted weights, LoRA only under LoRA)."""
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  part = trainable_part(params, trainable_labels(params, mode, regex))
+  return part, lambda p: nnx.merge(graphdef, overlay(params, p))

@@ -11,14 +11,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from reft_jax.config import check
 from reft_jax.data import sft
 from reft_jax.defences.registry import Defence, register
 from reft_jax.defences.sft import aligned_stage, disjoint_harmful_set, user_sft
 from reft_jax.losses import batch_cross_entropy
-from reft_jax.optim import overlay, trainable_labels, trainable_part
+from reft_jax.optim import trainable_view
 from reft_jax.stages import Env, StageSpec
 
 # Added to a gradient norm before dividing by it, as the official Booster trainer does.
@@ -35,12 +34,10 @@ def booster_loss(lam: float, alpha: float, mode: str = "full", regex: str = ""):
 
   def loss(model, batch, ctx=None):
     f_sum, f_n = batch_cross_entropy(model, batch["align"])
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
-    part = trainable_part(params, trainable_labels(params, mode, regex))
+    part, with_part = trainable_view(model, mode, regex)
 
     def h_mean(p):
-      s, n = batch_cross_entropy(nnx.merge(graphdef, overlay(params, p)), batch["harmful"])
+      s, n = batch_cross_entropy(with_part(p), batch["harmful"])
       return s / jnp.maximum(n, 1)
 
     h_now, g_h = jax.lax.stop_gradient(jax.value_and_grad(h_mean)(part))

@@ -31,7 +31,7 @@ from reft_jax.defences.registry import Defence, register
 from reft_jax.defences.sft import aligned_stage, disjoint_harmful_set
 from reft_jax.files import write_atomic
 from reft_jax.losses import batch_cross_entropy
-from reft_jax.optim import overlay, trainable_copy, trainable_labels, trainable_part
+from reft_jax.optim import trainable_view, overlay, trainable_copy, trainable_labels
 from reft_jax.stages import Env, MethodState, StageSpec
 from reft_jax.train import split_model
 
@@ -63,12 +63,10 @@ def panacea_loss(lam: float, rho: float, cap: float = 5.0, mode: str = "full", r
 
   def loss(model, batch, ctx=None):
     g_sum, g_n = batch_cross_entropy(model, batch["user"])
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
-    part = trainable_part(params, trainable_labels(params, mode, regex))
+    part, with_part = trainable_view(model, mode, regex)
 
     def h_mean(p):
-      s, n = batch_cross_entropy(nnx.merge(graphdef, overlay(params, p)), batch["harmful"])
+      s, n = batch_cross_entropy(with_part(p), batch["harmful"])
       return s / jnp.maximum(n, 1)
 
     h_now, g_h = jax.lax.stop_gradient(jax.value_and_grad(h_mean)(part))
