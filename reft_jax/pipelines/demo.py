@@ -12,7 +12,6 @@ aligned models, the ReFT teacher) are trained once and reused by every cell and 
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 
@@ -22,7 +21,7 @@ from reft_jax import distributed as dist
 from reft_jax.config import check, csv_list
 from reft_jax.defences import names as defence_names
 from reft_jax.eval import stats
-from reft_jax.pipelines.suite import compare, write_json
+from reft_jax.pipelines.suite import compare, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +37,7 @@ def run_demo(c, workdir: str) -> dict:
     return {"results": results}
   write_json(os.path.join(workdir, "results.json"), results)
   table = summary_table(summary, results["runs"])
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(table + "\n")
+  write_table(workdir, "results", table)
   print(table)
   plot_results(
     {
@@ -120,10 +118,7 @@ def run_sweep(c, workdir: str) -> dict:
   if not dist.is_primary():
     return {"results": results}
   write_json(os.path.join(workdir, "results.json"), results)
-  with open(os.path.join(workdir, "sweep.md"), "w") as f:
-    f.write(table["markdown"] + "\n")
-  with open(os.path.join(workdir, "sweep.csv"), "w", newline="") as f:
-    csv.writer(f).writerows(table["rows"])
+  write_table(workdir, "sweep", table["markdown"], table["rows"])
   plot_sweep(table["cells"], methods, ps, os.path.join(workdir, "sweep.png"))
   print(table["markdown"])
   return {"results": results}

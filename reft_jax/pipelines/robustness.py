@@ -22,7 +22,6 @@ interval over seeds], and the attacker's maximum with the setting that reached i
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import itertools
 import json
@@ -43,7 +42,7 @@ from reft_jax.defences import run_defence
 from reft_jax.defences.reft import choose_tau, recorded_layer
 from reft_jax.eval import stats
 from reft_jax.model.build import load_frozen, setup_mesh
-from reft_jax.pipelines.suite import ensure_base, evaluate, write_json
+from reft_jax.pipelines.suite import ensure_base, evaluate, write_json, write_table
 from reft_jax.stages import Env, run_stage
 
 DEFAULT = "default"
@@ -115,10 +114,7 @@ def run(c, workdir: str) -> dict:
   results["total_seconds"] = time.perf_counter() - t0
   if dist.is_primary():
     write_json(os.path.join(workdir, "results.json"), results)
-    with open(os.path.join(workdir, "robustness.md"), "w") as f:
-      f.write(table["markdown"] + "\n")
-    with open(os.path.join(workdir, "robustness.csv"), "w", newline="") as f:
-      csv.writer(f).writerows(table["rows"])
+    write_table(workdir, "robustness", table["markdown"], table["rows"])
     plot(table["summary"], methods, attacks, os.path.join(workdir, "robustness.png"))
     print(table["markdown"])
   dist.barrier("robustness")

@@ -20,6 +20,7 @@ the workdir and are reused by every cell and every rerun; a cell's own stages li
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import time
@@ -133,6 +134,15 @@ def compare(
     write_json(os.path.join(workdir, "results.json"), results)
   dist.barrier("compare")
   return results
+
+
+def write_table(workdir: str, stem: str, markdown: str, rows: list | None = None) -> None:
+  """workdir/<stem>.md (and <stem>.csv from rows): a suite's table, as the README quotes it."""
+  with open(os.path.join(workdir, f"{stem}.md"), "w") as f:
+    f.write(markdown + "\n")
+  if rows is not None:
+    with open(os.path.join(workdir, f"{stem}.csv"), "w", newline="") as f:
+      csv.writer(f).writerows(rows)
 
 
 def write_json(path: str, obj) -> None:
