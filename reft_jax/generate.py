@@ -13,14 +13,25 @@ from reft_jax.distributed import put, to_host
 from reft_jax.model.transformer import Transformer, positions_from_mask
 
 
+def per_layer_default() -> bool:
+  """Decode against per-layer weights and cache (Transformer.layer_states) on XLA:CPU, where slicing the
+  stacked layers inside the loop copies them on every token; elsewhere the stacked layout is kept (the
+  per-layer cut holds a second copy of the weights for the call)."""
+  return jax.default_backend() == "cpu"
+
+
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdef, max_new: int, eos_id: int, pad_id: int, temperature: float):
+def _compiled(graphdef, max_new: int, eos_id: int, pad_id: int, temperature: float, per_layer: bool):
   def run(params, tokens_BP, mask_BP, rng):
     model = nnx.merge(graphdef, params)
     b, p = tokens_BP.shape
-    cache = model.init_cache(b, p + max_new)
+    # Cut once before the loop: the loop then reads each layer's weights and cache in place.
+    layers = model.layer_states() if per_layer else None
+    cache = model.init_cache(b, p + max_new, per_layer=per_layer)
     kv_mask = jnp.concatenate([mask_BP, jnp.zeros((b, max_new), mask_BP.dtype)], axis=1)
-    logits, cache = model.forward_cached(tokens_BP, positions_from_mask(mask_BP), kv_mask, cache, 0)
+    step = functools.partial(model.forward_cached, layers=layers)
+    # The prefill's logits only at the last prompt token (the head over every prompt token is wasted).
+    logits, cache = step(tokens_BP, positions_from_mask(mask_BP), kv_mask, cache, 0, last_only=True)
 
     def pick(logits_BV, key):
       if temperature <= 0:
@@ -49,7 +60,7 @@ def _compiled(graphdef, max_new: int, eos_id: int, pad_id: int, temperature: flo
       out = out.at[:, i].set(tok)
       done = done | (tok == eos_id)
       kv_mask = kv_mask.at[:, p + i].set(1)
-      logits, cache = model.forward_cached(tok[:, None], pos[:, None], kv_mask, cache, p + i)
+      logits, cache = step(tok[:, None], pos[:, None], kv_mask, cache, p + i)
       rng, key = jax.random.split(rng)
       return i + 1, cache, kv_mask, pick(logits[:, 0], key), pos + 1, done, out, rng
 
@@ -68,14 +79,16 @@ def generate(
   pad_id: int,
   temperature: float = 0.0,
   seed: int = 0,
+  per_layer: bool | None = None,
 ) -> np.ndarray:
   """New tokens [B, max_new_tokens]; after EOS (included) every position holds pad_id.
 
   tokens_BP must be left-padded (see left_pad); a sharded model and batch stay sharded, and every
-  process of a multi-process job gets all rows.
+  process of a multi-process job gets all rows. per_layer: see per_layer_default (None = that).
   """
   graphdef, params = nnx.split(model)
-  fn = _compiled(graphdef, int(max_new_tokens), int(eos_id), int(pad_id), float(temperature))
+  per_layer = per_layer_default() if per_layer is None else bool(per_layer)
+  fn = _compiled(graphdef, int(max_new_tokens), int(eos_id), int(pad_id), float(temperature), per_layer)
   return to_host(
     fn(
       nnx.to_pure_dict(params), jnp.asarray(tokens_BP, jnp.int32), jnp.asarray(mask_BP, jnp.int32), jax.random.key(seed)

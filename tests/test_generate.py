@@ -41,14 +41,34 @@ def _recompute(model, prompts, n_new):
   return np.asarray(outs)
 
 
+@pytest.mark.parametrize("per_layer", [False, True])  # stacked layers / per-layer weights and cache
 @pytest.mark.parametrize("cfg,scan", [(PRESETS["tiny"], False), (GEMMA_LIKE, True)])
-def test_kv_cache_decode_equals_full_recompute(cfg, scan):
+def test_kv_cache_decode_equals_full_recompute(cfg, scan, per_layer):
   model = init_model(cfg, RunOptions(scan_layers=scan), seed=3)
   rng = np.random.default_rng(0)
   prompts = [list(rng.integers(3, cfg.vocab_size, size=n)) for n in (3, 9, 6)]
   tokens, mask = left_pad(prompts, pad_id=0)
-  got = generate(model, tokens, mask, max_new_tokens=8, eos_id=-1, pad_id=0)
+  got = generate(model, tokens, mask, max_new_tokens=8, eos_id=-1, pad_id=0, per_layer=per_layer)
   np.testing.assert_array_equal(got, _recompute(model, prompts, 8))
+
+
+def test_per_layer_decode_step_matches_stacked_logits():
+  """One prefill + decode step: per-layer weights and cache give the stacked path's logits and cache."""
+  model = init_model(GEMMA_LIKE, RunOptions(scan_layers=True), seed=5)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(3, GEMMA_LIKE.vocab_size, size=(2, 7)), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
+  kv_mask = jnp.ones((2, 8), jnp.int32)
+  out = {}
+  for per_layer in (False, True):
+    layers = model.layer_states() if per_layer else None
+    cache = model.init_cache(2, 8, per_layer=per_layer)
+    first, cache = model.forward_cached(tokens, positions, kv_mask, cache, 0, layers=layers, last_only=True)
+    nxt = jnp.argmax(first[:, -1], -1)[:, None]
+    second, cache = model.forward_cached(nxt, positions[:, -1:] + 1, kv_mask, cache, 7, layers=layers)
+    out[per_layer] = (first, second, jnp.stack(cache["k"]))
+  assert out[True][0].shape == (2, 1, GEMMA_LIKE.vocab_size)
+  for a, b in zip(out[False], out[True]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
 
 def test_generation_stops_at_eos_and_pads_after():

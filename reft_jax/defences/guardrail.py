@@ -80,7 +80,7 @@ def finetune(env: Env, root: str, start: str, user) -> StageSpec:
     summary["recall"],
   )
   flt = {k: summary[k] for k in ("precision", "recall", "kept_fraction", "tau", "false_positive_rate")}
-  return StageSpec("guardrail", env.tokenize(kept), init=start, record={"filter": flt})
+  return StageSpec("guardrail", env.tokenize(kept).trimmed(), init=start, record={"filter": flt})
 
 
 def _validate(c):

@@ -302,7 +302,7 @@ def student_stage(env: Env, root: str, teacher_dir: str, user: list[sft.Example]
     )
   data = sft.MixedBatcher(
     {
-      "user": sft.Batcher(env.tokenize(kept), c.train.batch_size, seed=c.seed),
+      "user": sft.Batcher(env.tokenize(kept).trimmed(), c.train.batch_size, seed=c.seed),
       "align": sft.Batcher(align, c.reft.align_batch_size, seed=c.seed + 7),
     }
   )

@@ -50,7 +50,7 @@ def user_sft(name: str):
   """The fine-tuning stage of the plain-SFT defences: the LM loss on the user data from `start`."""
 
   def finetune(env: Env, root: str, start: str, user) -> StageSpec:
-    return StageSpec(name, env.tokenize(user), init=start)
+    return StageSpec(name, env.tokenize(user).trimmed(), init=start)
 
   return finetune
 
