@@ -124,6 +124,21 @@ def finished(root: str, stage: str) -> bool:
   return os.path.exists(os.path.join(model_dir(root, stage), "config.json"))
 
 
+def stage_seconds(*roots: str) -> dict[str, float]:
+  """{stage: wall seconds} from the summary.json of every stage directory under the roots (a stage reused
+  from an earlier run reports that run's time): results.json's per-stage timing line."""
+  out = {}
+  for root in dict.fromkeys(roots):
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+      path = os.path.join(root, name, "summary.json")
+      if os.path.isfile(path):
+        with open(path) as f:
+          seconds = json.load(f).get("wall_seconds")
+        if isinstance(seconds, (int, float)):
+          out[name] = round(float(seconds), 1)
+  return out
+
+
 def reusable_work(workdir: str) -> list[str]:
   """What a rerun in workdir reuses instead of redoing: finished stages (<stage>/model) and checkpoints
   (<stage>/checkpoints/<step>), as paths under workdir (a cell's stages one level down)."""

@@ -161,3 +161,20 @@ def test_every_defence_file_is_in_the_fidelity_table_and_the_layout():
     assert f"defences/{f}" in fidelity, f"docs/FIDELITY.md cites no defences/{f}"
     assert f in readme, f"README's layout lists no {f}"
   assert all(d.summary and (d.source or d.name.startswith("sft")) for d in defences.REGISTRY.values())
+
+
+def test_stage_seconds_reads_every_stage_summary(tmp_path):
+  """results.json's per-stage timing line: each stage directory's summary.json wall_seconds, the shared
+  workdir's stages and a cell's own, and nothing from directories without one."""
+
+  from reft_jax.stages import stage_seconds
+
+  cell = tmp_path / "p0.1_seed0"
+  for root, stage, seconds in ((tmp_path, "teacher", 12.34), (tmp_path, "alignment", 3.0), (cell, "student", 7.0)):
+    (root / stage).mkdir(parents=True)
+    (root / stage / "summary.json").write_text(json.dumps({"wall_seconds": seconds}))
+  (tmp_path / "filter").mkdir()
+  (tmp_path / "filter" / "summary.json").write_text(json.dumps({"kept": 3}))
+  (tmp_path / "eval").mkdir()
+  assert stage_seconds(str(tmp_path), str(cell)) == {"alignment": 3.0, "teacher": 12.3, "student": 7.0}
+  assert stage_seconds(str(tmp_path / "missing")) == {}

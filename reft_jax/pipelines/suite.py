@@ -34,7 +34,7 @@ from reft_jax.eval.record import evaluate_and_record
 from reft_jax.model import save_hf
 from reft_jax.model.build import build_model, load_frozen, setup_mesh
 from reft_jax.pipelines import train as train_pipeline
-from reft_jax.stages import Env, finished, model_dir, run_stage
+from reft_jax.stages import Env, finished, model_dir, run_stage, stage_seconds
 
 
 def ensure_base(c, workdir: str, mesh, rules) -> str:
@@ -88,7 +88,13 @@ def run_one(c, workdir: str) -> dict:
   path, record = run_defence(env, workdir, c.method, user)
   out = {"model_dir": path}
   if c.eval.enabled:
-    extra = {"filter": None, **record, "wall_seconds": time.perf_counter() - start, "method": c.method}
+    extra = {
+      "filter": None,
+      **record,
+      "wall_seconds": time.perf_counter() - start,
+      "stage_seconds": stage_seconds(workdir),
+      "method": c.method,
+    }
     out["results"] = evaluate(env, c, workdir, c.eval.name or c.method, path, extra)
   return out
 
@@ -121,6 +127,7 @@ def compare(
           "filter": None,
           **extra,
           "wall_seconds": time.perf_counter() - start,
+          "stage_seconds": stage_seconds(workdir, root),
           "method": method,
           "p": p,
           "seed": seed,
