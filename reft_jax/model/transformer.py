@@ -160,10 +160,10 @@ class Transformer(nnx.Module):
     return self.head(x[:, -1:] if last_only else x), cache
 
   def init_cache(self, batch: int, length: int, dtype=None, per_layer: bool = False) -> dict:
-    """Zeroed KV cache {k, v}: [layers, batch, length, kv_heads, head_dim], or with per_layer a tuple of
-    one [batch, length, kv_heads, head_dim] array per layer."""
+    """Zeroed KV cache {k, v}: [layers, batch, kv_heads, length, head_dim], or with per_layer a tuple of
+    one [batch, kv_heads, length, head_dim] array per layer."""
     cfg = self.cfg
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
     if per_layer:
       zeros = lambda: tuple(jnp.zeros(shape, dtype or self.dtype) for _ in range(cfg.num_layers))
       return {"k": zeros(), "v": zeros()}
