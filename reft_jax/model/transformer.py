@@ -163,14 +163,10 @@ class Transformer(nnx.Module):
     """Zeroed KV cache {k, v}: [layers, batch, kv_heads, length, head_dim], or with per_layer a tuple of
     one [batch, kv_heads, length, head_dim] array per layer."""
     cfg = self.cfg
-    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+    shape, dtype = (batch, cfg.num_kv_heads, length, cfg.head_dim), dtype or self.dtype
     if per_layer:
-      zeros = lambda: tuple(jnp.zeros(shape, dtype or self.dtype) for _ in range(cfg.num_layers))
-      return {"k": zeros(), "v": zeros()}
-    return {
-      "k": jnp.zeros((cfg.num_layers, *shape), dtype or self.dtype),
-      "v": jnp.zeros((cfg.num_layers, *shape), dtype or self.dtype),
-    }
+      return {name: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for name in ("k", "v")}
+    return {name: jnp.zeros((cfg.num_layers, *shape), dtype) for name in ("k", "v")}
 
   def layer_states(self) -> tuple:
     """The blocks' parameters cut into one state per layer. Decoding on XLA:CPU against these (and a
