@@ -12,26 +12,49 @@ def next_token_targets(tokens_BT, loss_mask_BT):
   return tokens_BT[:, 1:], loss_mask_BT[:, 1:].astype(jnp.float32)
 
 
+@jax.custom_vjp
+def token_nll(logits_BTV, targets_BT):
+  """-log softmax(logits)[target] per token (float32 logits). Its gradient, softmax - one_hot, is one
+  elementwise pass over the logits (autodiff's take_along_axis scatters into a zeroed [B, T, V])."""
+  return jax.nn.logsumexp(logits_BTV, axis=-1) - jnp.take_along_axis(logits_BTV, targets_BT[..., None], -1)[..., 0]
+
+
+def _token_nll_fwd(logits_BTV, targets_BT):
+  lse = jax.nn.logsumexp(logits_BTV, axis=-1)
+  picked = jnp.take_along_axis(logits_BTV, targets_BT[..., None], -1)[..., 0]
+  return lse - picked, (logits_BTV, lse, targets_BT)
+
+
+def _token_nll_bwd(res, g_BT):
+  logits, lse, targets = res
+  one_hot = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1) == targets[..., None]
+  return (jnp.exp(logits - lse[..., None]) - one_hot) * g_BT[..., None], None
+
+
+token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
 def masked_cross_entropy(logits_BTV, targets_BT, weights_BT):
   """(sum of token CE weighted by mask, number of weighted tokens)."""
-  logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0]
+  nll = token_nll(logits_BTV.astype(jnp.float32), targets_BT)
   return jnp.sum(nll * weights_BT), jnp.sum(weights_BT)
+
+
+def batch_cross_entropy(model, batch, interventions=None):
+  """(CE sum, count) of one tokenized batch part, with optional forward interventions (model sites).
+  The head runs on the positions that predict a token only (no [B, T, V] slice and pad)."""
+  n = model.cfg.num_layers
+  _, hidden = model.forward(
+    batch["tokens"], batch["attention_mask"], hidden_layers=(n,), stop_after=n, interventions=interventions
+  )
+  targets, weights = next_token_targets(batch["tokens"], batch["loss_mask"])
+  return masked_cross_entropy(model.head(hidden[n][:, :-1]), targets, weights)
 
 
 def lm_loss(model, batch, ctx=None):
   """Causal LM loss on response tokens only: returns (sum, count, aux metrics)."""
-  logits = model(batch["tokens"], batch["attention_mask"])
-  targets, weights = next_token_targets(batch["tokens"], batch["loss_mask"])
-  total, count = masked_cross_entropy(logits[:, :-1], targets, weights)
+  total, count = batch_cross_entropy(model, batch)
   return total, count, {}
-
-
-def batch_cross_entropy(model, batch, interventions=None):
-  """(CE sum, count) of one tokenized batch part, with optional forward interventions (model sites)."""
-  logits, _ = model.forward(batch["tokens"], batch["attention_mask"], interventions=interventions)
-  targets, weights = next_token_targets(batch["tokens"], batch["loss_mask"])
-  return masked_cross_entropy(logits[:, :-1], targets, weights)
 
 
 def refusal_regularizer(cos_B, is_harmful_B):

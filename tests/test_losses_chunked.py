@@ -1,4 +1,5 @@
-"""The chunked (fused) head + loss functions equal the unchunked ones, in values and gradients."""
+"""The fast paths equal the plain ones, in values and gradients: the chunked (fused) head + loss, the
+cross-entropy's hand-written gradient, and layers.dense's weight gradient."""
 
 import math
 
@@ -57,6 +58,35 @@ def assert_same(a, b):
   (va, ga), (vb, gb) = a, b
   np.testing.assert_allclose(va, vb, **TOL)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **TOL), ga, gb)
+
+
+@pytest.mark.parametrize("n_in", [1, 2])
+def test_dense_matches_tensordot(n_in):
+  from reft_jax.model.layers import dense
+
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(3, 5, *(4, 6)[:n_in]), jnp.float32)
+  w = jnp.asarray(rng.randn(*(4, 6)[:n_in], 7, 2), jnp.float32)
+  ct = jnp.asarray(rng.randn(3, 5, 7, 2), jnp.float32)
+  fast = jax.jit(lambda x, w: jnp.sum(dense(x, w, n_in) * ct))
+  plain = jax.jit(lambda x, w: jnp.sum(jnp.tensordot(x, w, n_in) * ct))
+  np.testing.assert_allclose(dense(x, w, n_in), jnp.tensordot(x, w, n_in), **TOL)
+  for a, b in zip(jax.grad(fast, (0, 1))(x, w), jax.grad(plain, (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, **TOL)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, TIED], ids=["llama", "tied_softcap"])
+def test_lm_loss_matches_autodiff_log_softmax(cfg):
+  """lm_loss (head on the shifted positions, token_nll's own gradient) against the textbook loss."""
+  model, batch = randomized(cfg), lm_batch(cfg)
+  t, w = losses.next_token_targets(batch["tokens"], batch["loss_mask"])
+
+  def textbook(m):
+    logp = jax.nn.log_softmax(m(batch["tokens"], batch["attention_mask"])[:, :-1], axis=-1)
+    return -jnp.sum(jnp.take_along_axis(logp, t[..., None], -1)[..., 0] * w) / jnp.sum(w)
+
+  fast = lambda m: (lambda s, n, _: s / n)(*losses.lm_loss(m, batch))
+  assert_same(value_and_grads(model, fast), value_and_grads(model, textbook))
 
 
 @pytest.mark.parametrize("cfg", [LLAMA, TIED], ids=["llama", "tied_softcap"])

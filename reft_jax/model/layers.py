@@ -81,6 +81,38 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, std=0.02, kind=nnx.Param, value=N
   return kind(jnp.asarray(value, dtype), logical_axes=tuple(axes))
 
 
+@jax.custom_vjp
+def _matmul(x, w):
+  return x @ w
+
+
+def _matmul_fwd(x, w):
+  return x @ w, (x, w)
+
+
+def _matmul_bwd(res, g):
+  x, w = res
+  x_t = x.reshape(-1, x.shape[-1]).T
+  if jax.default_backend() == "cpu":
+    # The weight gradient contracts the token axis, the leading one of both operands. Left to itself,
+    # XLA:CPU transposes the large operand (g, [tokens, out]) and runs Eigen's slower dot; materialising
+    # the small x^T behind a barrier keeps YNNPACK's plain matmul (README, "Speed").
+    x_t = jax.lax.optimization_barrier(x_t)
+  return g @ w.T, (x_t @ g.reshape(-1, g.shape[-1])).astype(w.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def dense(x, w, n_in: int = 1):
+  """jnp.tensordot(x, w, n_in) (x's last n_in axes against w's first), with the weight gradient laid out
+  for a fast matmul on CPU; the same values and gradients."""
+  k = math.prod(w.shape[:n_in])
+  lead = x.shape[: x.ndim - n_in]
+  y = _matmul(x.reshape(*lead, k), w.reshape(k, -1))
+  return y.reshape(*lead, *w.shape[n_in:])
+
+
 class Linear(nnx.Module):
   """y = x . W (+ b) (+ LoRA), W of shape stack + in_shape + out_shape, contracting in_shape."""
 
@@ -127,10 +159,10 @@ class Linear(nnx.Module):
 
   def __call__(self, x):
     x = x.astype(self.dtype)
-    y = jnp.tensordot(x, self.kernel[...].astype(self.dtype), axes=self.n_in)
+    y = dense(x, self.kernel[...].astype(self.dtype), self.n_in)
     if self.lora_a is not None:
-      h = jnp.tensordot(x, self.lora_a[...].astype(self.dtype), axes=self.n_in)
-      y = y + self.lora_scale * jnp.tensordot(h, self.lora_b[...].astype(self.dtype), axes=1)
+      h = dense(x, self.lora_a[...].astype(self.dtype), self.n_in)
+      y = y + self.lora_scale * dense(h, self.lora_b[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

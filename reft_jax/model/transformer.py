@@ -31,6 +31,7 @@ from reft_jax.model.layers import (  # noqa: F401  (the model's vocabulary, re-e
   RMSNorm,
   RunOptions,
   _param,
+  dense,
   apply_rope,
   rope_frequencies,
 )
@@ -189,7 +190,7 @@ class Transformer(nnx.Module):
     """Final norm + output projection (+ soft-cap): the residual stream [B, T, D] -> logits [B, T, V]."""
     x = self.final_norm(x)
     if self.lm_head is None:
-      logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(self.dtype))
+      logits = dense(x, self.embed[...].astype(self.dtype).T)
     else:
       logits = self.lm_head(x)
     cap = self.cfg.final_logit_softcap
