@@ -51,6 +51,7 @@ FEATURES = ("baseline", "bf16", "chunked_loss", "dpa", "cudnn", "splash", "scan"
 # what a forward-only pass (filter, generation) sees
 FORWARD_FEATURES = ("bf16", "dpa", "cudnn", "splash", "scan")
 BENCHES = ("sft", "reft", "filter", "gen")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def parse_args(argv=None):
@@ -62,6 +63,11 @@ def parse_args(argv=None):
   ap.add_argument("--kv_heads", type=int, default=4)
   ap.add_argument("--ffn", type=int, default=688)
   ap.add_argument("--vocab", type=int, default=32000)
+  ap.add_argument("--tie", type=b, default=False, help="tied input/output embeddings")
+  ap.add_argument("--lora_rank", type=int, default=0, help="> 0: LoRA of this rank on every projection (alpha 2r)")
+  ap.add_argument(
+    "--shape", choices=("default", "smollm2"), default="default", help="smollm2: SmolLM2-135M's shape with LoRA"
+  )
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq", type=int, default=128)
   ap.add_argument("--warmup", type=int, default=2)
@@ -83,6 +89,9 @@ def parse_args(argv=None):
   ap.add_argument("--peak_flops", type=float, default=0.0, help="per-device peak FLOP/s; 0 = measure")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "steps.json"))
   args = ap.parse_args(argv)
+  if args.shape == "smollm2":  # 30 layers, d 576, 9/3 heads, vocab 49,152, tied; the preset's LoRA and batch
+    args.__dict__.update(layers=30, d=576, heads=9, kv_heads=3, ffn=1536, vocab=49152, tie=True, lora_rank=8)
+    args.__dict__.update(batch=4, seq=192)
   if args.warmup < 1 or args.steps < 1:
     ap.error("--warmup and --steps must be >= 1 (the first call compiles)")
   for v in args.variants.split(","):
@@ -111,6 +120,7 @@ def model_config(args):
     num_kv_heads=args.kv_heads,
     head_dim=args.d // args.heads,
     rms_norm_eps=1e-6,
+    tie_embeddings=args.tie,
   )
 
 
@@ -127,10 +137,13 @@ def bench_flops(bench: str, cfg, args) -> tuple[float, float, str]:
   from reft_jax.train import flops_per_token
 
   b, t = args.batch, args.seq
+  train = flops_per_token(cfg, t)
+  if args.lora_rank:  # frozen weights: no weight-gradient matmuls (2 N of the 6 N)
+    train -= 2 * (cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.hidden_size)
   if bench == "sft":
-    return flops_per_token(cfg, t) * b * t, b * t, "tok/s"
+    return train * b * t, b * t, "tok/s"
   if bench == "reft":
-    return flops_per_token(cfg, t) * 2 * b * t + flops_per_token(cfg, t) / 3 * b * t, 2 * b * t, "tok/s"
+    return train * 2 * b * t + flops_per_token(cfg, t) / 3 * b * t, 2 * b * t, "tok/s"
   if bench == "filter":
     layer = cfg.num_layers // 2
     return (
@@ -150,7 +163,7 @@ def lm_batch(rng, args) -> dict:
 
 
 def variant_options(name: str, args):
-  from reft_jax.model import RunOptions
+  from reft_jax.model import LoraConfig, RunOptions
 
   f = set(name.split("+"))
   remat = "full" if "remat" in f else "dots" if "remat_dots" in f else "none"
@@ -160,6 +173,7 @@ def variant_options(name: str, args):
     scan_layers="scan" in f,
     remat=remat,
     attention=next((a for a in ("dpa", "cudnn", "splash") if a in f), "einsum"),
+    lora=LoraConfig(args.lora_rank, 2.0 * args.lora_rank, LORA_TARGETS) if args.lora_rank else None,
   )
   sizes = [int(x[5:]) for x in f if re.fullmatch(r"chunk\d+", x)]
   return opts, (sizes[0] if sizes else args.loss_chunk if "chunked_loss" in f else 0)
@@ -188,7 +202,13 @@ def jax_train(bench: str, cfg, opts, chunk: int, args) -> common.Runner:
   rng = np.random.default_rng(0)
   graphdef, params = split_model(init_model(cfg, opts, seed=0))
   tx, sched, labels = make_optimizer(
-    params, lr=1e-4, num_steps=10**6, schedule="constant", weight_decay=0.01, grad_clip=1.0
+    params,
+    lr=1e-4,
+    num_steps=10**6,
+    schedule="constant",
+    weight_decay=0.01,
+    grad_clip=1.0,
+    mode="lora" if args.lora_rank else "full",
   )
   state, state_sh = init_train_state(params, tx, mesh)
   frozen_graphdef = frozen = frozen_sh = None
@@ -262,7 +282,7 @@ def torch_config(args, layers: int | None = None):
     head_dim=args.d // args.heads,
     max_position_embeddings=2048,
     rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
+    tie_word_embeddings=args.tie,
     attn_implementation=args.torch_attn,
   )
 
@@ -287,6 +307,12 @@ def torch_train(bench: str, args, compile_: bool, device: str) -> common.Runner:
 
   torch.manual_seed(0)
   student = LlamaForCausalLM(torch_config(args)).to(device).train()
+  if args.lora_rank:
+    import peft
+
+    targets = [f"{t}_proj" for t in LORA_TARGETS]
+    lora = peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0, target_modules=targets)
+    student = peft.get_peft_model(student, lora)
   params, opt = _adamw(torch, student)
   rng = np.random.default_rng(0)
   as_t = lambda b: {k: torch.from_numpy(v).long().to(device) for k, v in b.items()}

@@ -47,7 +47,8 @@ def defaults(arg: str) -> ml_collections.ConfigDict:
       batch_size=8,
       grad_accum=1,
       num_steps=200,
-      loss_chunk=0,  # > 0: LM head + loss over this many positions at a time (no [B, T, V] logits)
+      loss_chunk=-1,  # > 0: LM head + loss over this many positions at a time (no [B, T, V] logits); 0: off;
+      # -1: auto, on from a 16k vocabulary (losses.resolve_chunk)
     )
   )
   c.data = ml_collections.ConfigDict(

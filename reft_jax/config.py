@@ -76,7 +76,7 @@ def validate_core(c: ml_collections.ConfigDict) -> None:
   for f in ("lr", "num_steps", "batch_size", "grad_accum"):
     check(t[f] > 0, f"train.{f}", t[f], "must be positive")
   check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
-  check(t.loss_chunk >= 0, "train.loss_chunk", t.loss_chunk, "must be >= 0 (0 = unchunked)")
+  check(t.loss_chunk >= -1, "train.loss_chunk", t.loss_chunk, "must be >= -1 (0 = unchunked, -1 = auto)")
   check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
   check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1/b2", (t.b1, t.b2), "must lie in [0, 1)")
   check(

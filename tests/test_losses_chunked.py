@@ -163,8 +163,8 @@ def test_loss_chunk_config_is_checked():
   from reft_jax import config as config_lib
 
   validate_config(tiny_config(**{"train.loss_chunk": 16}))
-  with pytest.raises(config_lib.ConfigError, match="train.loss_chunk=-1"):
-    validate_config(tiny_config(**{"train.loss_chunk": -1}))
+  with pytest.raises(config_lib.ConfigError, match="train.loss_chunk=-2"):
+    validate_config(tiny_config(**{"train.loss_chunk": -2}))
 
 
 def test_sharded_training_with_chunked_loss_matches_unchunked(tmp_path):
@@ -187,3 +187,14 @@ def test_sharded_training_with_chunked_loss_matches_unchunked(tmp_path):
   want = losses_of(mesh_of(), losses.lm_loss, tmp_path / "a")
   got = losses_of(mesh_of(data=2, fsdp=2, tensor=2), losses.make_lm_loss(8), tmp_path / "b")
   np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_auto_loss_chunk_by_vocabulary():
+  """train.loss_chunk=-1 (the default): unchunked below 16k entries, 16 positions above (on CPU), and the
+  auto loss equals the unchunked one."""
+  assert losses.resolve_chunk(-1, LLAMA.vocab_size) == 0 and losses.resolve_chunk(-1, 49152) == 16
+  assert losses.resolve_chunk(0, 49152) == 0 and losses.resolve_chunk(8, 97) == 8
+  big = LLAMA.replace(vocab_size=losses.AUTO_CHUNK_MIN_VOCAB)
+  model, batch = randomized(big), lm_batch(big, t=40)
+  mean = lambda loss_fn: lambda m: (lambda s, n, _: s / n)(*loss_fn(m, batch))
+  assert_same(value_and_grads(model, mean(losses.make_lm_loss(-1))), value_and_grads(model, mean(losses.lm_loss)))

@@ -129,6 +129,7 @@ def test_parse_hardware():
 
 def test_loss_chunk_and_alignment_length_shape_the_plan():
   c = load_config_module().get_config("gemma2_9b")
+  c.train.loss_chunk = 0
   base = plan.plan_row(plan.stage_spec(c, stage="student"), plan.HARDWARE["v5e-8"], (1, -1, 1), None, False)
   c.train.loss_chunk, c.reft.align_seq_len = 128, 256
   spec = plan.stage_spec(c, stage="student")

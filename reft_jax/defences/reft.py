@@ -215,30 +215,33 @@ def _append_json(path: str, record: dict) -> None:
 
 def student_loss(beta: float, temperature: float, topk: bool, chunk: int = 0):
   """CE on the (filtered) user batch + beta * mean KL(teacher || student) on the alignment batch.
-  chunk > 0: the heads, CE and KL run `chunk` positions at a time (losses.chunked_*), no [B, T, V]."""
+  chunk > 0: the heads, CE and KL run `chunk` positions at a time (losses.chunked_*), no [B, T, V];
+  -1: by the vocabulary (losses.resolve_chunk)."""
 
   def loss(model, batch, ctx):
     u, a = batch["user"], batch["align"]
     t, w = losses.next_token_targets(u["tokens"], u["loss_mask"])
     _, wa = losses.next_token_targets(a["tokens"], a["loss_mask"])
-    if chunk > 0:
+    n_chunk = losses.resolve_chunk(chunk, model.cfg.vocab_size)
+    if n_chunk > 0:
       hu = losses.final_hidden(model, u["tokens"], u["attention_mask"])[:, :-1]
-      ce, count = losses.chunked_cross_entropy(model, hu, t, w, chunk)
+      ce, count = losses.chunked_cross_entropy(model, hu, t, w, n_chunk)
       hs = losses.final_hidden(model, a["tokens"], a["attention_mask"])[:, :-1]
       if topk:
         kl, n = losses.chunked_kl_topk_student(
-          a["topk_logits"][:, :-1], a["topk_ids"][:, :-1], model, hs, wa, temperature, chunk
+          a["topk_logits"][:, :-1], a["topk_ids"][:, :-1], model, hs, wa, temperature, n_chunk
         )
       else:
         ht = losses.final_hidden(ctx.frozen, a["tokens"], a["attention_mask"])[:, :-1]
-        kl, n = losses.chunked_kl_teacher_student(ctx.frozen, ht, model, hs, wa, temperature, chunk)
+        kl, n = losses.chunked_kl_teacher_student(ctx.frozen, ht, model, hs, wa, temperature, n_chunk)
     else:
-      ce, count = losses.masked_cross_entropy(model(u["tokens"], u["attention_mask"])[:, :-1], t, w)
-      student = model(a["tokens"], a["attention_mask"])[:, :-1]
+      ce, count = losses.batch_cross_entropy(model, u)
+      shifted_logits = lambda m: m.head(losses.final_hidden(m, a["tokens"], a["attention_mask"])[:, :-1])
+      student = shifted_logits(model)
       if topk:
         kl, n = losses.kl_topk_student(a["topk_logits"][:, :-1], a["topk_ids"][:, :-1], student, wa, temperature)
       else:
-        teacher = jax.lax.stop_gradient(ctx.frozen(a["tokens"], a["attention_mask"]))[:, :-1]
+        teacher = jax.lax.stop_gradient(shifted_logits(ctx.frozen))
         kl, n = losses.kl_teacher_student(teacher, student, wa, temperature)
     kl_mean = kl / jnp.maximum(n, 1)
     count = jnp.maximum(count, 1)

@@ -92,13 +92,17 @@ def _matmul_fwd(x, w):
 
 def _matmul_bwd(res, g):
   x, w = res
-  x_t = x.reshape(-1, x.shape[-1]).T
-  if jax.default_backend() == "cpu":
-    # The weight gradient contracts the token axis, the leading one of both operands. Left to itself,
-    # XLA:CPU transposes the large operand (g, [tokens, out]) and runs Eigen's slower dot; materialising
-    # the small x^T behind a barrier keeps YNNPACK's plain matmul (README, "Speed").
-    x_t = jax.lax.optimization_barrier(x_t)
-  return g @ w.T, (x_t @ g.reshape(-1, g.shape[-1])).astype(w.dtype)
+  x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  if jax.default_backend() != "cpu":
+    return g @ w.T, (x2.T @ g2).astype(w.dtype)
+  # The weight gradient contracts the token axis, the leading one of both operands. Left to itself,
+  # XLA:CPU transposes the larger operand and runs Eigen's slower dot; materialising the narrower one's
+  # transpose behind a barrier keeps YNNPACK's plain matmul (README, "Speed"). LoRA's A: g is [tokens, r].
+  if x2.shape[1] <= g2.shape[1]:
+    dw = jax.lax.optimization_barrier(x2.T) @ g2
+  else:
+    dw = (jax.lax.optimization_barrier(g2.T) @ x2).T
+  return g @ w.T, dw.astype(w.dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)

@@ -37,6 +37,7 @@ import time
 import numpy as np
 
 from reft_jax import sharding as shd
+from reft_jax.losses import resolve_chunk
 from reft_jax.model import PRESETS, ModelConfig
 
 from reft_jax.pipelines.memory import (  # noqa: F401  (the plan's vocabulary, re-exported)
@@ -101,7 +102,8 @@ def stage_spec(c, mode: str | None = None, stage: str | None = None, label: str 
     stage=stage,
     parts=parts,
     grad_accum=t.grad_accum,
-    loss_chunk=t.get("loss_chunk", 0) if stage != "teacher" else 0,  # the teacher's loss is unchunked
+    # plans are for accelerators; the teacher's loss is unchunked
+    loss_chunk=resolve_chunk(t.get("loss_chunk", 0), cfg.vocab_size, on_cpu=False) if stage != "teacher" else 0,
     trainable_regex=t.trainable_regex,
     # ReFT's student stage loads the teacher with model/build.py:load_frozen: weights in the compute dtype, layers
     # scanned as configured, no LoRA, no remat
