@@ -15,7 +15,8 @@ the timed steps go round-robin over them, so that other load on a shared machine
   gen     greedy decoding with the KV cache: generate.generate, B prompts of T/2 tokens + T/2 new tokens
           (new tokens/s; prefill included in the time)
 
-Variants (JAX; '+' combines them, e.g. bf16+chunked_loss): baseline, bf16 (bfloat16 compute, float32
+Variants (JAX; '+' combines them, e.g. bf16+chunked_loss): baseline (the default config: train.loss_chunk=-1,
+the fused head from a 16k vocabulary), unchunked (full [B, T, V] logits), bf16 (bfloat16 compute, float32
 master weights), chunked_loss (losses.chunked_*: head + loss over --loss_chunk positions at a time;
 chunkN: N positions, e.g. chunk16),
 dpa (jax.nn.dot_product_attention), cudnn (its cuDNN flash kernel, GPU), splash (the Pallas TPU kernel;
@@ -47,7 +48,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-FEATURES = ("baseline", "bf16", "chunked_loss", "dpa", "cudnn", "splash", "scan", "remat", "remat_dots")
+FEATURES = ("baseline", "unchunked", "bf16", "chunked_loss", "dpa", "cudnn", "splash", "scan", "remat", "remat_dots")
 # what a forward-only pass (filter, generation) sees
 FORWARD_FEATURES = ("bf16", "dpa", "cudnn", "splash", "scan")
 BENCHES = ("sft", "reft", "filter", "gen")
@@ -176,7 +177,8 @@ def variant_options(name: str, args):
     lora=LoraConfig(args.lora_rank, 2.0 * args.lora_rank, LORA_TARGETS) if args.lora_rank else None,
   )
   sizes = [int(x[5:]) for x in f if re.fullmatch(r"chunk\d+", x)]
-  return opts, (sizes[0] if sizes else args.loss_chunk if "chunked_loss" in f else 0)
+  # the default config's loss: train.loss_chunk=-1 (auto: chunked from a 16k vocabulary)
+  return opts, (sizes[0] if sizes else args.loss_chunk if "chunked_loss" in f else 0 if "unchunked" in f else -1)
 
 
 # ---------------------------------------------------------------- JAX

@@ -67,11 +67,33 @@ def refusal_regularizer(cos_B, is_harmful_B):
   return harm + safe
 
 
+@jax.custom_vjp
+def token_kl(teacher_logits_BTV, student_logits_BTV):
+  """KL(softmax(teacher) || softmax(student)) per token (float32 logits), with its gradient written out:
+  softmax(student) - softmax(teacher) for the student, one elementwise pass each (as token_nll)."""
+  return _token_kl_fwd(teacher_logits_BTV, student_logits_BTV)[0]
+
+
+def _token_kl_fwd(t, s):
+  log_t, log_s = jax.nn.log_softmax(t, axis=-1), jax.nn.log_softmax(s, axis=-1)
+  kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
+  return kl, (log_t, log_s, kl)
+
+
+def _token_kl_bwd(res, g_BT):
+  log_t, log_s, kl = res
+  p_t, g = jnp.exp(log_t), g_BT[..., None]
+  return p_t * (log_t - log_s - kl[..., None]) * g, (jnp.exp(log_s) - p_t) * g
+
+
+token_kl.defvjp(_token_kl_fwd, _token_kl_bwd)
+
+
 def kl_teacher_student(teacher_logits_BTV, student_logits_BTV, weights_BT, temperature: float = 1.0):
   """(sum over weighted tokens of KL(softmax(z_T/T) || softmax(z_S/T)), number of tokens)."""
-  log_t = jax.nn.log_softmax(teacher_logits_BTV.astype(jnp.float32) / temperature, axis=-1)
-  log_s = jax.nn.log_softmax(student_logits_BTV.astype(jnp.float32) / temperature, axis=-1)
-  kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
+  kl = token_kl(
+    teacher_logits_BTV.astype(jnp.float32) / temperature, student_logits_BTV.astype(jnp.float32) / temperature
+  )
   return jnp.sum(kl * weights_BT), jnp.sum(weights_BT)
 
 

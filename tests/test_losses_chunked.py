@@ -198,3 +198,19 @@ def test_auto_loss_chunk_by_vocabulary():
   model, batch = randomized(big), lm_batch(big, t=40)
   mean = lambda loss_fn: lambda m: (lambda s, n, _: s / n)(*loss_fn(m, batch))
   assert_same(value_and_grads(model, mean(losses.make_lm_loss(-1))), value_and_grads(model, mean(losses.lm_loss)))
+
+
+def test_token_kl_gradients_match_autodiff():
+  """token_kl's written-out gradients (student and teacher) against autodiff of the textbook KL."""
+  rng = np.random.RandomState(3)
+  t, s = (jnp.asarray(rng.randn(2, 5, 11) * 2, jnp.float32) for _ in range(2))
+  g = jnp.asarray(rng.randn(2, 5), jnp.float32)
+
+  def textbook(t, s):
+    log_t, log_s = jax.nn.log_softmax(t, -1), jax.nn.log_softmax(s, -1)
+    return jnp.sum(jnp.sum(jnp.exp(log_t) * (log_t - log_s), -1) * g)
+
+  fast = lambda t, s: jnp.sum(losses.token_kl(t, s) * g)
+  np.testing.assert_allclose(fast(t, s), textbook(t, s), **TOL)
+  for a, b in zip(jax.grad(fast, (0, 1))(t, s), jax.grad(textbook, (0, 1))(t, s)):
+    np.testing.assert_allclose(a, b, **TOL)
