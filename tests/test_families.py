@@ -178,8 +178,9 @@ def test_rope_frequencies_match_transformers(hf_dirs, family):
   if family == "gemma3":
     np.testing.assert_array_equal(rope_frequencies(model.cfg), rotary.full_attention_inv_freq.numpy())
     np.testing.assert_array_equal(rope_frequencies(model.cfg, local=True), rotary.sliding_attention_inv_freq.numpy())
-  else:  # transformers' _compute_llama3_parameters, bit for bit
-    np.testing.assert_array_equal(rope_frequencies(model.cfg), rotary.inv_freq.numpy())
+  else:  # transformers' _compute_llama3_parameters, to float32 rounding: bit for bit on an AVX2 AMD EPYC,
+    # one ulp apart in one entry on an AVX-512 Xeon (torch's vectorised pow rounds differently there)
+    np.testing.assert_allclose(rope_frequencies(model.cfg), rotary.inv_freq.numpy(), rtol=3e-7, atol=0)
     plain = rope_frequencies(model.cfg.replace(rope_scaling=None))
     ratio = plain / rope_frequencies(model.cfg)
     assert ratio.min() == 1.0 and ratio.max() == 32.0 and ((ratio > 1) & (ratio < 32)).any()
