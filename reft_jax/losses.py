@@ -16,7 +16,7 @@ def next_token_targets(tokens_BT, loss_mask_BT):
 def token_nll(logits_BTV, targets_BT):
   """-log softmax(logits)[target] per token (float32 logits). Its gradient, softmax - one_hot, is one
   elementwise pass over the logits (autodiff's take_along_axis scatters into a zeroed [B, T, V])."""
-  return jax.nn.logsumexp(logits_BTV, axis=-1) - jnp.take_along_axis(logits_BTV, targets_BT[..., None], -1)[..., 0]
+  return _token_nll_fwd(logits_BTV, targets_BT)[0]
 
 
 def _token_nll_fwd(logits_BTV, targets_BT):
