@@ -52,7 +52,6 @@ FEATURES = ("baseline", "unchunked", "bf16", "chunked_loss", "dpa", "cudnn", "sp
 # what a forward-only pass (filter, generation) sees
 FORWARD_FEATURES = ("bf16", "dpa", "cudnn", "splash", "scan")
 BENCHES = ("sft", "reft", "filter", "gen")
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def parse_args(argv=None):
@@ -165,6 +164,7 @@ def lm_batch(rng, args) -> dict:
 
 def variant_options(name: str, args):
   from reft_jax.model import LoraConfig, RunOptions
+  from reft_jax.model.layers import LORA_TARGETS
 
   f = set(name.split("+"))
   remat = "full" if "remat" in f else "dots" if "remat_dots" in f else "none"
@@ -311,6 +311,8 @@ def torch_train(bench: str, args, compile_: bool, device: str) -> common.Runner:
   student = LlamaForCausalLM(torch_config(args)).to(device).train()
   if args.lora_rank:
     import peft
+
+    from reft_jax.model.layers import LORA_TARGETS
 
     targets = [f"{t}_proj" for t in LORA_TARGETS]
     lora = peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0, target_modules=targets)

@@ -43,12 +43,9 @@ def masked_cross_entropy(logits_BTV, targets_BT, weights_BT):
 def batch_cross_entropy(model, batch, interventions=None):
   """(CE sum, count) of one tokenized batch part, with optional forward interventions (model sites).
   The head runs on the positions that predict a token only (no [B, T, V] slice and pad)."""
-  n = model.cfg.num_layers
-  _, hidden = model.forward(
-    batch["tokens"], batch["attention_mask"], hidden_layers=(n,), stop_after=n, interventions=interventions
-  )
+  logits = shifted_logits(model, batch["tokens"], batch["attention_mask"], interventions)
   targets, weights = next_token_targets(batch["tokens"], batch["loss_mask"])
-  return masked_cross_entropy(model.head(hidden[n][:, :-1]), targets, weights)
+  return masked_cross_entropy(logits, targets, weights)
 
 
 def lm_loss(model, batch, ctx=None):
@@ -114,10 +111,16 @@ def kl_topk_student(topk_logits_BTK, topk_ids_BTK, student_logits_BTV, weights_B
 # so no [B, T, V] array is ever live and nothing is recomputed in the backward pass.
 
 
-def final_hidden(model, tokens_BT, mask_BT):
+def final_hidden(model, tokens_BT, mask_BT, interventions=None):
   """The residual stream after the last block (before the final norm): [B, T, D]."""
   n = model.cfg.num_layers
-  return model.forward(tokens_BT, mask_BT, hidden_layers=(n,), stop_after=n)[1][n]
+  return model.forward(tokens_BT, mask_BT, hidden_layers=(n,), stop_after=n, interventions=interventions)[1][n]
+
+
+def shifted_logits(model, tokens_BT, mask_BT, interventions=None):
+  """Logits at the positions that predict a next token, [B, T-1, V] (aligned with next_token_targets),
+  with the head run on those positions only."""
+  return model.head(final_hidden(model, tokens_BT, mask_BT, interventions)[:, :-1])
 
 
 def head_of(model):

@@ -236,12 +236,11 @@ def student_loss(beta: float, temperature: float, topk: bool, chunk: int = 0):
         kl, n = losses.chunked_kl_teacher_student(ctx.frozen, ht, model, hs, wa, temperature, n_chunk)
     else:
       ce, count = losses.batch_cross_entropy(model, u)
-      shifted_logits = lambda m: m.head(losses.final_hidden(m, a["tokens"], a["attention_mask"])[:, :-1])
-      student = shifted_logits(model)
+      student = losses.shifted_logits(model, a["tokens"], a["attention_mask"])
       if topk:
         kl, n = losses.kl_topk_student(a["topk_logits"][:, :-1], a["topk_ids"][:, :-1], student, wa, temperature)
       else:
-        teacher = jax.lax.stop_gradient(shifted_logits(ctx.frozen))
+        teacher = jax.lax.stop_gradient(losses.shifted_logits(ctx.frozen, a["tokens"], a["attention_mask"]))
         kl, n = losses.kl_teacher_student(teacher, student, wa, temperature)
     kl_mean = kl / jnp.maximum(n, 1)
     count = jnp.maximum(count, 1)
