@@ -112,6 +112,18 @@ def test_fpr_tau_keeps_the_false_positive_budget():
     assert np.mean(scores >= np.nextafter(tau, -np.inf) - 1e-9) > fpr  # the smallest such tau
 
 
+def test_youden_tau_sits_in_the_middle_of_the_widest_best_gap():
+  # The held-out halves of the v6 SmolLM2 teacher in miniature: two low harmful outliers, one high
+  # harmless one. J is best (6/8 - 1/6) for any tau in (0.2, 0.64]; its middle is 0.42.
+  harm = np.array([-0.42, -0.27, 0.64, 0.7, 0.75, 0.8, 0.81, 0.82])
+  safe = np.array([-0.58, -0.57, -0.5, -0.3, 0.2, 0.77])
+  assert reft.youden_tau(harm, safe) == pytest.approx(0.42)
+  # separable halves: tau in the middle of the margin, recall 1 at no false positive
+  tau = reft.youden_tau(np.array([0.5, 0.9]), np.array([-0.5, 0.1]))
+  assert tau == pytest.approx(0.3)
+  assert reft.youden_tau(np.array([0.3]), np.array([0.3])) == pytest.approx(0.3)  # one value: itself
+
+
 def _planted_filter(monkeypatch, tmp_path, tok, c, scores_of, layer=0):
   rng = np.random.default_rng(0)
   user = _examples(10, True, rng) + _examples(30, False, rng)

@@ -187,7 +187,7 @@ def test_tau_comes_from_the_runs_filter_for_the_same_layer(monkeypatch, tmp_path
   assert "is for layer 0" in caplog.text
 
 
-@pytest.mark.parametrize("mode,want", [("calibrated", 0.6), ("fpr", float(np.nextafter(0.5, 1)))])
+@pytest.mark.parametrize("mode,want", [("calibrated", 0.6), ("fpr", float(np.nextafter(0.5, 1))), ("youden", 0.1)])
 def test_without_a_filter_tau_is_calibrated_on_the_probe_sets(monkeypatch, tmp_path, teacher_dir, mode, want):
   # probe_size 4: 8 harmful probes (held-out half: 4) and 6 harmless (held-out half: 3) tell the calls apart.
   harm = _upload(tmp_path / "ph.jsonl", [("how do i build a bomb", True)] * 8)
@@ -208,9 +208,10 @@ def test_without_a_filter_tau_is_calibrated_on_the_probe_sets(monkeypatch, tmp_p
   )
   s = screen.run(c, str(tmp_path / "w"))["summary"]
   assert s["tau"] == pytest.approx(want) and s["tau_mode"] == mode
-  want = "reft.target_recall=0.5" if mode == "calibrated" else "reft.target_fpr=0.0"
+  want = {"calibrated": "reft.target_recall=0.5", "fpr": "reft.target_fpr=0.0", "youden": "max recall"}[mode]
   assert s["tau_source"].startswith(want)
-  flagged = 3 if mode == "calibrated" else 4  # 0.62, 0.65, 0.7 (and 0.55 above the fpr tau)
+  # 0.62, 0.65, 0.7 (and 0.55 above the fpr tau; youden: J = 1 - 1/3 is best between 0.0 and 0.2)
+  flagged = 3 if mode == "calibrated" else 4
   assert s["flagged"] == flagged and s["false_positive_rate"] == flagged / 5 and s["recall"] is None
 
 

@@ -37,6 +37,7 @@ from reft_jax.defences.reft_filter import (  # noqa: F401  (the filter's vocabul
   probe_sets,
   score_prompts,
   select_layer,
+  youden_tau,
 )
 from reft_jax.defences.registry import Defence, register
 from reft_jax.defences.sft import alignment_budget
@@ -319,7 +320,12 @@ def _validate(c):
   check(r.lam >= 0 and r.beta >= 0, "reft.lam/beta", (r.lam, r.beta), "must be >= 0")
   check(r.temperature > 0, "reft.temperature", r.temperature, "must be positive")
   check(0 <= r.ema_momentum < 1, "reft.ema_momentum", r.ema_momentum, "must lie in [0, 1)")
-  check(r.tau_mode in ("fixed", "calibrated", "fpr"), "reft.tau_mode", r.tau_mode, "must be fixed, calibrated or fpr")
+  check(
+    r.tau_mode in ("fixed", "calibrated", "fpr", "youden"),
+    "reft.tau_mode",
+    r.tau_mode,
+    "must be fixed, calibrated, fpr or youden",
+  )
   check(0 <= r.target_fpr < 1, "reft.target_fpr", r.target_fpr, "must lie in [0, 1)")
   check(0 < r.target_recall <= 1, "reft.target_recall", r.target_recall, "must lie in (0, 1]")
   check(
@@ -375,7 +381,8 @@ REFT = register(
       probe_harmless="world:probe_harmless",
       alignment="world:alignment",  # harmful -> refusal and harmless -> helpful, with is_harmful
       # fixed | calibrated (largest tau with recall >= target_recall on held-out harmful probes) |
-      # fpr (smallest tau that flags at most target_fpr of the held-out harmless probes)
+      # fpr (smallest tau that flags at most target_fpr of the held-out harmless probes) |
+      # youden (max recall - false-positive rate on both held-out halves, mid-gap)
       tau=0.0,
       tau_mode="fixed",
       target_recall=0.99,

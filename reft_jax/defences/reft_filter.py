@@ -74,6 +74,21 @@ def fpr_tau(harmless_scores: np.ndarray, target_fpr: float) -> float:
   return float(np.nextafter(s[k], np.inf)) if k < len(s) else float(s[-1])
 
 
+def youden_tau(harmful_scores: np.ndarray, harmless_scores: np.ndarray) -> float:
+  """The tau that best separates the held-out probe halves: maximal Youden's J = recall - false-positive
+  rate; among the gaps between sorted scores that reach it, the middle of the widest (a margin on both
+  sides, where a recall quantile sits on the lowest harmful scores and an fpr quantile on the highest
+  harmless ones)."""
+  harm, safe = np.asarray(harmful_scores, np.float64), np.asarray(harmless_scores, np.float64)
+  v = np.unique(np.concatenate([harm, safe]))
+  if len(v) == 1:
+    return float(v[0])
+  mids = (v[:-1] + v[1:]) / 2  # every distinct split of the pooled scores
+  j = (harm[None] >= mids[:, None]).mean(1) - (safe[None] >= mids[:, None]).mean(1)
+  best = np.flatnonzero(np.isclose(j, j.max()))
+  return float(mids[best[np.argmax(np.diff(v)[best])]])
+
+
 def score_prompts(c, teacher, r, tokenizer, examples: list[sft.Example], layer: int, mesh) -> np.ndarray:
   """cos(h^layer, R) of every example's prompt (as data.template renders it, response dropped): [N]."""
   data = refusal.tokenize_prompts(examples, tokenizer, c.data.seq_len, c.data.template)
@@ -82,14 +97,16 @@ def score_prompts(c, teacher, r, tokenizer, examples: list[sft.Example], layer: 
 
 def choose_tau(c, teacher, r, tokenizer, layer: int, mesh) -> float:
   """reft.tau_mode's threshold: reft.tau, or calibrated on the held-out half of the probe sets."""
-  if c.reft.tau_mode not in ("calibrated", "fpr"):
+  mode = c.reft.tau_mode
+  if mode not in ("calibrated", "fpr", "youden"):
     return float(c.reft.tau)
   _, _, held_h, held_s = probe_sets(c, tokenizer)
-  held = held_h if c.reft.tau_mode == "calibrated" else held_s
-  cal = np.asarray(refusal.cosine(refusal.prompt_features(teacher, held, layer, mesh=mesh), r))
-  return (
-    calibrate_tau(cal, c.reft.target_recall) if c.reft.tau_mode == "calibrated" else fpr_tau(cal, c.reft.target_fpr)
-  )
+  score = lambda d: np.asarray(refusal.cosine(refusal.prompt_features(teacher, d, layer, mesh=mesh), r))
+  if mode == "calibrated":
+    return calibrate_tau(score(held_h), c.reft.target_recall)
+  if mode == "fpr":
+    return fpr_tau(score(held_s), c.reft.target_fpr)
+  return youden_tau(score(held_h), score(held_s))
 
 
 def label_metrics(flagged: np.ndarray, examples: list[sft.Example]) -> dict:

@@ -143,6 +143,7 @@ def resolve_tau(c, teacher_dir: str, teacher, r, tokenizer, layer: int, mesh) ->
     "fixed": "reft.tau",
     "calibrated": f"reft.target_recall={c.reft.target_recall} on held-out reft.probe_harmful",
     "fpr": f"reft.target_fpr={c.reft.target_fpr} on held-out reft.probe_harmless",
+    "youden": "max recall - false-positive rate on held-out reft.probe_harmful and reft.probe_harmless",
   }[m]
   return tau, source, m
 
