@@ -189,17 +189,19 @@ def _real_model(c: ml_collections.ConfigDict, gguf: str) -> None:
     c[defence].harmful_source = "asset:advbench[0:260]"
   harmful_train = "asset:advbench[0:260],asset:donotanswer"
   # Over-refusal levers (issue 13, README ablation): more helpful answers than refusals (160 : 240, 60 from
-  # each harmless source), trigger-word safe prompts, and requests in the harmful prompts' own openings
-  # (mirror: "Describe in detail how to" + an everyday activity), so no opening alone predicts a refusal.
-  harmless_train = "builtin:requests_train,mirror({}),builtin:trigger_train,asset:gsm_symbolic:{}"
+  # each harmless source), requests in the harmful prompts' own openings (mirror: "Describe in detail how
+  # to" + an everyday activity, so no opening alone predicts a refusal) and 12 trigger-word safe prompts per
+  # category (lever 5); the probes keep GSM-style problems (the refusal direction must not be "request vs
+  # puzzle").
+  mirrored = "mirror(asset:advbench[0:260])"
   c.alignment.update(
     harmful=harmful_train,
-    harmless=harmless_train.format("asset:advbench[0:260]", 2),
+    harmless=f"builtin:requests_train,{mirrored},builtin:trigger_train[0:60],builtin:trigger_train[60:120]",
     n_harmful=160,
     n_harmless=240,
     max_new_tokens=64,
   )
-  harmless_probe = harmless_train.format("asset:advbench[0:260]", 3)
+  harmless_probe = f"builtin:requests_train,{mirrored},builtin:trigger_train,asset:gsm_symbolic:3"
   c.reft.update(
     alignment="build",
     layer=-1,  # chosen on the base model from the probe sets' held-out halves (SmolLM2: 28)
@@ -207,8 +209,9 @@ def _real_model(c: ml_collections.ConfigDict, gguf: str) -> None:
     probe_harmless=harmless_probe,
     probe_size=48,
     update_every=10,
-    tau_mode="calibrated",
+    tau_mode="youden",  # the best recall - FPR split of the held-out probe halves (lever 6)
     target_recall=0.95,
+    beta=2.0,  # the distillation weight: 1 (METHODS.md's default) lets two filter misses through to HS 31
     align_batch_size=8,
     align_seq_len=128,
     topk=64,  # the teacher's top-64 logits cached once: the student's 80 steps run no teacher forward

@@ -42,6 +42,18 @@ with open(BEFORE) as f:
 # train.loss_chunk 0 -> -1 (auto: the fused chunked head from a 16k vocabulary, issue 18; the world presets'
 # small vocabularies resolve it to 0, unchanged).
 DELIBERATE = {"train.loss_chunk": (0, -1)}
+# The smollm2 preset's settings changed on purpose by issue 13's levers (README "What was tried", rows 5-8):
+# 12 trigger-word prompts per category in the alignment set, the youden threshold, beta 2.
+HARMLESS_V5 = (
+  "builtin:requests_train,mirror(asset:advbench[0:260]),builtin:trigger_train[0:60],builtin:trigger_train[60:120]"
+)
+PRESET_CHANGES = {
+  "smollm2": {
+    "alignment.harmless": (OLD["smollm2"]["alignment"]["harmless"], HARMLESS_V5),
+    "reft.tau_mode": ("calibrated", "youden"),
+    "reft.beta": (1.0, 2.0),
+  }
+}
 
 
 @pytest.mark.parametrize("name", sorted(OLD))
@@ -50,7 +62,8 @@ def test_old_presets_keep_every_value(name):
   the deliberate default changes above."""
   now = dict(_leaves(load_config_module().get_config(name).to_dict()))
   changed = {k: (v, now.get(k, "<missing>")) for k, v in _leaves(OLD[name]) if now.get(k, "<missing>") != v}
-  assert all(DELIBERATE.get(k) == pair for k, pair in changed.items()), changed
+  deliberate = {**DELIBERATE, **PRESET_CHANGES.get(name, {})}
+  assert all(deliberate.get(k) == pair for k, pair in changed.items()), changed
 
 
 def test_unknown_preset_lists_every_preset():
