@@ -3,7 +3,9 @@ with its 95% Wilson interval over the evaluation prompts.
 
   python benchmarks/real_model_table.py shipped=runs/smollm2_shipped reft=runs/smollm2:reft ...
 
-LABEL=WORKDIR[:RUN] (RUN: the key under results.json "runs"; default: the only one, or LABEL).
+LABEL=WORKDIR[:RUN] (RUN: the key under results.json "runs"; default: the only one, or LABEL). Seeds of one
+row: LABEL=WORKDIR[:RUN]+WORKDIR[:RUN]+... (each rate as its mean with a t-interval over the seeds; the
+filter cell and the training time as the seeds' means).
 """
 
 from __future__ import annotations
@@ -15,26 +17,34 @@ import sys
 from reft_jax.eval import stats
 
 
-def load_run(spec: str) -> tuple[str, dict]:
-  label, _, where = spec.partition("=")
+def load_one(label: str, where: str) -> dict:
   workdir, _, run = where.partition(":")
   with open(os.path.join(workdir, "results.json")) as f:
     runs = json.load(f)["runs"]
   run = run or (next(iter(runs)) if len(runs) == 1 else label)
   if run not in runs:
     sys.exit(f"error: {workdir}/results.json has no run {run!r} (it has {', '.join(runs)})")
-  return label, runs[run]
+  return runs[run]
 
 
-def row(label: str, r: dict) -> list[str]:
-  rates = stats.summarize([r])  # one run: each rate with its Wilson interval over the prompts
+def load_run(spec: str) -> tuple[str, list[dict]]:
+  label, _, where = spec.partition("=")
+  return label, [load_one(label, w) for w in where.split("+")]
+
+
+def _mean(values: list) -> float | None:
+  values = [v for v in values if v is not None]
+  return sum(values) / len(values) if values else None
+
+
+def row(label: str, seeds: list[dict]) -> list[str]:
+  rates = stats.summarize(seeds)  # one run: Wilson over the prompts; several: t over the seeds
   cell = lambda key: stats.fmt_interval(rates.get(key))
-  flt = r.get("filter")
-  g = lambda x: "—" if x is None else f"{x:.2f}"
-  filter_cell = (
-    f"{g(flt.get('precision'))} / {g(flt.get('recall'))} / {g(flt.get('false_positive_rate'))}" if flt else "—"
-  )
-  wall = r.get("wall_seconds")
+  flts = [r["filter"] for r in seeds if r.get("filter")]
+  g = lambda key: "—" if _mean([f.get(key) for f in flts]) is None else f"{_mean([f.get(key) for f in flts]):.2f}"
+  filter_cell = f"{g('precision')} / {g('recall')} / {g('false_positive_rate')}" if flts else "—"
+  wall = _mean([r.get("wall_seconds") for r in seeds])
+  r = seeds[0]
   return [
     label,
     cell("harmful_score"),
@@ -49,7 +59,7 @@ def row(label: str, r: dict) -> list[str]:
 
 def table(specs: list[str]) -> str:
   runs = [load_run(s) for s in specs]
-  tasks = sorted({t for _, r in runs for t in (r.get("finetune_accuracy") or {})})
+  tasks = sorted({t for _, seeds in runs for r in seeds for t in (r.get("finetune_accuracy") or {})})
   head = [
     "model",
     "HS ↓",

@@ -133,3 +133,12 @@ def test_real_model_table_reads_results_and_puts_wilson_intervals_on_every_rate(
   assert cells[-2:] == ["1.00 / 0.95 / 0.00", "25.0"]
   with pytest.raises(SystemExit, match="has no run 'nope'"):
     mod.load_run(f"x={tmp_path}:nope")
+  # seeds of one row: each rate's mean with the t-interval over the seeds, the filter cell averaged
+  seed = tmp_path / "seed1"
+  seed.mkdir()
+  other = {**run, "harmful_score": 30.0, "filter": {**run["filter"], "recall": 0.85}, "wall_seconds": 1700.0}
+  (seed / "results.json").write_text(json.dumps({"runs": {"reft": other}}))
+  cells = [c.strip() for c in mod.table([f"ReFT={tmp_path}:reft+{seed}:reft"]).splitlines()[2].strip("|").split("|")]
+  mean, lo, hi = stats.t_interval([20.0, 30.0])
+  assert cells[1] == f"25.0 [{max(lo, 0):.1f}, {hi:.1f}]" and mean == 25.0
+  assert cells[-2:] == ["1.00 / 0.90 / 0.00", "26.7"]
