@@ -28,6 +28,7 @@ from reft_jax.data import sft
 from reft_jax.data.load import load
 from reft_jax.defences.reft_filter import (  # noqa: F401  (the filter's vocabulary, re-exported)
   AUTO_LAYER,
+  TAU_MODES,
   calibrate_tau,
   choose_tau,
   filter_user_data,
@@ -320,12 +321,7 @@ def _validate(c):
   check(r.lam >= 0 and r.beta >= 0, "reft.lam/beta", (r.lam, r.beta), "must be >= 0")
   check(r.temperature > 0, "reft.temperature", r.temperature, "must be positive")
   check(0 <= r.ema_momentum < 1, "reft.ema_momentum", r.ema_momentum, "must lie in [0, 1)")
-  check(
-    r.tau_mode in ("fixed", "calibrated", "fpr", "youden"),
-    "reft.tau_mode",
-    r.tau_mode,
-    "must be fixed, calibrated, fpr or youden",
-  )
+  check(r.tau_mode in TAU_MODES, "reft.tau_mode", r.tau_mode, f"must be one of {', '.join(TAU_MODES)}")
   check(0 <= r.target_fpr < 1, "reft.target_fpr", r.target_fpr, "must lie in [0, 1)")
   check(0 < r.target_recall <= 1, "reft.target_recall", r.target_recall, "must lie in (0, 1]")
   check(

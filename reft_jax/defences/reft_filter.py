@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 
 AUTO_LAYER = -1  # reft.layer=-1: the teacher picks its layer on the base model (select_layer)
+TAU_MODES = ("fixed", "calibrated", "fpr", "youden")  # reft.tau_mode (choose_tau)
 
 
 def layer_of(c, model) -> int:
@@ -98,7 +99,7 @@ def score_prompts(c, teacher, r, tokenizer, examples: list[sft.Example], layer: 
 def choose_tau(c, teacher, r, tokenizer, layer: int, mesh) -> float:
   """reft.tau_mode's threshold: reft.tau, or calibrated on the held-out half of the probe sets."""
   mode = c.reft.tau_mode
-  if mode not in ("calibrated", "fpr", "youden"):
+  if mode == "fixed":
     return float(c.reft.tau)
   _, _, held_h, held_s = probe_sets(c, tokenizer)
   score = lambda d: np.asarray(refusal.cosine(refusal.prompt_features(teacher, d, layer, mesh=mesh), r))
