@@ -97,7 +97,7 @@ def score_prompts(c, teacher, r, tokenizer, examples: list[sft.Example], layer: 
 
 
 def choose_tau(c, teacher, r, tokenizer, layer: int, mesh) -> float:
-  """reft.tau_mode's threshold: reft.tau, or calibrated on the held-out half of the probe sets."""
+  """reft.tau_mode's threshold: reft.tau, or calibrated on the held-out halves of the probe sets."""
   mode = c.reft.tau_mode
   if mode == "fixed":
     return float(c.reft.tau)
