@@ -41,8 +41,8 @@ def row(label: str, seeds: list[dict]) -> list[str]:
   rates = stats.summarize(seeds)  # one run: Wilson over the prompts; several: t over the seeds
   cell = lambda key: stats.fmt_interval(rates.get(key))
   flts = [r["filter"] for r in seeds if r.get("filter")]
-  g = lambda key: "—" if _mean([f.get(key) for f in flts]) is None else f"{_mean([f.get(key) for f in flts]):.2f}"
-  filter_cell = f"{g('precision')} / {g('recall')} / {g('false_positive_rate')}" if flts else "—"
+  means = {k: _mean([f.get(k) for f in flts]) for k in ("precision", "recall", "false_positive_rate")}
+  filter_cell = " / ".join("—" if m is None else f"{m:.2f}" for m in means.values()) if flts else "—"
   wall = _mean([r.get("wall_seconds") for r in seeds])
   r = seeds[0]
   return [
