@@ -185,15 +185,16 @@ def _real_model(c: ml_collections.ConfigDict, gguf: str) -> None:
   )
   # Booster's harmful answers on the alignment prompts, as in Booster's official layout (disjoint from
   # the attack's rows)
+  advbench_align = "asset:advbench[0:260]"  # AdvBench's alignment-side rows (the attack has 260-519)
   for defence in ("booster", "panacea", "tvaccine", "antidote"):
-    c[defence].harmful_source = "asset:advbench[0:260]"
-  harmful_train = "asset:advbench[0:260],asset:donotanswer"
+    c[defence].harmful_source = advbench_align
+  harmful_train = f"{advbench_align},asset:donotanswer"
   # Over-refusal levers (issue 13, README ablation): more helpful answers than refusals (160 : 240, 60 from
   # each harmless source), requests in the harmful prompts' own openings (mirror: "Describe in detail how
   # to" + an everyday activity, so no opening alone predicts a refusal) and 12 trigger-word safe prompts per
   # category (lever 5); the probes keep GSM-style problems (the refusal direction must not be "request vs
   # puzzle").
-  mirrored = "mirror(asset:advbench[0:260])"
+  mirrored = f"mirror({advbench_align})"
   c.alignment.update(
     harmful=harmful_train,
     harmless=f"builtin:requests_train,{mirrored},builtin:trigger_train[0:60],builtin:trigger_train[60:120]",
