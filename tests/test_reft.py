@@ -98,6 +98,44 @@ def test_student_loss_kl_vanishes_for_its_own_teacher(tok):
   assert abs(float(aux["kl"])) < 1e-6 and float(aux["ce"]) > 0
 
 
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_student_feature_term_is_the_regularizer_on_its_own_prompt_features(tok, chunk):
+  """reft.student_lam: the added term is refusal_regularizer(cos(h^l, R)) at the alignment prompts' last
+  token (h^l as refusal.prompt_features reads it), weighted by lam; CE and KL are unchanged, and its
+  gradient step moves harmful prompts' features towards R and harmless ones away."""
+  from reft_jax.train import Context
+
+  model = init_model(PRESETS["tiny"].replace(vocab_size=len(tok) + 8), seed=2)
+  rng = np.random.default_rng(1)
+  exs = _examples(3, True, rng) + _examples(3, False, rng)
+  data = sft.tokenize([sft.Example(e.prompt, "bake bread", e.meta) for e in exs], tok, 48)
+  part = {
+    "tokens": jnp.asarray(data.tokens),
+    "attention_mask": jnp.asarray(data.attention_mask),
+    "loss_mask": jnp.asarray(data.loss_mask),
+    "last_prompt": jnp.asarray(data.last_prompt),
+    "is_harmful": jnp.asarray(data.fields["is_harmful"]),
+  }
+  r = np.asarray(rng.normal(size=(model.cfg.hidden_size,)), np.float32)
+  batch, ctx = {"user": part, "align": part}, Context({}, model)
+  plain = reft.student_loss(1.0, 1.0, False, chunk)(model, batch, ctx)
+  fn = reft.student_loss(1.0, 1.0, False, chunk, feature=(1, r, 0.5))
+  total, count, aux = fn(model, batch, ctx)
+  h = refusal.prompt_features(model, data, layer=1, batch_size=6)
+  want = losses.refusal_regularizer(refusal.cosine(jnp.asarray(h), r), part["is_harmful"])
+  np.testing.assert_allclose(float(aux["reg"]), float(want), rtol=1e-5)
+  np.testing.assert_allclose(float(aux["kl"]), float(plain[2]["kl"]), atol=1e-6)
+  np.testing.assert_allclose(float(total), float(plain[0]) + 0.5 * float(want) * float(count), rtol=1e-5)
+
+  from flax import nnx
+
+  graphdef, state = nnx.split(model)
+  reg_of = lambda s: fn(nnx.merge(graphdef, s), batch, ctx)[2]["reg"]
+  grads = jax.grad(reg_of)(state)
+  stepped = jax.tree.map(lambda p, g: p - 0.05 * g, state, grads)
+  assert float(reg_of(stepped)) < float(want)
+
+
 def test_calibrated_tau_keeps_the_target_recall():
   scores = np.linspace(0, 1, 101)
   tau = reft.calibrate_tau(scores, 0.9)

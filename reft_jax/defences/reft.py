@@ -41,8 +41,8 @@ from reft_jax.defences.reft_filter import (  # noqa: F401  (the filter's vocabul
   youden_tau,
 )
 from reft_jax.defences.registry import Defence, register
+from reft_jax.defences.reft_student import student_loss, teacher_topk  # noqa: F401  (re-exported)
 from reft_jax.defences.sft import alignment_budget
-from reft_jax.distributed import to_host
 from reft_jax.model import read_hf_config
 from reft_jax.model.hf import resolve_checkpoint
 from reft_jax.model.build import load_frozen
@@ -215,64 +215,6 @@ def _append_json(path: str, record: dict) -> None:
 # ------------------------------------------------------------------ student
 
 
-def student_loss(beta: float, temperature: float, topk: bool, chunk: int = 0):
-  """CE on the (filtered) user batch + beta * mean KL(teacher || student) on the alignment batch.
-  chunk > 0: the heads, CE and KL run `chunk` positions at a time (losses.chunked_*), no [B, T, V];
-  -1: by the vocabulary (losses.resolve_chunk)."""
-
-  def loss(model, batch, ctx):
-    u, a = batch["user"], batch["align"]
-    t, w = losses.next_token_targets(u["tokens"], u["loss_mask"])
-    _, wa = losses.next_token_targets(a["tokens"], a["loss_mask"])
-    n_chunk = losses.resolve_chunk(chunk, model.cfg.vocab_size)
-    if n_chunk > 0:
-      hu = losses.final_hidden(model, u["tokens"], u["attention_mask"])[:, :-1]
-      ce, count = losses.chunked_cross_entropy(model, hu, t, w, n_chunk)
-      hs = losses.final_hidden(model, a["tokens"], a["attention_mask"])[:, :-1]
-      if topk:
-        kl, n = losses.chunked_kl_topk_student(
-          a["topk_logits"][:, :-1], a["topk_ids"][:, :-1], model, hs, wa, temperature, n_chunk
-        )
-      else:
-        ht = losses.final_hidden(ctx.frozen, a["tokens"], a["attention_mask"])[:, :-1]
-        kl, n = losses.chunked_kl_teacher_student(ctx.frozen, ht, model, hs, wa, temperature, n_chunk)
-    else:
-      ce, count = losses.batch_cross_entropy(model, u)
-      student = losses.shifted_logits(model, a["tokens"], a["attention_mask"])
-      if topk:
-        kl, n = losses.kl_topk_student(a["topk_logits"][:, :-1], a["topk_ids"][:, :-1], student, wa, temperature)
-      else:
-        teacher = jax.lax.stop_gradient(losses.shifted_logits(ctx.frozen, a["tokens"], a["attention_mask"]))
-        kl, n = losses.kl_teacher_student(teacher, student, wa, temperature)
-    kl_mean = kl / jnp.maximum(n, 1)
-    count = jnp.maximum(count, 1)
-    return ce + beta * kl_mean * count, count, {"ce": ce / count, "kl": kl_mean}
-
-  return loss
-
-
-def teacher_topk(teacher, data: sft.TokenizedSet, k: int, batch_size: int = 32):
-  """The teacher's top-k logits and token ids at every position, computed once: [N, T, k]."""
-  graphdef, state = nnx.split(teacher)
-  params = nnx.to_pure_dict(state)
-
-  @jax.jit
-  def run(params, tokens, mask):
-    vals, ids = jax.lax.top_k(nnx.merge(graphdef, params)(tokens, mask), k)
-    return vals.astype(jnp.float32), ids.astype(jnp.int32)
-
-  vals, ids = [], []
-  n = len(data)
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, min(start + batch_size, n))
-    idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
-    v, i = run(params, data.tokens[idx], data.attention_mask[idx])
-    keep = min(batch_size, n - start)
-    vals.append(to_host(v)[:keep])
-    ids.append(to_host(i)[:keep])
-  return np.concatenate(vals), np.concatenate(ids)
-
-
 def align_seq_len(c) -> int:
   return c.reft.align_seq_len or c.data.seq_len
 
@@ -310,7 +252,9 @@ def student_stage(env: Env, root: str, teacher_dir: str, user: list[sft.Example]
       "align": sft.Batcher(align, c.reft.align_batch_size, seed=c.seed + 7),
     }
   )
-  loss = student_loss(c.reft.beta, c.reft.temperature, c.reft.topk > 0, c.train.loss_chunk)
+  layer = recorded_layer(teacher_dir) or layer_of(c, teacher)
+  feature = (layer, r, c.reft.student_lam) if c.reft.student_lam > 0 else None
+  loss = student_loss(c.reft.beta, c.reft.temperature, c.reft.topk > 0, c.train.loss_chunk, feature)
   flt = {k: summary[k] for k in ("precision", "recall", "kept_fraction", "tau", "false_positive_rate")}
   return StageSpec("student", data, init=env.base_path, loss=loss, frozen=frozen, record={"filter": flt})
 
@@ -318,7 +262,9 @@ def student_stage(env: Env, root: str, teacher_dir: str, user: list[sft.Example]
 def _validate(c):
   r = c.reft
   check(r.layer >= AUTO_LAYER, "reft.layer", r.layer, "must be >= 0 (0 = num_layers // 2) or -1 (chosen on the probes)")
-  check(r.lam >= 0 and r.beta >= 0, "reft.lam/beta", (r.lam, r.beta), "must be >= 0")
+  check(
+    min(r.lam, r.beta, r.student_lam) >= 0, "reft.lam/beta/student_lam", (r.lam, r.beta, r.student_lam), "must be >= 0"
+  )
   check(r.temperature > 0, "reft.temperature", r.temperature, "must be positive")
   check(0 <= r.ema_momentum < 1, "reft.ema_momentum", r.ema_momentum, "must lie in [0, 1)")
   check(r.tau_mode in TAU_MODES, "reft.tau_mode", r.tau_mode, f"must be one of {', '.join(TAU_MODES)}")
@@ -385,6 +331,7 @@ REFT = register(
       target_fpr=0.01,
       beta=1.0,
       temperature=1.0,  # distillation weight and temperature
+      student_lam=0.0,  # > 0: + the refusal regularizer on the student's features against the teacher's R
       topk=0,  # > 0: cache the teacher's top-k logits once instead of a teacher forward per step
       align_batch_size=8,
       align_seq_len=0,  # alignment examples' length cap (teacher and distillation); 0 = data.seq_len
