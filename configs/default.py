@@ -173,7 +173,8 @@ def _real_model(c: ml_collections.ConfigDict, gguf: str) -> None:
     warmup_steps=4,
     loss_chunk=16,
   )  # fused chunked head + loss: vocab 49k, ~25% faster steps
-  c.teacher.update(lr=1e-3, num_steps=40, batch_size=8, warmup_steps=4)
+  # 80 teacher steps (lever 7): its direction separates ordinary requests from harmful ones at the method's tau = 0
+  c.teacher.update(lr=1e-3, num_steps=80, batch_size=8, warmup_steps=4)
   c.data.update(
     template="chat",
     seq_len=192,
@@ -210,9 +211,13 @@ def _real_model(c: ml_collections.ConfigDict, gguf: str) -> None:
     probe_harmless=harmless_probe,
     probe_size=48,
     update_every=10,
-    tau_mode="youden",  # the best recall - FPR split of the held-out probe halves (lever 6)
+    tau_mode="fixed",  # METHODS.md's tau = 0 (lever 9; youden, lever 6, sat at -0.75 for this teacher)
+    tau=0.0,
     target_recall=0.95,
-    beta=2.0,  # the distillation weight: 1 (METHODS.md's default) lets two filter misses through to HS 31
+    # The student (lever 10): the refusal regularizer on its own features against the teacher's R at 0.3
+    # carries the teacher's boundary (over-refusal 18.8 / 32 -> 5 / 18 at seed 0); beta 5 holds HS down.
+    beta=5.0,
+    student_lam=0.3,
     align_batch_size=8,
     align_seq_len=128,
     topk=64,  # the teacher's top-64 logits cached once: the student's 80 steps run no teacher forward

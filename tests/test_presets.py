@@ -42,16 +42,18 @@ with open(BEFORE) as f:
 # train.loss_chunk 0 -> -1 (auto: the fused chunked head from a 16k vocabulary, issue 18; the world presets'
 # small vocabularies resolve it to 0, unchanged).
 DELIBERATE = {"train.loss_chunk": (0, -1)}
-# The smollm2 preset's settings changed on purpose by issue 13's levers (README "What was tried", rows 5-8):
-# 12 trigger-word prompts per category in the alignment set, the youden threshold, beta 2.
+# The smollm2 preset's settings changed on purpose by issue 13's levers (README "What was tried", rows 5-10):
+# 12 trigger-word prompts per category in the alignment set, 80 teacher steps, tau = 0 (fixed), beta 5 with
+# reft.student_lam 0.3 (a new field, rows 9-10).
 HARMLESS_V5 = (
   "builtin:requests_train,mirror(asset:advbench[0:260]),builtin:trigger_train[0:60],builtin:trigger_train[60:120]"
 )
 PRESET_CHANGES = {
   "smollm2": {
     "alignment.harmless": (OLD["smollm2"]["alignment"]["harmless"], HARMLESS_V5),
-    "reft.tau_mode": ("calibrated", "youden"),
-    "reft.beta": (1.0, 2.0),
+    "reft.tau_mode": ("calibrated", "fixed"),
+    "reft.beta": (1.0, 5.0),
+    "teacher.num_steps": (40, 80),
   }
 }
 
