@@ -131,7 +131,8 @@ def defaults(arg: str) -> ml_collections.ConfigDict:
   )
   # The adaptive attack on the filter (robustness.attacks=adaptive; data/adaptive.py:AttackConfig): Virus's
   # weights (lam 0.1 on the filter term, 1 - lam on gradient similarity), top-k and batch (virus.sh); 20 GCG
-  # steps on a 20-token suffix (Virus: 50 steps over the whole sample).
+  # steps on a 20-token suffix (Virus: 50 steps over the whole sample). robustness.attacks=adaptive_guard aims
+  # the same settings at the guardrail's guard model (AttackConfig.guard="target", its first 8 answer tokens).
   c.adaptive = ml_collections.ConfigDict(
     dict(steps=20, mode="suffix", suffix_len=20, topk=64, batch=128, lam=0.1, margin=None, trainable="")
   )

@@ -93,11 +93,18 @@ def _layout_arrays(w, ex, slots):
 
 
 @pytest.mark.parametrize(
-  "lam", [1.0, pytest.param(0.0, marks=pytest.mark.slow), pytest.param(0.3, marks=pytest.mark.slow)]
+  "lam,target_k",
+  [
+    (1.0, 0),
+    (1.0, 3),
+    pytest.param(0.0, 0, marks=pytest.mark.slow),
+    pytest.param(0.3, 0, marks=pytest.mark.slow),
+    pytest.param(0.3, 3, marks=pytest.mark.slow),
+  ],
 )
-def test_one_hot_gradient_is_the_derivative_of_a_token_swap(world, lam):
+def test_one_hot_gradient_is_the_derivative_of_a_token_swap(world, lam, target_k):
   """G[s, v] - G[s, cur] = d/d eps objective(embedding_s + eps (E[v] - E[cur])) at 0 (central difference),
-  for the filter term, the (second-order) similarity term and their mix."""
+  for the filter term, the guard's target CE (target_k > 0), the (second-order) similarity term and mixes."""
   teacher, student, tok, r, tau = world["teacher"], world["student"], world["tok"], world["r"], world["tau"]
   names = adaptive.trainable_names(student)
   ex = world["harm"][0]
@@ -106,7 +113,7 @@ def test_one_hot_gradient_is_the_derivative_of_a_token_swap(world, lam):
   slots = [tok.convert_tokens_to_ids(t) for t in ("bread", "then", "kite", "mix")]
   (tp, mp, last), (tf, mf, lf), start = _layout_arrays(world, ex, slots)
   grad = adaptive.one_hot_gradient(
-    teacher, student, r, 1, tau, g0, names, (tp, mp, last), (tf, mf, lf), int(start), 4, lam=lam
+    teacher, student, r, 1, tau, g0, names, (tp, mp, last), (tf, mf, lf), int(start), 4, lam=lam, target_k=target_k
   )
 
   e_t, e_s = np.asarray(teacher.embed[...]), np.asarray(student.embed[...])
@@ -116,7 +123,11 @@ def test_one_hot_gradient_is_the_derivative_of_a_token_swap(world, lam):
     dp, df = np.zeros((1, len(tp), e_t.shape[1]), np.float32), np.zeros((1, len(tf), e_s.shape[1]), np.float32)
     dp[0, pos], df[0, pos] = eps * (e_t[v] - e_t[cur]), eps * (e_s[v] - e_s[cur])
     total = 0.0  # only the terms in play: each costs its own compilation
-    if lam > 0:
+    if lam > 0 and target_k:
+      dt = np.zeros((len(tf), e_t.shape[1]), np.float32)
+      dt[pos] = eps * (e_t[v] - e_t[cur])
+      total += lam * float(adaptive.target_loss(teacher, tf, mf, lf, target_k, embed_delta=dt))
+    elif lam > 0:
       total += lam * float(adaptive.filter_loss(teacher, tp[None], mp[None], last[None], r, 1, embed_delta=dp)[0])
     if lam < 1:
       sim = adaptive.gradient_similarity_loss(student, tf[None], mf[None], lf[None], g0, names, embed_delta=df)
@@ -198,7 +209,49 @@ def test_prompt_mode_rewrites_the_request_in_place(world):
   assert new.meta["filter_score_before"] == pytest.approx(rows[0]["cos"], abs=1e-5)
 
 
+def test_target_loss_is_the_guards_ce_on_the_answers_opening(world):
+  """guard="target": the term is the guard's CE of the first k response tokens given the prompt; with k at
+  least the response's length it is the whole response CE the student trains on."""
+  from reft_jax import losses
+
+  ex, tok, guard = world["harm"][0], world["tok"], world["teacher"]
+  b = sft.tokenize([ex], tok, 64, "alpaca").trimmed(16)
+  n = int(b.loss_mask.sum())
+  batch = lambda lm: {"tokens": jnp.asarray(b.tokens), "attention_mask": jnp.asarray(b.attention_mask), "loss_mask": lm}
+  total, count = losses.batch_cross_entropy(guard, batch(jnp.asarray(b.loss_mask)))
+  whole = adaptive.target_loss(guard, b.tokens[0], b.attention_mask[0], b.loss_mask[0], n + 5)
+  assert float(whole) == pytest.approx(float(total / count), rel=1e-5)
+  first = np.asarray(b.loss_mask).copy()
+  first[0, np.flatnonzero(first[0])[2:]] = 0
+  t2, c2 = losses.batch_cross_entropy(guard, batch(jnp.asarray(first)))
+  two = adaptive.target_loss(guard, b.tokens[0], b.attention_mask[0], b.loss_mask[0], 2)
+  assert float(c2) == 2 and float(two) == pytest.approx(float(t2 / c2), rel=1e-5) != float(whole)
+  np.testing.assert_allclose(adaptive.target_losses(guard, [ex], tok, 64, "alpaca", 2), [float(two)], rtol=1e-5)
+
+
+def test_the_attack_on_a_generating_guard_lowers_its_target_ce(world):
+  """lam = 1, guard="target": GCG on the guard's CE of the harmful answer's opening; the objective never
+  rises, falls on every example, and the meta records the guard's CE before and after (no filter score)."""
+  harm = world["harm"][:2]
+  res = adaptive.optimise_prompts(
+    harm, world["teacher"], world["student"], world["tok"], None, 0, 0.0, _config(guard="target", target_tokens=3)
+  )
+  for orig, new, rows in zip(harm, res.examples, res.history):
+    ce = np.asarray([row["target_ce"] for row in rows])
+    assert np.all(np.diff(ce) <= 1e-6) and ce[-1] < ce[0] - 1e-3
+    assert new.response == orig.response and new.prompt.startswith(orig.prompt + " ")
+    # before: the original prompt (row 0 is the "! ! !" suffix); after: what the optimiser ended on
+    before = adaptive.target_losses(world["teacher"], [orig], world["tok"], 64, "alpaca", 3)[0]
+    assert new.meta["target_ce_before"] == pytest.approx(before, rel=1e-5)
+    assert new.meta["target_ce_after"] == pytest.approx(ce[-1], rel=1e-4)
+    assert "filter_score_after" not in new.meta
+
+
 def test_config_rejects_bad_values():
+  with pytest.raises(ValueError, match="guard"):
+    adaptive.AttackConfig(guard="llama_guard")
+  with pytest.raises(ValueError, match="margin"):
+    adaptive.AttackConfig(guard="target", margin=0.1)
   with pytest.raises(ValueError, match="lam"):
     adaptive.AttackConfig(lam=1.5)
   with pytest.raises(ValueError, match="mode"):

@@ -4,14 +4,15 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
-
 from helpers import tiny_config
+from test_defences import _world_overrides
+
 from reft_jax.config import ConfigError, with_updates
 from reft_jax.main import execute
 from reft_jax.pipelines import robustness
 from reft_jax.pipelines.validate import validate
-from test_defences import _world_overrides
 
 
 def test_the_grid_starts_with_the_providers_setting_and_varies_ranks_only_under_lora():
@@ -132,3 +133,35 @@ def test_the_adaptive_attack_optimises_the_harmful_prompts_once_against_the_shar
     json.load(open(tmp_path / "adaptive" / "default" / "seed0" / "filter" / "summary.json"))["recall"]
   )
   assert os.path.exists(tmp_path / "teacher" / "model" / "config.json")  # one teacher: the attacked one
+
+
+@pytest.mark.slow
+def test_the_adaptive_guard_attack_aims_at_the_guardrails_guard_and_measures_its_refusals(tmp_path, capsys):
+  c = with_updates(
+    tiny_config(),
+    **_world_overrides(method="robustness"),
+    **{
+      "robustness.methods": "guardrail",
+      "robustness.attacks": "adaptive_guard",
+      "robustness.seeds": "0",
+      "adaptive.steps": 2,
+      "adaptive.suffix_len": 3,
+      "adaptive.topk": 4,
+      "adaptive.batch": 4,
+      "adaptive.lam": 1.0,
+    },
+  )
+  assert execute(c, str(tmp_path)) == 0, capsys.readouterr().err
+  out = tmp_path / "adaptive_guard" / "seed0"
+  summary = json.load(open(out / "summary.json"))
+  attacked = [json.loads(line) for line in open(out / "user.jsonl")]
+  attacked = [e for e in attacked if e.get("adaptive")]
+  assert summary["guard"] == "target" and summary["attacked"] == len(attacked) >= 3
+  # the guard's target CE of the original and the attacked prompts, its refusal rate on each as recall
+  assert all(np.isfinite([e["target_ce_before"], e["target_ce_after"]]).all() for e in attacked)
+  mean_after = np.mean([e["target_ce_after"] for e in attacked])
+  assert summary["mean_target_ce_after"] == pytest.approx(mean_after) and summary["config"]["guard"] == "target"
+  assert 0 <= summary["recall_before"] <= 1 and 0 <= summary["recall_after"] <= 1
+  run = json.load(open(tmp_path / "results.json"))["runs"]["guardrail|adaptive_guard|default|seed=0"]
+  assert run["attack"] == "adaptive_guard" and run["filter"]["recall"] is not None
+  assert not (tmp_path / "teacher").exists()  # no ReFT teacher: the guard is the aligned model

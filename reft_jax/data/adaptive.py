@@ -26,6 +26,12 @@ prompt tokens
 
 lam = 1 is the unconstrained filter-evasion attack; Virus's script default is lam = 0.1 (virus.sh --lamb).
 
+guard="target" aims the same attack at a *generating* guard instead (defences/guardrail.py with
+judge=refusal: the aligned model answers each uploaded prompt and a refusal flags it): the guard term is then
+GCG's target loss, the guard's mean CE of the harmful example's first `target_tokens` response tokens
+("Sure, here is ...") given the optimised prompt, on the guard model passed as `teacher`. Lower makes the
+guard start the harmful answer instead of a refusal; r, layer and tau are unused.
+
 Optimiser (GCG, as Virus runs it): each step takes the gradient of the objective w.r.t. the one-hot tokens of
 the optimised slots (d loss / d one-hot = d loss / d embedding @ E^T, via the model's "embed" intervention;
 the similarity term's is a second-order gradient), keeps the top-k tokens per slot (illegal tokens masked:
@@ -72,10 +78,13 @@ from reft_jax.data.adaptive_objective import (  # noqa: F401  (the objective's p
   kernels,
   one_hot_gradient,
   split_trainable,
+  target_loss,
+  target_losses,
   trainable_names,
 )
 
 MODES = ("suffix", "prompt")
+GUARDS = ("feature", "target")  # ReFT's refusal-feature filter, or a generating guard's target CE
 _MARK = "\u2063ADVSLOTS\u2063"  # where the slots go in the rendered template (an invisible separator around it)
 
 
@@ -91,6 +100,8 @@ class AttackConfig:
   trainable: str = ""  # regex over parameter paths for the similarity; "" = LoRA adapters if any, else q/k/v
   init: str = "!"  # the suffix's initial token text (GCG's "! ! ! ...")
   chunk: int = 16  # candidates evaluated together (memory: chunk per-example gradients at once)
+  guard: str = "feature"  # what the guard term reads: "feature" (the filter's cosine) or "target" (see above)
+  target_tokens: int = 8  # guard="target": the response tokens whose CE on the guard is the guard term
   template: str = "alpaca"  # data.template
   seq_len: int = 256  # data.seq_len
 
@@ -99,6 +110,10 @@ class AttackConfig:
       raise ValueError(f"adaptive mode={self.mode!r} must be one of {MODES}")
     if not 0 <= self.lam <= 1:
       raise ValueError(f"adaptive lam={self.lam} must lie in [0, 1] (Virus: lam * filter + (1 - lam) * similarity)")
+    if self.guard not in GUARDS:
+      raise ValueError(f"adaptive guard={self.guard!r} must be one of {GUARDS}")
+    if self.guard == "target" and (self.margin is not None or self.target_tokens < 1):
+      raise ValueError("adaptive guard='target' takes target_tokens >= 1 and no margin (the hinge is the cosine's)")
     if self.steps < 0 or self.suffix_len < 1 or self.topk < 1 or self.batch < 1 or self.chunk < 1:
       raise ValueError("adaptive steps >= 0, suffix_len, topk, batch and chunk >= 1 are required")
 
@@ -252,12 +267,15 @@ def _objective(teacher, student, r, layer: int, tau: float, c: AttackConfig, all
   names = trainable_names(student, c.trainable)
   s_graph, frozen, train = split_trainable(student, names)
   scales = tuple(math.sqrt(m.cfg.hidden_size) if m.cfg.scale_embeddings else 1.0 for m in (teacher, student))
-  token_grad, evaluate = kernels(t_graph, s_graph, layer, c.lam > 0, c.lam < 1, c.margin is not None, c.chunk, scales)
+  target_k = c.target_tokens if c.guard == "target" else 0
+  token_grad, evaluate = kernels(
+    t_graph, s_graph, layer, c.lam > 0, c.lam < 1, c.margin is not None, c.chunk, scales, target_k
+  )
   return _Objective(
     consts=(traverse_util.unflatten_dict(t_flat, sep="/"), frozen, train),
     token_grad=token_grad,
     evaluate=evaluate,
-    r=jnp.asarray(r, jnp.float32),
+    r=jnp.asarray(np.zeros(1) if r is None else r, jnp.float32),
     threshold=jnp.float32(tau - (c.margin or 0.0)),
     lam=jnp.float32(c.lam),
     allowed=jnp.asarray(allowed),
@@ -271,7 +289,7 @@ def _gcg(ob: _Objective, lay: _Layout, g0, tokenizer, c: AttackConfig, rng, log=
   slots = np.asarray(lay.init, np.int32)
   s, k = len(slots), min(c.topk, int(np.asarray(ob.allowed).sum()))
   n_k = jnp.zeros((s, k), jnp.int32)  # carries the static shape (S, K) into token_grad
-  rows = []
+  rows, score = [], "target_ce" if c.guard == "target" else "cos"
   for step in range(c.steps + 1):
     prompt, full, start = _arrays(lay, slots, c.seq_len)
     arrays = tuple(jnp.asarray(a) for a in (*prompt, *full, start))
@@ -293,14 +311,14 @@ def _gcg(ob: _Objective, lay: _Layout, g0, tokenizer, c: AttackConfig, rng, log=
         step=step,
         objective=float(c.lam * f[best] + (1 - c.lam) * sim_best),
         filter=float(f[best]),
-        cos=float(cos[best]),
+        **{score: float(cos[best])},
         gradient_similarity=1.0 - sim_best,
         slots=slots.tolist(),
         changed=bool(step > 0 and not np.array_equal(cands[best], cands[0])),
       )
     )
     if log and step:
-      log(f"adaptive: example {index} step {step}: objective {rows[-1]['objective']:.4f} cos {cos[best]:.4f}")
+      log(f"adaptive: example {index} step {step}: objective {rows[-1]['objective']:.4f} {score} {cos[best]:.4f}")
   return slots, rows
 
 
@@ -318,12 +336,14 @@ def optimise_prompts(
   log=None,
 ) -> AttackResult:
   """Virus-style GCG on each harmful example's prompt (meta['is_harmful']; all examples with
-  only_harmful=False) against the filter (teacher, r, layer, tau) and the base model `student` (the
-  gradient similarity). Returns the AttackResult; each attacked example's meta gains adaptive=True,
-  adaptive_steps, adaptive_mode, adaptive_lam, adaptive_text (the optimised slots' text), filter_score_before /
-  filter_score_after (the filter's score of the original / optimised prompt, re-tokenized as the filter
-  does), gradient_similarity (cos of the optimised example's LM gradient with the original's) and
-  retokenized_exact (the optimised tokens are exactly what the filter reads). Response and is_harmful stay."""
+  only_harmful=False) against the filter (teacher, r, layer, tau; with config.guard="target", teacher is the
+  generating guard and r, layer, tau are unused) and the base model `student` (the gradient similarity).
+  Returns the AttackResult; each attacked example's meta gains adaptive=True, adaptive_steps, adaptive_mode,
+  adaptive_lam, adaptive_text (the optimised slots' text), filter_score_before / filter_score_after (the
+  filter's score of the original / optimised prompt, re-tokenized as the filter does; guard="target":
+  target_ce_before / target_ce_after, the guard's target CE), gradient_similarity (cos of the optimised
+  example's LM gradient with the original's) and retokenized_exact (the optimised tokens are exactly what the
+  filter reads). Response and is_harmful stay."""
   c = config
   allowed = allowed_tokens(tokenizer, min(teacher.cfg.vocab_size, student.cfg.vocab_size))
   ob = _objective(teacher, student, r, layer, tau, c, allowed)
@@ -362,12 +382,17 @@ def _score(out, examples, done, teacher, student, r, layer, tokenizer, c: Attack
   """Adds filter_score_before/after and gradient_similarity to the attacked examples' meta (in place)."""
   if not done:
     return
-  before = filter_scores(teacher, r, layer, [examples[i] for i in done], tokenizer, c.seq_len, c.template)
-  after = filter_scores(teacher, r, layer, [out[i] for i in done], tokenizer, c.seq_len, c.template)
+  if c.guard == "target":
+    score = lambda exs: target_losses(teacher, exs, tokenizer, c.seq_len, c.template, c.target_tokens)
+    key = "target_ce"
+  else:
+    score = lambda exs: filter_scores(teacher, r, layer, exs, tokenizer, c.seq_len, c.template)
+    key = "filter_score"
+  before, after = score([examples[i] for i in done]), score([out[i] for i in done])
   sims = gradient_similarities(
     student, [out[i] for i in done], [examples[i] for i in done], tokenizer, c.seq_len, c.template, names
   )
   for j, i in enumerate(done):
     out[i].meta.update(
-      filter_score_before=float(before[j]), filter_score_after=float(after[j]), gradient_similarity=float(sims[j])
+      {f"{key}_before": float(before[j]), f"{key}_after": float(after[j]), "gradient_similarity": float(sims[j])}
     )

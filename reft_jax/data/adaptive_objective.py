@@ -74,6 +74,17 @@ def _similarity_loss(s_graph, train, frozen, g0, tokens_T, mask_T, loss_T, delta
   return 1.0 - _tree_cos(g, g0)
 
 
+def _target_ce(g_graph, g_params, tokens_T, mask_T, loss_T, k: int, delta_TD=None):
+  """GCG's target loss on a generating guard: mean CE of the first k response tokens (the harmful answer's
+  opening, "Sure, here is ...") given the prompt. Lower: the guard starts answering instead of refusing,
+  which is what a refusal-moderated upload checks (defences/guardrail.py, judge=refusal)."""
+  first = loss_T * (jnp.cumsum(loss_T) <= k).astype(loss_T.dtype)
+  model = nnx.merge(g_graph, g_params)
+  batch = {"tokens": tokens_T[None], "attention_mask": mask_T[None], "loss_mask": first[None]}
+  total, count = losses.batch_cross_entropy(model, batch, None if delta_TD is None else {"embed": delta_TD[None]})
+  return total / jnp.maximum(count, 1.0)
+
+
 def _filter_term(cos, threshold, hinge: bool):
   return jnp.maximum(cos - threshold, 0.0) if hinge else cos
 
@@ -125,9 +136,20 @@ def gradient_similarity_loss(student, tokens_BT, mask_BT, loss_mask_BT, g0: dict
 
 
 @functools.lru_cache(maxsize=8)
-def kernels(t_graph, s_graph, layer: int, use_filter: bool, use_sim: bool, hinge: bool, chunk: int, scales: tuple):
+def kernels(
+  t_graph,
+  s_graph,
+  layer: int,
+  use_filter: bool,
+  use_sim: bool,
+  hinge: bool,
+  chunk: int,
+  scales: tuple,
+  target_k: int = 0,
+):
   """The jitted step functions for one (teacher, student, objective terms) combination; lam is traced, so
-  every lam strictly between 0 and 1 shares one compilation."""
+  every lam strictly between 0 and 1 shares one compilation. target_k > 0: the guard term is the teacher's
+  (a generating guard's) target CE of the first target_k response tokens instead of the filter's cosine."""
   t_scale, s_scale = scales
 
   @jax.jit
@@ -139,7 +161,9 @@ def kernels(t_graph, s_graph, layer: int, use_filter: bool, use_sim: bool, hinge
 
     def objective(dt, ds):
       total = 0.0
-      if use_filter:
+      if use_filter and target_k:
+        total = total + lam * _target_ce(t_graph, t_params, tok_f, mask_f, lm_f, target_k, dt)
+      elif use_filter:
         cos = _teacher_cos(t_graph, t_params, tok_p[None], mask_p[None], last[None], r, layer, dt[None])[0]
         total = total + lam * _filter_term(cos, thr, hinge)
       if use_sim:
@@ -147,8 +171,9 @@ def kernels(t_graph, s_graph, layer: int, use_filter: bool, use_sim: bool, hinge
       return total
 
     d = t_params["embed"].shape[-1]
+    t_len = tok_f.shape[0] if target_k else tok_p.shape[0]  # the slots sit at `start` in both
     gt, gs = jax.grad(objective, argnums=(0, 1))(
-      jnp.zeros((tok_p.shape[0], d), jnp.float32), jnp.zeros((tok_f.shape[0], d), jnp.float32)
+      jnp.zeros((t_len, d), jnp.float32), jnp.zeros((tok_f.shape[0], d), jnp.float32)
     )
     # d objective / d one-hot[s, v] = (d objective / d embedding at slot s) . E[v] (times the embedding scale).
     v = allowed_V.shape[0]
@@ -165,15 +190,18 @@ def kernels(t_graph, s_graph, layer: int, use_filter: bool, use_sim: bool, hinge
 
   @jax.jit
   def evaluate(t_params, frozen, train, g0, r, thr, tok_p, mask_p, last, tok_f, mask_f, lm_f, start, cands_CS):
-    """The exact objective terms of each candidate filling of the slots [C]: (filter term, cosine,
-    similarity loss; 0 when the objective has no similarity term), `chunk` candidates at a time."""
+    """The exact objective terms of each candidate filling of the slots [C]: (guard term, the guard's score:
+    cosine or target CE, similarity loss; 0 when the objective has no similarity term), `chunk` at a time."""
 
     def put(base):
       return jax.vmap(lambda c: jax.lax.dynamic_update_slice(base, c.astype(base.dtype), (start,)))(cands_CS)
 
     def one(p, f):
-      cos = _teacher_cos(t_graph, t_params, p[None], mask_p[None], last[None], r, layer)[0]
       sim = _similarity_loss(s_graph, train, frozen, g0, f, mask_f, lm_f) if use_sim else jnp.zeros(())
+      if target_k:
+        ce = _target_ce(t_graph, t_params, f, mask_f, lm_f, target_k)
+        return ce, ce, sim
+      cos = _teacher_cos(t_graph, t_params, p[None], mask_p[None], last[None], r, layer)[0]
       return _filter_term(cos, thr, hinge), cos, sim
 
     return jax.lax.map(lambda x: one(*x), (put(tok_p), put(tok_f)), batch_size=chunk)
@@ -187,6 +215,27 @@ def filter_scores(teacher, r, layer: int, examples: list[sft.Example], tokenizer
   data = refusal.tokenize_prompts(examples, tokenizer, seq_len, template)
   feats = refusal.prompt_features(teacher, data, layer, batch_size=8)
   return np.asarray(refusal.cosine(feats, jnp.asarray(r)))
+
+
+_target_ce_jit = jax.jit(_target_ce, static_argnums=(0, 5))
+
+
+def target_loss(guard, tokens_T, mask_T, loss_mask_T, k: int, *, embed_delta=None):
+  """The guard's target CE of one tokenized example's first k response tokens; embed_delta [T, D] is added
+  to its input embeddings."""
+  graphdef, state = nnx.split(guard)
+  args = tuple(jnp.asarray(a) for a in (tokens_T, mask_T, loss_mask_T))
+  return _target_ce_jit(graphdef, nnx.to_pure_dict(state), *args, k, embed_delta)
+
+
+def target_losses(guard, examples: list[sft.Example], tokenizer, seq_len: int, template: str, k: int) -> np.ndarray:
+  """The guard's target CE of each example's first k response tokens given its prompt [N], tokenized as
+  the student's training tokenizes it (lower: the guard is likelier to answer than to refuse)."""
+  out = []
+  for ex in examples:
+    b = sft.tokenize([ex], tokenizer, seq_len, template).trimmed(16)
+    out.append(float(target_loss(guard, b.tokens[0], b.attention_mask[0], b.loss_mask[0], k)))
+  return np.asarray(out)
 
 
 def gradient_similarities(student, examples, originals, tokenizer, seq_len: int, template: str, names) -> np.ndarray:
@@ -215,14 +264,16 @@ def one_hot_gradient(
   *,
   lam: float,
   margin: float | None = None,
+  target_k: int = 0,
 ) -> np.ndarray:
   """d objective / d one-hot [n_slots, V] of the slots at `start`: what each step ranks candidates by.
   prompt = (tokens [T], mask [T], last index) as the teacher reads it; full = (tokens, mask, loss mask) as the
-  student trains on it (the slots at the same positions in both)."""
+  student trains on it (the slots at the same positions in both). target_k > 0: the guard term is the
+  teacher's target CE of the first target_k response tokens (AttackConfig.guard="target")."""
   t_graph, t_flat = flat_params(teacher)
   s_graph, frozen, train = split_trainable(student, tuple(names))
   scales = tuple(math.sqrt(m.cfg.hidden_size) if m.cfg.scale_embeddings else 1.0 for m in (teacher, student))
-  token_grad = kernels(t_graph, s_graph, layer, lam > 0, lam < 1, margin is not None, 1, scales)[0]
+  token_grad = kernels(t_graph, s_graph, layer, lam > 0, lam < 1, margin is not None, 1, scales, target_k)[0]
   vocab = min(teacher.cfg.vocab_size, student.cfg.vocab_size)
   _, grad = token_grad(
     traverse_util.unflatten_dict(t_flat, sep="/"),

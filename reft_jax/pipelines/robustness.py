@@ -9,6 +9,9 @@ results.json. Attacks (robustness.attacks): any data.attack (harmful_mix, benign
 shared teacher, its layer, R and tau) while keeping its training gradient (data/adaptive.py, Virus's dual
 objective; settings adaptive.*), written once per seed to WORKDIR/adaptive/seed<seed>/user.jsonl with the
 filter's recall before and after in summary.json. Every defence then trains on that same upload.
+`adaptive_guard`: the same attack aimed at the guardrail defence's guard instead (the shared aligned model
+answering each prompt, a refusal flags it; adaptive.guard="target": GCG's target CE of the harmful answer's
+opening on that model), in WORKDIR/adaptive_guard/seed<seed>/ with the guard's recall before and after.
 
 The hyper-parameter attacker (robustness.lrs / epochs / ranks; TamperBench's protocol): the user picks the
 fine-tuning learning rate, the number of epochs (multiples of train.num_steps) and the LoRA rank. For each
@@ -47,6 +50,8 @@ from reft_jax.stages import Env, run_stage
 
 DEFAULT = "default"
 ADAPTIVE = "adaptive"  # harmful_mix with the harmful prompts optimised against the filter
+ADAPTIVE_GUARD = "adaptive_guard"  # ... optimised against the guardrail's guard model (its refusals)
+ADAPTIVE_TARGETS = {ADAPTIVE: "feature", ADAPTIVE_GUARD: "target"}  # attack -> adaptive.AttackConfig.guard
 
 
 def settings(c) -> list[tuple[str, dict]]:
@@ -86,14 +91,14 @@ def run(c, workdir: str) -> dict:
   done = _recorded(workdir)
   for attack in attacks:
     for seed in seeds:
-      data_attack = "harmful_mix" if attack == ADAPTIVE else attack
+      data_attack = "harmful_mix" if attack in ADAPTIVE_TARGETS else attack
       data_c = with_updates(
         c, **{"data.attack": data_attack, "seed": seed, **({"data.p": 0.0} if attack == "benign" else {})}
       )
       user = read_examples(data_c)
-      if attack == ADAPTIVE:
+      if attack in ADAPTIVE_TARGETS:
         env.c = data_c
-        user = adaptive_upload(env, workdir, user, seed)
+        user = adaptive_upload(env, workdir, user, seed, attack)
       for setting, over in grid:
         cell_c = with_updates(data_c, **over)
         env.c = cell_c
@@ -121,42 +126,63 @@ def run(c, workdir: str) -> dict:
   return {"results": results}
 
 
-def adaptive_upload(env: Env, workdir: str, user: list, seed: int) -> list:
-  """The upload with its harmful prompts optimised against ReFT's filter (the shared teacher, trained here
-  if no cell has yet); cached in workdir/adaptive/seed<seed>/ (user.jsonl, then summary.json)."""
+def adaptive_upload(env: Env, workdir: str, user: list, seed: int, attack: str = ADAPTIVE) -> list:
+  """The upload with its harmful prompts optimised against ReFT's filter (attack "adaptive": the shared
+  teacher, trained here if no cell has yet) or the guardrail's guard ("adaptive_guard": the shared aligned
+  model); cached in workdir/<attack>/seed<seed>/ (user.jsonl, then summary.json)."""
   c = env.c
-  out = os.path.join(workdir, ADAPTIVE, f"seed{seed}")
+  out = os.path.join(workdir, attack, f"seed{seed}")
   path = os.path.join(out, "user.jsonl")
   if os.path.exists(os.path.join(out, "summary.json")):  # written last: the attack finished
     return sources.load_source(path)
-  teacher_dir = run_stage(env, env.shared_dir, get_defence("reft").align(env)).model_dir
-  teacher = load_frozen(c, teacher_dir, env.mesh, env.rules)
-  r = np.load(os.path.join(os.path.dirname(teacher_dir), "refusal_direction.npy"))
-  layer = recorded_layer(teacher_dir)
-  tau = choose_tau(c, teacher, r, env.tokenizer, layer, env.mesh)
+  target = ADAPTIVE_TARGETS[attack]
+  if target == "feature":
+    teacher_dir = run_stage(env, env.shared_dir, get_defence("reft").align(env)).model_dir
+    guard = load_frozen(c, teacher_dir, env.mesh, env.rules)
+    r = np.load(os.path.join(os.path.dirname(teacher_dir), "refusal_direction.npy"))
+    layer = recorded_layer(teacher_dir)
+    tau = choose_tau(c, guard, r, env.tokenizer, layer, env.mesh)
+  else:  # the guardrail defence's guard: guardrail.path, or the aligned model it fine-tunes from
+    guard_dir = c.guardrail.path or run_stage(env, env.shared_dir, get_defence("guardrail").align(env)).model_dir
+    guard, r, layer, tau = load_frozen(c, guard_dir, env.mesh, env.rules), None, 0, 0.0
   student = load_frozen(c, env.base_path, env.mesh, env.rules)
-  config = adaptive.AttackConfig(**c.adaptive.to_dict(), template=c.data.template, seq_len=c.data.seq_len)
+  config = adaptive.AttackConfig(**c.adaptive.to_dict(), guard=target, template=c.data.template, seq_len=c.data.seq_len)
   start = time.perf_counter()
-  result = adaptive.optimise_prompts(user, teacher, student, env.tokenizer, r, layer, tau, config, seed)
+  result = adaptive.optimise_prompts(user, guard, student, env.tokenizer, r, layer, tau, config, seed)
   attacked = [e for e in result.examples if e.meta.get("adaptive")]
-  before = np.asarray([e.meta["filter_score_before"] for e in attacked])
-  after = np.asarray([e.meta["filter_score_after"] for e in attacked])
-  mean = lambda xs: float(np.mean(xs)) if len(xs) else None
-  summary = {
-    "tau": float(tau),
-    "layer": layer,
-    "attacked": len(attacked),
-    "recall_before": mean(before >= tau),
-    "recall_after": mean(after >= tau),
-    "mean_gradient_similarity": mean([e.meta["gradient_similarity"] for e in attacked]),
-    "seconds": time.perf_counter() - start,
-    "config": dataclasses.asdict(config),
-  }
+  originals = [e for e, new in zip(user, result.examples) if new.meta.get("adaptive")]
+  summary = {"guard": target, "attacked": len(attacked), **_recalls(env, guard, originals, attacked, target, tau)}
+  summary.update(tau=float(tau), layer=layer, seconds=time.perf_counter() - start, config=dataclasses.asdict(config))
   if dist.is_primary():
     write_jsonl(result.examples, path)
     write_json(os.path.join(out, "summary.json"), summary)
-  dist.barrier("adaptive")
+  dist.barrier(attack)
   return result.examples
+
+
+def _recalls(env: Env, guard, originals: list, attacked: list, target: str, tau: float) -> dict:
+  """The guard's recall on the harmful prompts before and after the attack: the filter's score >= tau, or
+  (target) the guard model refusing them as the guardrail defence asks it (guardrail.refusal_scores)."""
+  mean = lambda xs: float(np.mean(xs)) if len(xs) else None
+  sims = mean([e.meta["gradient_similarity"] for e in attacked])
+  if target == "feature":
+    before = np.asarray([e.meta["filter_score_before"] for e in attacked])
+    after = np.asarray([e.meta["filter_score_after"] for e in attacked])
+    return {"recall_before": mean(before >= tau), "recall_after": mean(after >= tau), "mean_gradient_similarity": sims}
+  from reft_jax.defences.guardrail import refusal_scores
+
+  c = env.c
+  flag = lambda exs: refusal_scores(
+    guard, env.tokenizer, exs, c.data.template, c.guardrail.max_new_tokens, c.eval.batch_size, env.mesh
+  )[0]
+  ce = lambda key: mean([e.meta[key] for e in attacked])
+  return {
+    "recall_before": mean(flag(originals)) if originals else None,
+    "recall_after": mean(flag(attacked)) if attacked else None,
+    "mean_target_ce_before": ce("target_ce_before"),
+    "mean_target_ce_after": ce("target_ce_after"),
+    "mean_gradient_similarity": sims,
+  }
 
 
 def _recorded(workdir: str) -> set[str]:
@@ -283,10 +309,10 @@ def validate(c) -> None:
   check(
     bool(csv_list(r.methods)) and not bad, "robustness.methods", r.methods, f"each must be one of {defence_names()}"
   )
-  attacks = (*ATTACKS, ADAPTIVE)
+  attacks = (*ATTACKS, *ADAPTIVE_TARGETS)
   bad = [a for a in csv_list(r.attacks) if a not in attacks]
   check(bool(csv_list(r.attacks)) and not bad, "robustness.attacks", r.attacks, f"each must be one of {attacks}")
-  if ADAPTIVE in csv_list(r.attacks):
+  if set(ADAPTIVE_TARGETS) & set(csv_list(r.attacks)):
     try:
       adaptive.AttackConfig(**c.adaptive.to_dict())
     except (TypeError, ValueError) as e:
