@@ -214,10 +214,12 @@ def _real_model(c: ml_collections.ConfigDict, gguf: str) -> None:
     tau_mode="fixed",  # METHODS.md's tau = 0 (lever 9; youden, lever 6, sat at -0.75 for this teacher)
     tau=0.0,
     target_recall=0.95,
-    # The student (lever 10): the refusal regularizer on its own features against the teacher's R at 0.3
-    # carries the teacher's boundary (over-refusal 18.8 / 32 -> 5 / 18 at seed 0); beta 5 holds HS down.
+    # The student (levers 10-12): the refusal regularizer on its own features against the teacher's R
+    # carries the teacher's boundary; 0.5 over 0.3 chosen on the validation split (README row 12: lower HS
+    # and over-refusal on held-out StrongREJECT/HarmBench rows, requests_user, trigger_eval[100:145]);
+    # beta 5 holds HS down.
     beta=5.0,
-    student_lam=0.3,
+    student_lam=0.5,
     align_batch_size=8,
     align_seq_len=128,
     topk=64,  # the teacher's top-64 logits cached once: the student's 80 steps run no teacher forward

@@ -44,7 +44,7 @@ with open(BEFORE) as f:
 DELIBERATE = {"train.loss_chunk": (0, -1)}
 # The smollm2 preset's settings changed on purpose by issue 13's levers (README "What was tried", rows 5-10):
 # 12 trigger-word prompts per category in the alignment set, 80 teacher steps, tau = 0 (fixed), beta 5 with
-# reft.student_lam 0.3 (a new field, rows 9-10).
+# reft.student_lam 0.5 (a new field, rows 10-12).
 HARMLESS_V5 = (
   "builtin:requests_train,mirror(asset:advbench[0:260]),builtin:trigger_train[0:60],builtin:trigger_train[60:120]"
 )
