@@ -97,22 +97,18 @@ def test_robustness_runs_every_cell_once_and_writes_the_table(tmp_path, capsys):
   assert os.path.getmtime(tmp_path / "eval" / "sft_aligned|benign|default|seed=0.jsonl") == before
 
 
+def _adaptive_cell(method: str, attack: str):
+  """One robustness cell (seed 0) under a two-step, lam = 1 adaptive attack: small enough for a test."""
+  overrides = {"robustness.methods": method, "robustness.attacks": attack, "robustness.seeds": "0"}
+  attack_budget = {"adaptive.steps": 2, "adaptive.suffix_len": 3, "adaptive.topk": 4, "adaptive.batch": 4}
+  return with_updates(
+    tiny_config(), **_world_overrides(method="robustness"), **overrides, **attack_budget, **{"adaptive.lam": 1.0}
+  )
+
+
 @pytest.mark.slow
 def test_the_adaptive_attack_optimises_the_harmful_prompts_once_against_the_shared_teacher(tmp_path, capsys):
-  c = with_updates(
-    tiny_config(),
-    **_world_overrides(method="robustness"),
-    **{
-      "robustness.methods": "reft",
-      "robustness.attacks": "adaptive",
-      "robustness.seeds": "0",
-      "adaptive.steps": 2,
-      "adaptive.suffix_len": 3,
-      "adaptive.topk": 4,
-      "adaptive.batch": 4,
-      "adaptive.lam": 1.0,
-    },
-  )
+  c = _adaptive_cell("reft", "adaptive")
   assert execute(c, str(tmp_path)) == 0, capsys.readouterr().err
   summary = json.load(open(tmp_path / "adaptive" / "seed0" / "summary.json"))
   upload = [json.loads(line) for line in open(tmp_path / "adaptive" / "seed0" / "user.jsonl")]
@@ -137,20 +133,7 @@ def test_the_adaptive_attack_optimises_the_harmful_prompts_once_against_the_shar
 
 @pytest.mark.slow
 def test_the_adaptive_guard_attack_aims_at_the_guardrails_guard_and_measures_its_refusals(tmp_path, capsys):
-  c = with_updates(
-    tiny_config(),
-    **_world_overrides(method="robustness"),
-    **{
-      "robustness.methods": "guardrail",
-      "robustness.attacks": "adaptive_guard",
-      "robustness.seeds": "0",
-      "adaptive.steps": 2,
-      "adaptive.suffix_len": 3,
-      "adaptive.topk": 4,
-      "adaptive.batch": 4,
-      "adaptive.lam": 1.0,
-    },
-  )
+  c = _adaptive_cell("guardrail", "adaptive_guard")
   assert execute(c, str(tmp_path)) == 0, capsys.readouterr().err
   out = tmp_path / "adaptive_guard" / "seed0"
   summary = json.load(open(out / "summary.json"))
