@@ -410,7 +410,7 @@ def test_a_tokenizer_that_does_not_match_the_model_is_caught_at_load(finished, t
 
 
 def test_the_filter_refuses_too_few_kept_examples_and_warns_when_it_drops_most(tmp_path, caplog):
-  from reft_jax.defences.reft_filter import filter_user_data
+  from reft_jax.defences.reft_filter import check_kept, filter_user_data
   from reft_jax.data import sft
 
   c = tiny_config(**{"train.batch_size": 8})
@@ -428,6 +428,13 @@ def test_the_filter_refuses_too_few_kept_examples_and_warns_when_it_drops_most(t
     kept, _ = filtered(list(range(20)))
   assert len(kept) == 20
   assert any("dropped 44 of 64" in r.getMessage() and "reft.warn_dropped=50%" in r.getMessage() for r in caplog.records)
+  assert any("reft.tau / reft.layer" in r.getMessage() for r in caplog.records)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="reft_jax"):  # the guardrail's audit names its guard instead
+    check_kept(c, {"n": 64, "kept": 20, "tau": 0.5}, "guardrail_filter")
+  assert any(
+    "guardrail_filter: dropped 44" in r.getMessage() and "guardrail.*" in r.getMessage() for r in caplog.records
+  )
   caplog.clear()
   with caplog.at_level(logging.WARNING, logger="reft_jax"):
     filtered(list(range(40)))

@@ -129,7 +129,12 @@ def validate_filter(c) -> None:
   check(0 <= c.reft.warn_dropped <= 1, "reft.warn_dropped", c.reft.warn_dropped, "must lie in [0, 1]")
 
 
-def check_kept(c, summary: dict) -> None:
+def _suspect(name: str) -> str:
+  """What to check when a filter drops most of an upload: ReFT's threshold and layer, or the guardrail's guard."""
+  return "reft.tau / reft.layer is off" if name == "filter" else "the guard flags task prompts (guardrail.*)"
+
+
+def check_kept(c, summary: dict, name: str = "filter") -> None:
   """Raises when the filter kept fewer than reft.min_kept examples (the student would train on a handful,
   repeated in every batch); warns when it dropped more than reft.warn_dropped of the user data."""
   n, kept = summary["n"], summary["kept"]
@@ -137,17 +142,19 @@ def check_kept(c, summary: dict) -> None:
   if kept < need:
     raise ValueError(
       f"filter: kept {kept} of {n} user examples (tau={summary['tau']:.3f}), fewer than "
-      f"reft.min_kept={need}: too few to fine-tune on (the upload is nearly all harmful, or reft.tau / "
-      "reft.layer is off; lower reft.min_kept to train on them anyway)"
+      f"reft.min_kept={need}: too few to fine-tune on (the upload is nearly all harmful, or {_suspect(name)}; "
+      "lower reft.min_kept to train on them anyway)"
     )
   if n - kept > c.reft.warn_dropped * n:
     log.warning(
-      "!!! filter: dropped %d of %d user examples (%.0f%% > reft.warn_dropped=%.0f%%): the upload is mostly "
-      "harmful, or reft.tau / reft.layer is off; the student trains on the %d kept",
+      "!!! %s: dropped %d of %d user examples (%.0f%% > reft.warn_dropped=%.0f%%): the upload is mostly "
+      "harmful, or %s; the student trains on the %d kept",
+      name,
       n - kept,
       n,
       100 * (n - kept) / n,
       100 * c.reft.warn_dropped,
+      _suspect(name),
       kept,
     )
 
@@ -171,7 +178,7 @@ def read_audit(c, workdir, user: list[sft.Example], name: str = "filter"):
     return None
   with open(summary_path) as f:
     summary = json.load(f)
-  check_kept(c, summary)
+  check_kept(c, summary, name)
   return [user[i] for i in summary["kept_indices"]], summary
 
 
@@ -199,7 +206,7 @@ def write_audit(
       f"filter: all {len(user)} user examples scored >= tau={tau:.3f} and were dropped; "
       "nothing is left to fine-tune on (raise the threshold, reft.tau or guardrail.threshold, or check reft.layer)"
     )
-  check_kept(c, summary)
+  check_kept(c, summary, name)
   if summary["kept"] == len(user):
     log.warning("filter: no user example scored >= tau=%.3f; all %d kept", tau, len(user))
   if dist.is_primary():
