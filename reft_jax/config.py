@@ -33,6 +33,12 @@ FREE_FIELDS = (
   "eval.batch_size",
   "eval.name",
   "method",
+  # Which cells a suite runs: each cell derives its own config, so adding defences, attacks, seeds or the
+  # attacker's settings to a finished suite adds cells (a rerun skips the recorded ones) and changes none.
+  "demo.methods",
+  "demo.seeds",
+  "sweep",
+  "robustness",
 )
 
 

@@ -491,3 +491,6 @@ def test_another_defence_in_the_same_workdir_is_not_config_drift():
   saved = json.loads(json.dumps(_config().to_dict()))
   assert config_lib.differences(saved, _config(method="sft_aligned")) == []
   assert config_lib.differences(saved, _config(**{"train.lr": 0.1})) == ["train.lr: 0.003 -> 0.1"]
+  # A suite grown by defences, attacks, seeds or attacker settings adds cells; none of its cells changes.
+  grown = {"robustness.methods": "reft,tvaccine", "robustness.lrs": "1e-3", "sweep.seeds": "0,1", "demo.seeds": "3"}
+  assert config_lib.differences(saved, _config(**grown)) == []
