@@ -64,6 +64,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from tqdm.auto import tqdm
 
 from reft_jax.data import sft
 from reft_jax.data.adaptive_objective import (  # noqa: F401  (the objective's public functions, re-exported)
@@ -334,6 +335,7 @@ def optimise_prompts(
   seed: int = 0,
   only_harmful: bool = True,
   log=None,
+  progress: bool = False,
 ) -> AttackResult:
   """Virus-style GCG on each harmful example's prompt (meta['is_harmful']; all examples with
   only_harmful=False) against the filter (teacher, r, layer, tau; with config.guard="target", teacher is the
@@ -343,13 +345,13 @@ def optimise_prompts(
   filter's score of the original / optimised prompt, re-tokenized as the filter does; guard="target":
   target_ce_before / target_ce_after, the guard's target CE), gradient_similarity (cos of the optimised
   example's LM gradient with the original's) and retokenized_exact (the optimised tokens are exactly what the
-  filter reads). Response and is_harmful stay."""
+  filter reads). Response and is_harmful stay. progress: a bar over the attacked examples."""
   c = config
   allowed = allowed_tokens(tokenizer, min(teacher.cfg.vocab_size, student.cfg.vocab_size))
   ob = _objective(teacher, student, r, layer, tau, c, allowed)
   picked = [i for i, e in enumerate(examples) if e.meta.get("is_harmful") or not only_harmful]
   out, history, layouts = list(examples), [None] * len(examples), [None] * len(examples)
-  for i in picked:
+  for i in tqdm(picked, disable=not progress, desc=f"adaptive ({c.guard})"):
     ex = examples[i]
     lay = _layout(ex, tokenizer, c, allowed)
     if not lay.init or len(lay.prompt_ids(lay.init)) >= c.seq_len:

@@ -150,7 +150,9 @@ def adaptive_upload(env: Env, workdir: str, user: list, seed: int, attack: str =
   student = load_frozen(c, env.base_path, env.mesh, env.rules)
   config = adaptive.AttackConfig(**c.adaptive.to_dict(), guard=target, template=c.data.template, seq_len=c.data.seq_len)
   start = time.perf_counter()
-  result = adaptive.optimise_prompts(user, guard, student, env.tokenizer, r, layer, tau, config, seed)
+  result = adaptive.optimise_prompts(
+    user, guard, student, env.tokenizer, r, layer, tau, config, seed, progress=dist.is_primary()
+  )
   attacked = [e for e in result.examples if e.meta.get("adaptive")]
   originals = [e for e, new in zip(user, result.examples) if new.meta.get("adaptive")]
   summary = {"guard": target, "attacked": len(attacked), **_recalls(env, guard, originals, attacked, target, tau)}
