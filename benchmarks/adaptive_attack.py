@@ -1,13 +1,17 @@
-"""Recall of ReFT's refusal-feature filter under the adaptive (Virus-style) attack, per attack budget.
+"""Recall of ReFT's refusal-feature filter (and of the guardrail) under the adaptive (Virus-style) attack,
+per attack budget.
 
-One GCG run per lam (reft_jax/data/adaptive.py) to the largest budget; the prompts as they stood after each
-budget are re-tokenized and scored exactly as the filter scores them. Printed and written as JSON: per lam
-and budget, the filter's recall at tau on the attacked harmful prompts, their mean score, and the mean cosine
-of their LM gradient (on the base model) with the original example's, the plot of recall vs budget.
+One GCG run per guard and lam (reft_jax/data/adaptive.py) to the largest budget; the prompts as they stood
+after each budget are re-tokenized and scored exactly as the guard scores them. Printed and written as JSON:
+per guard, lam and budget, the guard's recall on the attacked harmful prompts (the filter's at tau, or the
+guardrail's refusals), their mean score, and the mean cosine of their LM gradient (on the base model) with the
+original example's; the plot of recall vs budget.
 
   # a finished ReFT run's teacher, direction, layer, tau, template and seq_len:
   python benchmarks/adaptive_attack.py --workdir runs/smollm2 --base BASE_HF_DIR --tokenizer TOK_DIR \\
       --harmful 'asset:advbench[260:520]' --n 16 --budgets 0,5,10,20 --lam 0.1,1.0 --out adaptive.json
+  # the same against the guardrail's guard too (the aligned model refusing; WORKDIR/aligned/model):
+  python benchmarks/adaptive_attack.py ... --guard feature,target --guard-model ALIGNED_HF_DIR
   # tiny random models built here (a planted refusal direction), checkable on CPU:
   python benchmarks/adaptive_attack.py --smoke
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import os
 import sys
@@ -28,6 +33,9 @@ import numpy as np  # noqa: E402
 
 from reft_jax.data import adaptive, sft  # noqa: E402
 from reft_jax.defences import reft_filter  # noqa: E402
+from reft_jax.defences.guardrail import refusal_scores  # noqa: E402
+
+GUARD_NAMES = {"feature": "ReFT filter", "target": "guardrail"}
 
 
 def parse_args(argv=None):
@@ -54,6 +62,14 @@ def parse_args(argv=None):
   p.add_argument("--margin", type=float, default=None, help="hinge margin below tau (default: plain cosine)")
   p.add_argument("--trainable", default="", help="regex of the compared parameters (default LoRA, else q/k/v)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument(
+    "--guard",
+    default="feature",
+    help="comma list: feature (ReFT's filter: the teacher's cosine to R >= tau) and/or target (the guardrail: "
+    "the guard model refusing the prompt; GCG's target CE of the harmful answer's opening on it)",
+  )
+  p.add_argument("--guard-model", default="", help="the guardrail's guard, HF dir (default WORKDIR/aligned/model)")
+  p.add_argument("--guard-tokens", type=int, default=32, help="guardrail.max_new_tokens of the guard's answers")
   p.add_argument("--out", default="", help="JSON output path")
   return p.parse_args(argv)
 
@@ -92,6 +108,7 @@ def smoke_setup(args):
   tau = reft_filter.calibrate_tau(adaptive.filter_scores(teacher, r, layer, harm, tok, seq_len, template), 1.0) - 1e-6
   return dict(
     teacher=teacher,
+    guard=teacher,  # guard=target: a random model refuses nothing (recall 0); the smoke only runs the path
     base=base,
     tok=tok,
     r=r,
@@ -150,8 +167,10 @@ def real_setup(args):
   world = safety_world.build_world(safety_world.WorldConfig(**saved["world"])) if "world:" in args.harmful else None
   harmful = sources.load_source(args.harmful, limit=args.n, world=world)
   harmful = [sft.Example(e.prompt, e.response, e.input, {**e.meta, "is_harmful": True}) for e in harmful[: args.n]]
+  guard_dir = args.guard_model or os.path.join(args.workdir, "aligned", "model")
   return dict(
     teacher=reft_jax.load_hf(teacher_dir),
+    guard=reft_jax.load_hf(guard_dir) if "target" in args.guard else None,
     base=reft_jax.load_hf(args.base),
     tok=load_tokenizer(tok_dir),
     r=r,
@@ -164,32 +183,45 @@ def real_setup(args):
   )
 
 
+def flagged(s, guard: str, exs) -> tuple[np.ndarray, np.ndarray]:
+  """(flagged, score) per prompt: ReFT's filter (the teacher's cosine >= tau) or the guardrail (its guard model
+  refuses the prompt, answering greedily as guardrail.refusal_scores does; score 1.0 = refused)."""
+  if guard == "feature":
+    sc = adaptive.filter_scores(s["teacher"], s["r"], s["layer"], exs, s["tok"], s["seq_len"], s["template"])
+    return sc >= s["tau"], sc
+  refused, _ = refusal_scores(s["guard"], s["tok"], exs, s["template"], s["guard_tokens"])
+  return refused.astype(bool), refused
+
+
 def curve(s, config: adaptive.AttackConfig, budgets: list[int], seed: int) -> dict:
-  """One attack to max(budgets); per budget the filter's recall at tau, mean score and gradient similarity."""
-  teacher, base, tok, harm = s["teacher"], s["base"], s["tok"], s["harmful"]
-  score = lambda exs: adaptive.filter_scores(teacher, s["r"], s["layer"], exs, tok, s["seq_len"], s["template"])
+  """One attack to max(budgets) against config.guard; per budget the guard's recall (the filter's at tau, or
+  the guardrail's refusals), the mean score and the attacked examples' gradient similarity."""
+  base, tok, harm, guard = s["base"], s["tok"], s["harmful"], config.guard
   names = adaptive.trainable_names(base, config.trainable)
   start = time.perf_counter()
-  result = adaptive.optimise_prompts(harm, teacher, base, tok, s["r"], s["layer"], s["tau"], config, seed)
+  if guard == "feature":
+    result = adaptive.optimise_prompts(harm, s["teacher"], base, tok, s["r"], s["layer"], s["tau"], config, seed)
+  else:
+    result = adaptive.optimise_prompts(harm, s["guard"], base, tok, None, 0, 0.0, config, seed)
   seconds = time.perf_counter() - start
   rows = []
-  orig = score(harm)
+  flags, orig = flagged(s, guard, harm)
   rows.append(
     {
       "budget": "original",
-      "recall": reft_filter.label_metrics(orig >= s["tau"], harm)["recall"],
+      "recall": reft_filter.label_metrics(flags, harm)["recall"],
       "mean_score": float(orig.mean()),
       "mean_gradient_similarity": 1.0,
     }
   )
   for b in budgets:
     exs = result.at(b)
-    sc = score(exs)
+    flags, sc = flagged(s, guard, exs)
     sims = adaptive.gradient_similarities(base, exs, harm, tok, s["seq_len"], s["template"], names)
     rows.append(
       {
         "budget": b,
-        "recall": reft_filter.label_metrics(sc >= s["tau"], exs)["recall"],
+        "recall": reft_filter.label_metrics(flags, exs)["recall"],
         "mean_score": float(sc.mean()),
         "mean_gradient_similarity": float(sims.mean()),
       }
@@ -197,6 +229,7 @@ def curve(s, config: adaptive.AttackConfig, budgets: list[int], seed: int) -> di
   exact = float(np.mean([e.meta.get("retokenized_exact", False) for e in result.examples]))
   example = result.examples[0]
   return {
+    "guard": guard,
     "lam": config.lam,
     "rows": rows,
     "attack_seconds": seconds,
@@ -221,7 +254,11 @@ def main(argv=None):
       min(args.batch, 16),
       8,
     )
+  guards = args.guard.split(",")
+  if not guards or any(g not in GUARD_NAMES for g in guards):
+    raise SystemExit(f"--guard {args.guard!r}: each must be one of {', '.join(GUARD_NAMES)}")
   s = smoke_setup(args) if args.smoke else real_setup(args)
+  s["guard_tokens"] = args.guard_tokens
   out = {
     "setup": s["source"],
     "layer": s["layer"],
@@ -238,8 +275,9 @@ def main(argv=None):
     },
     "curves": [],
   }
-  for lam in lams:
+  for guard, lam in itertools.product(guards, lams):
     config = adaptive.AttackConfig(
+      guard=guard,
       steps=max(budgets),
       mode=args.mode,
       suffix_len=args.suffix_len,
@@ -254,12 +292,12 @@ def main(argv=None):
     )
     out["curves"].append(curve(s, config, budgets, args.seed))
   print(f"{out['setup']}\nlayer {out['layer']}, tau {out['tau']:.4f}, {out['n_harmful']} harmful prompts")
-  print("| lam | budget (GCG steps) | filter recall at tau | mean score | mean gradient similarity |")
-  print("|---|---|---|---|---|")
+  print("| guard | lam | budget (GCG steps) | recall | mean score | mean gradient similarity |")
+  print("|---|---|---|---|---|---|")
   for cur in out["curves"]:
     for row in cur["rows"]:
       print(
-        f"| {cur['lam']} | {row['budget']} | {row['recall']:.3f} | {row['mean_score']:.4f} | "
+        f"| {cur['guard']} | {cur['lam']} | {row['budget']} | {row['recall']:.3f} | {row['mean_score']:.4f} | "
         f"{row['mean_gradient_similarity']:.4f} |"
       )
   print(json.dumps(out, indent=2))
@@ -281,14 +319,15 @@ def plot(out: dict, path: str) -> str:
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
   for cur in out["curves"]:
     xs = [-1 if r["budget"] == "original" else r["budget"] for r in cur["rows"]]
-    axes[0].plot(xs, [r["recall"] for r in cur["rows"]], marker="o", label=f"lam {cur['lam']}")
-    axes[1].plot(xs, [r["mean_gradient_similarity"] for r in cur["rows"]], marker="o", label=f"lam {cur['lam']}")
-  for ax, title in zip(axes, ("filter recall at tau", "gradient similarity to the original")):
+    label = f"{GUARD_NAMES[cur['guard']]}, lam {cur['lam']}"
+    axes[0].plot(xs, [r["recall"] for r in cur["rows"]], marker="o", label=label)
+    axes[1].plot(xs, [r["mean_gradient_similarity"] for r in cur["rows"]], marker="o", label=label)
+  for ax, title in zip(axes, ("recall on the attacked harmful prompts", "gradient similarity to the original")):
     ax.set_xlabel("GCG steps (-1: the original prompts)")
     ax.set_title(title)
     ax.set_ylim(-0.05, 1.05)
   axes[0].legend(fontsize=8)
-  fig.suptitle(f"adaptive attack on the filter: layer {out['layer']}, tau {out['tau']:.3f}, {out['n_harmful']} prompts")
+  fig.suptitle(f"adaptive attack: ReFT filter layer {out['layer']}, tau {out['tau']:.3f}; {out['n_harmful']} prompts")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
