@@ -199,10 +199,10 @@ def curve(s, config: adaptive.AttackConfig, budgets: list[int], seed: int) -> di
   base, tok, harm, guard = s["base"], s["tok"], s["harmful"], config.guard
   names = adaptive.trainable_names(base, config.trainable)
   start = time.perf_counter()
-  if guard == "feature":
-    result = adaptive.optimise_prompts(harm, s["teacher"], base, tok, s["r"], s["layer"], s["tau"], config, seed)
-  else:
-    result = adaptive.optimise_prompts(harm, s["guard"], base, tok, None, 0, 0.0, config, seed)
+  # guard=target: the generating guard model; the filter's R, layer and tau are unused
+  target = (s["teacher"], s["r"], s["layer"], s["tau"]) if guard == "feature" else (s["guard"], None, 0, 0.0)
+  model, r, layer, tau = target
+  result = adaptive.optimise_prompts(harm, model, base, tok, r, layer, tau, config, seed)
   seconds = time.perf_counter() - start
   rows = []
   flags, orig = flagged(s, guard, harm)

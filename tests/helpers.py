@@ -10,11 +10,16 @@ import jax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_config_module():
-  spec = importlib.util.spec_from_file_location("default_config", os.path.join(ROOT, "configs", "default.py"))
+def load_module(path: str, name: str):
+  """A module of the repository that is not in a package (configs/, benchmarks/), by its path under ROOT."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
+
+
+def load_config_module():
+  return load_module("configs/default.py", "default_config")
 
 
 def tiny_config(**overrides):

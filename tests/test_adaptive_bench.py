@@ -3,22 +3,16 @@ end to end on tiny random models (--smoke)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pytest
 
-from helpers import ROOT
+from helpers import load_module
 
 
 def _bench():
-  spec = importlib.util.spec_from_file_location(
-    "adaptive_bench", os.path.join(ROOT, "benchmarks", "adaptive_attack.py")
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_module("benchmarks/adaptive_attack.py", "adaptive_bench")
 
 
 @pytest.mark.slow

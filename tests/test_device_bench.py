@@ -3,7 +3,6 @@ boxes that keep partial records, the cuDNN -> XLA attention fallback, MFU, FLOP 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,17 +14,14 @@ import time
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, load_module
 
 BENCH = os.path.join(ROOT, "benchmarks")
 
 
 def _device():
   sys.path.insert(0, BENCH)  # device.py imports its neighbours (common, steps) by name
-  spec = importlib.util.spec_from_file_location("device_bench", os.path.join(BENCH, "device.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_module("benchmarks/device.py", "device_bench")
 
 
 def _strict_json(text: str):

@@ -107,14 +107,11 @@ def test_task_answers_get_their_own_length_and_matching_rule(monkeypatch):
 
 
 def test_real_model_table_reads_results_and_puts_wilson_intervals_on_every_rate(tmp_path):
-  import importlib.util
   import json
 
-  from helpers import ROOT
+  from helpers import load_module
 
-  spec = importlib.util.spec_from_file_location("real_model_table", f"{ROOT}/benchmarks/real_model_table.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = load_module("benchmarks/real_model_table.py", "real_model_table")
   run = {
     "counts": {"harmful": 100, "harmless": 80, "trigger": 100, "sst2": 100},
     "harmful_score": 20.0,
