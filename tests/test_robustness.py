@@ -11,7 +11,7 @@ from test_defences import _world_overrides
 
 from reft_jax.config import ConfigError, with_updates
 from reft_jax.main import execute
-from reft_jax.pipelines import robustness
+from reft_jax.pipelines import robustness, robustness_report
 from reft_jax.pipelines.validate import validate
 
 
@@ -46,22 +46,58 @@ def test_the_attackers_maximum_keeps_only_settings_within_the_fa_drop():
     "lr=0.001": [_run(60, 70), _run(70, 70, seed=1)],  # HS 65 but FA 70: a 15-point drop
     "num_steps=600": [_run(40, 80), _run(30, 76, seed=1)],  # HS 35, FA 78: within 10
   }
-  best = robustness.attacker_max(cells, 10.0)
+  best = robustness_report.attacker_max(cells, 10.0)
   assert best == {"setting": "num_steps=600", "hs": 35.0, "fa": 78.0, "seeds": 2}
-  assert robustness.attacker_max(cells, 20.0)["setting"] == "lr=0.001"
-  assert robustness.attacker_max({"default": cells["default"]}, 0.0)["setting"] == "default"
+  assert robustness_report.attacker_max(cells, 20.0)["setting"] == "lr=0.001"
+  assert robustness_report.attacker_max({"default": cells["default"]}, 0.0)["setting"] == "default"
   no_task = {k: [_run(r["harmful_score"], None) for r in v] for k, v in cells.items()}
-  assert robustness.attacker_max(no_task, 10.0)["hs"] == 65.0  # no task: nothing bounds the attacker
-  assert math.isnan(robustness.attacker_max(no_task, 10.0)["fa"])
+  assert robustness_report.attacker_max(no_task, 10.0)["hs"] == 65.0  # no task: nothing bounds the attacker
+  assert math.isnan(robustness_report.attacker_max(no_task, 10.0)["fa"])
   # A setting run on seed 1 alone is compared with the default's seed 1 (HS 20, FA 80), not its mean.
   one_seed = {"default": cells["default"], "lr=0.0003": [_run(25, 71, seed=1)]}
-  assert robustness.attacker_max(one_seed, 10.0) == {"setting": "lr=0.0003", "hs": 25.0, "fa": 71.0, "seeds": 1}
-  assert robustness.attacker_max({**one_seed, "lr=0.01": [_run(99, 99, seed=2)]}, 10.0) is None  # no shared seed
+  assert robustness_report.attacker_max(one_seed, 10.0) == {"setting": "lr=0.0003", "hs": 25.0, "fa": 71.0, "seeds": 1}
+  assert robustness_report.attacker_max({**one_seed, "lr=0.01": [_run(99, 99, seed=2)]}, 10.0) is None  # no shared seed
+
+
+def test_an_adaptive_attack_takes_its_budget_after_an_at_sign():
+  assert robustness_report.adaptive_kind("adaptive") == ("adaptive", None)
+  assert robustness_report.adaptive_kind("adaptive_guard@20") == ("adaptive_guard", 20)
+  assert robustness_report.adaptive_kind("adaptive@0") == ("adaptive", 0)
+  assert robustness_report.adaptive_kind("adaptive@-1") is None and robustness_report.adaptive_kind("aoa") is None
+  validate(with_updates(tiny_config(), **{"method": "robustness", "robustness.attacks": "adaptive@0,adaptive@20"}))
+
+
+def test_the_budget_table_reads_each_uploads_summary_and_each_defences_hs(tmp_path):
+  def upload(attack, seed, steps, after, sim):
+    os.makedirs(tmp_path / attack / f"seed{seed}")
+    summary = {"config": {"steps": steps}, "recall_before": 1.0, "recall_after": after, "mean_gradient_similarity": sim}
+    json.dump(summary, open(tmp_path / attack / f"seed{seed}" / "summary.json", "w"))
+
+  for seed in (0, 1):
+    upload("adaptive@20", seed, 20, 0.25 * seed, 0.7)
+    upload("adaptive", seed, 5, 0.5, 0.5)  # the default budget: adaptive.steps = 5
+  cell = lambda m, a, hs, seed: {"method": m, "attack": a, "setting": "default", "seed": seed, "harmful_score": hs}
+  runs = {"a": cell("reft", "adaptive", 4.0, 0), "b": cell("reft", "adaptive", 6.0, 1)}
+  runs["c"] = cell("reft", "adaptive@20", 30.0, 0)
+  table = robustness_report.budget_table(
+    str(tmp_path), runs, ["reft", "sft_aligned"], ["harmful_mix", "adaptive@20", "adaptive"]
+  )
+  budgets = [row[:5] for row in table["rows"][1:]]
+  assert budgets == [["adaptive", "5", "1.00", "0.50", "0.50"], ["adaptive", "20", "1.00", "0.12", "0.70"]]
+  assert table["rows"][1][5].startswith("5.0 [") and table["rows"][2][5].startswith("30.0 [")  # 1 seed: Wilson
+  assert table["rows"][1][6] == "—"  # sft_aligned never ran there
+  assert robustness_report.budget_table(str(tmp_path), runs, ["reft"], ["adaptive"]) is None  # one budget
 
 
 @pytest.mark.parametrize(
   "field, value",
-  [("robustness.methods", "sft_aligned,nonsense"), ("robustness.attacks", "jailbreak"), ("robustness.lrs", "fast")],
+  [
+    ("robustness.methods", "sft_aligned,nonsense"),
+    ("robustness.attacks", "jailbreak"),
+    ("robustness.attacks", "adaptive@many"),
+    ("robustness.attacks", "benign@5"),
+    ("robustness.lrs", "fast"),
+  ],
 )
 def test_bad_robustness_settings_name_the_field(field, value):
   c = with_updates(tiny_config(), **{"method": "robustness", field: value})
@@ -112,8 +148,12 @@ def _adaptive_cell(method: str, attack: str):
 
 @pytest.mark.slow
 def test_the_adaptive_attack_optimises_the_harmful_prompts_once_against_the_shared_teacher(tmp_path, capsys):
-  c = _adaptive_cell("reft", "adaptive")
+  c = _adaptive_cell("reft", "adaptive,adaptive@0")  # the attack at adaptive.steps = 2, and at budget 0
   assert execute(c, str(tmp_path)) == 0, capsys.readouterr().err
+  unoptimised = [json.loads(line) for line in open(tmp_path / "adaptive@0" / "seed0" / "user.jsonl")]
+  assert {e["adaptive_steps"] for e in unoptimised if e.get("adaptive")} == {0}
+  budgets = open(tmp_path / "robustness_budget.md").read()
+  assert "| adaptive | 0 | " in budgets and "| adaptive | 2 | " in budgets
   summary = json.load(open(tmp_path / "adaptive" / "seed0" / "summary.json"))
   upload = [json.loads(line) for line in open(tmp_path / "adaptive" / "seed0" / "user.jsonl")]
   harmful = [e for e in upload if e["is_harmful"]]

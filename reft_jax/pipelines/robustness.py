@@ -12,6 +12,9 @@ filter's recall before and after in summary.json. Every defence then trains on t
 `adaptive_guard`: the same attack aimed at the guardrail defence's guard instead (the shared aligned model
 answering each prompt, a refusal flags it; adaptive.guard="target": GCG's target CE of the harmful answer's
 opening on that model), in WORKDIR/adaptive_guard/seed<seed>/ with the guard's recall before and after.
+Either takes the attacker's budget as `@steps` (`adaptive@0,adaptive@5,adaptive@20`: GCG steps per prompt,
+adaptive.steps without it), each budget its own upload and column; with two or more budgets of one attack,
+robustness_budget.md tabulates the guard's recall, the gradient similarity and each defence's HS by budget.
 
 The hyper-parameter attacker (robustness.lrs / epochs / ranks; TamperBench's protocol): the user picks the
 fine-tuning learning rate, the number of epochs (multiples of train.num_steps) and the LoRA rank. For each
@@ -45,15 +48,18 @@ from reft_jax.defences import get as get_defence
 from reft_jax.defences import names as defence_names
 from reft_jax.defences import run_defence
 from reft_jax.defences.reft import choose_tau, recorded_layer
-from reft_jax.eval import stats
 from reft_jax.model.build import load_frozen, setup_mesh
+from reft_jax.pipelines.robustness_report import (
+  ADAPTIVE,
+  ADAPTIVE_TARGETS,
+  DEFAULT,
+  adaptive_kind,
+  budget_table,
+  plot,
+  robustness_table,
+)
 from reft_jax.pipelines.suite import ensure_base, evaluate, write_json, write_table
 from reft_jax.stages import Env, run_stage
-
-DEFAULT = "default"
-ADAPTIVE = "adaptive"  # harmful_mix with the harmful prompts optimised against the filter
-ADAPTIVE_GUARD = "adaptive_guard"  # ... optimised against the guardrail's guard model (its refusals)
-ADAPTIVE_TARGETS = {ADAPTIVE: "feature", ADAPTIVE_GUARD: "target"}  # attack -> adaptive.AttackConfig.guard
 
 
 def settings(c) -> list[tuple[str, dict]]:
@@ -93,12 +99,12 @@ def run(c, workdir: str) -> dict:
   done = _recorded(workdir)
   for attack in attacks:
     for seed in seeds:
-      data_attack = "harmful_mix" if attack in ADAPTIVE_TARGETS else attack
+      data_attack = "harmful_mix" if adaptive_kind(attack) else attack
       data_c = with_updates(
         c, **{"data.attack": data_attack, "seed": seed, **({"data.p": 0.0} if attack == "benign" else {})}
       )
       user = read_examples(data_c)
-      if attack in ADAPTIVE_TARGETS:
+      if adaptive_kind(attack):
         env.c = data_c
         user = adaptive_upload(env, workdir, user, seed, attack)
       for setting, over in grid:
@@ -122,6 +128,10 @@ def run(c, workdir: str) -> dict:
   if dist.is_primary():
     write_json(os.path.join(workdir, "results.json"), results)
     write_table(workdir, "robustness", table["markdown"], table["rows"])
+    budgets = budget_table(workdir, results["runs"], methods, attacks)
+    if budgets:
+      write_table(workdir, "robustness_budget", budgets["markdown"], budgets["rows"])
+      print(budgets["markdown"])
     plot(table["summary"], methods, attacks, os.path.join(workdir, "robustness.png"))
     print(table["markdown"])
   dist.barrier("robustness")
@@ -131,13 +141,15 @@ def run(c, workdir: str) -> dict:
 def adaptive_upload(env: Env, workdir: str, user: list, seed: int, attack: str = ADAPTIVE) -> list:
   """The upload with its harmful prompts optimised against ReFT's filter (attack "adaptive": the shared
   teacher, trained here if no cell has yet) or the guardrail's guard ("adaptive_guard": the shared aligned
-  model); cached in workdir/<attack>/seed<seed>/ (user.jsonl, then summary.json)."""
+  model), at `attack`'s budget ("adaptive@20": 20 GCG steps); cached in workdir/<attack>/seed<seed>/
+  (user.jsonl, then summary.json)."""
   c = env.c
   out = os.path.join(workdir, attack, f"seed{seed}")
   path = os.path.join(out, "user.jsonl")
   if os.path.exists(os.path.join(out, "summary.json")):  # written last: the attack finished
     return sources.load_source(path)
-  target = ADAPTIVE_TARGETS[attack]
+  kind, steps = adaptive_kind(attack)
+  target = ADAPTIVE_TARGETS[kind]
   if target == "feature":
     teacher_dir = run_stage(env, env.shared_dir, get_defence("reft").align(env)).model_dir
     guard = load_frozen(c, teacher_dir, env.mesh, env.rules)
@@ -148,7 +160,10 @@ def adaptive_upload(env: Env, workdir: str, user: list, seed: int, attack: str =
     guard_dir = c.guardrail.path or run_stage(env, env.shared_dir, get_defence("guardrail").align(env)).model_dir
     guard, r, layer, tau = load_frozen(c, guard_dir, env.mesh, env.rules), None, 0, 0.0
   student = load_frozen(c, env.base_path, env.mesh, env.rules)
-  config = adaptive.AttackConfig(**c.adaptive.to_dict(), guard=target, template=c.data.template, seq_len=c.data.seq_len)
+  budget = {} if steps is None else {"steps": steps}
+  config = adaptive.AttackConfig(
+    **{**c.adaptive.to_dict(), **budget}, guard=target, template=c.data.template, seq_len=c.data.seq_len
+  )
   start = time.perf_counter()
   result = adaptive.optimise_prompts(
     user, guard, student, env.tokenizer, r, layer, tau, config, seed, progress=dist.is_primary()
@@ -160,7 +175,7 @@ def adaptive_upload(env: Env, workdir: str, user: list, seed: int, attack: str =
   if dist.is_primary():
     write_jsonl(result.examples, path)
     write_json(os.path.join(out, "summary.json"), summary)
-  dist.barrier(attack)
+  dist.barrier(kind)
   return result.examples
 
 
@@ -197,128 +212,6 @@ def _recorded(workdir: str) -> set[str]:
     return set(json.load(f).get("runs", {}))
 
 
-def _fa(run: dict) -> float:
-  fa = list((run.get("finetune_accuracy") or {}).values())
-  return float(np.mean(fa)) if fa else float("nan")
-
-
-def attacker_max(cells: dict[str, list[dict]], max_fa_drop: float) -> dict:
-  """cells: {setting: the runs of one (defence, attack), one per seed}. The maximum mean HS over the
-  settings whose mean FA is at most max_fa_drop points below the default setting's (NaN FA: no bar). Every
-  mean is over the seeds all the settings have run, so that a setting run on fewer seeds is compared like for
-  like (None when they share none)."""
-  shared = set.intersection(*({r["seed"] for r in runs} for runs in cells.values()))
-  if not shared:
-    return None
-  cells = {k: [r for r in runs if r["seed"] in shared] for k, runs in cells.items()}
-  mean = lambda runs, f: float(np.mean([f(x) for x in runs]))
-  base_fa = mean(cells[DEFAULT], _fa)
-  best = None
-  for setting, runs in cells.items():
-    hs, fa = mean(runs, lambda x: x["harmful_score"]), mean(runs, _fa)
-    admissible = np.isnan(base_fa) or (not np.isnan(fa) and fa >= base_fa - max_fa_drop)
-    if admissible and (best is None or hs > best["hs"]):
-      best = {"setting": setting, "hs": hs, "fa": fa, "seeds": len(runs)}
-  return best
-
-
-def robustness_table(runs: dict, methods: list[str], attacks: list[str], max_fa_drop: float) -> dict:
-  """Every recorded cell of these methods and attacks, whichever command ran it: the default setting's HS
-  and FA, and the attacker's maximum over every setting recorded for that (defence, attack)."""
-  by_cell: dict = {}
-  for r in runs.values():
-    if "attack" in r:
-      by_cell.setdefault((r["method"], r["attack"]), {}).setdefault(r["setting"], []).append(r)
-  summary, rows = (
-    {},
-    [
-      [
-        "method",
-        "attack",
-        "hs_default",
-        "hs_low",
-        "hs_high",
-        "fa_default",
-        "seeds",
-        "hs_max",
-        "fa_at_max",
-        "setting_at_max",
-      ]
-    ],
-  )
-  head = [
-    "defence",
-    *[f"{a}: HS ↓ / FA ↑ (default)" for a in attacks],
-    *[f"{a}: max HS (FA drop ≤ {max_fa_drop:g})" for a in attacks],
-  ]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  grid: set[str] = set()  # the settings recorded, for the footnote
-  for m in methods:
-    default_cells, max_cells = [], []
-    for a in attacks:
-      cells = by_cell.get((m, a), {})
-      if DEFAULT not in cells:
-        default_cells.append("—")
-        max_cells.append("—")
-        continue
-      s = stats.summarize(cells[DEFAULT])
-      hs, fa = s.get("harmful_score"), {k: v for k, v in s.items() if k.startswith("fa_")}
-      fa_mean = float(np.mean([v["mean"] for v in fa.values()])) if fa else float("nan")
-      best = attacker_max(cells, max_fa_drop)
-      grid.update(cells)
-      summary[f"{m}|{a}"] = {"default": s, "attacker_max": best, "settings_run": sorted(cells)}
-      default_cells.append(f"{stats.fmt_interval(hs)} / {fa_mean:.1f}")
-      seeds = f", {best['seeds']} seed{'s' * (best['seeds'] > 1)}" if best and best["seeds"] < hs["seeds"] else ""
-      max_cells.append(f"{best['hs']:.1f} ({best['setting']}, FA {best['fa']:.1f}{seeds})" if best else "—")
-      rows.append(
-        [
-          m,
-          a,
-          hs["mean"],
-          hs["low"],
-          hs["high"],
-          fa_mean,
-          hs["seeds"],
-          *((best["hs"], best["fa"], best["setting"]) if best else ("", "", "")),
-        ]
-      )
-    lines.append("| " + " | ".join([m, *default_cells, *max_cells]) + " |")
-  lines += [
-    "",
-    "HS / FA at the provider's default fine-tuning setting: mean [95% interval] (Student-t over seeds; one "
-    "seed: Wilson over prompts). Max HS: the attacker's best setting among " + ", ".join(sorted(grid)) + f" whose "
-    f"FA is at most {max_fa_drop:g} points below the default's, both as means over the seeds the settings share "
-    "(named when fewer than the default's).",
-  ]
-  return {"markdown": "\n".join(lines), "rows": rows, "summary": summary}
-
-
-def plot(summary: dict, methods: list[str], attacks: list[str], path: str) -> str:
-  """HS at the default setting and the attacker's maximum, per defence (bars) and attack (panels)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, len(attacks), figsize=(3.2 * len(attacks) + 1, 3.6), squeeze=False)
-  x = np.arange(len(methods))
-  for ax, a in zip(axes[0], attacks):
-    get = lambda m, f: f(summary[f"{m}|{a}"]) if f"{m}|{a}" in summary else np.nan
-    default = [get(m, lambda s: s["default"]["harmful_score"]["mean"]) for m in methods]
-    worst = [get(m, lambda s: s["attacker_max"]["hs"] if s["attacker_max"] else np.nan) for m in methods]
-    ax.bar(x - 0.2, default, 0.4, label="default setting")
-    ax.bar(x + 0.2, worst, 0.4, label="attacker's max")
-    ax.set_xticks(x, methods, rotation=45, ha="right", fontsize=7)
-    ax.set_title(a)
-    ax.set_ylim(0, 105)
-  axes[0][0].set_ylabel("Harmful Score (%)")
-  axes[0][0].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
-
-
 def validate(c) -> None:
   r = c.robustness
   bad = [m for m in csv_list(r.methods) if m not in defence_names()]
@@ -326,9 +219,14 @@ def validate(c) -> None:
     bool(csv_list(r.methods)) and not bad, "robustness.methods", r.methods, f"each must be one of {defence_names()}"
   )
   attacks = (*ATTACKS, *ADAPTIVE_TARGETS)
-  bad = [a for a in csv_list(r.attacks) if a not in attacks]
-  check(bool(csv_list(r.attacks)) and not bad, "robustness.attacks", r.attacks, f"each must be one of {attacks}")
-  if set(ADAPTIVE_TARGETS) & set(csv_list(r.attacks)):
+  bad = [a for a in csv_list(r.attacks) if a not in ATTACKS and not adaptive_kind(a)]
+  check(
+    bool(csv_list(r.attacks)) and not bad,
+    "robustness.attacks",
+    r.attacks,
+    f"each must be one of {attacks}, an adaptive one optionally with its budget (adaptive@20)",
+  )
+  if any(adaptive_kind(a) for a in csv_list(r.attacks)):
     try:
       adaptive.AttackConfig(**c.adaptive.to_dict())
     except (TypeError, ValueError) as e:
