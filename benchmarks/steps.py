@@ -21,7 +21,8 @@ master weights), chunked_loss (losses.chunked_*: head + loss over --loss_chunk p
 chunkN: N positions, e.g. chunk16),
 dpa (jax.nn.dot_product_attention), cudnn (its cuDNN flash kernel, GPU), splash (the Pallas TPU kernel;
 interpreted, far slower, off TPU; generation uses XLA attention), scan (layers under lax.scan), remat (full
-rematerialisation), remat_dots (save matmul outputs). filter/gen only run variants that change a forward pass.
+rematerialisation), remat_dots (save matmul outputs), fused (q/k/v and gate/up as one matmul each:
+model.fuse_projections=true). filter/gen only run variants that change a forward pass.
 
 FLOPs: 6 N + 12 L T D_attn per trained token (reft_jax.train.flops_per_token; N = non-embedding
 parameters + the LM head), a third of it per forward-only token; the filter counts its L/2 blocks and no
@@ -49,8 +50,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 FEATURES = ("baseline", "unchunked", "bf16", "chunked_loss", "dpa", "cudnn", "splash", "scan", "remat", "remat_dots")
+FEATURES += ("fused",)
 # what a forward-only pass (filter, generation) sees
-FORWARD_FEATURES = ("bf16", "dpa", "cudnn", "splash", "scan")
+FORWARD_FEATURES = ("bf16", "dpa", "cudnn", "splash", "scan", "fused")
 BENCHES = ("sft", "reft", "filter", "gen")
 
 
@@ -174,6 +176,7 @@ def variant_options(name: str, args):
     scan_layers="scan" in f,
     remat=remat,
     attention=next((a for a in ("dpa", "cudnn", "splash") if a in f), "einsum"),
+    fuse_projections="fused" in f,
     lora=LoraConfig(args.lora_rank, 2.0 * args.lora_rank, LORA_TARGETS) if args.lora_rank else None,
   )
   sizes = [int(x[5:]) for x in f if re.fullmatch(r"chunk\d+", x)]

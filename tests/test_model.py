@@ -1,5 +1,6 @@
 """The Flax decoder on its own: layer scan, remat, dtypes, abstract presets, padding, config checks."""
 
+import dataclasses
 import math
 
 import jax
@@ -119,6 +120,30 @@ def test_remat_policies_match(model, data, scan):
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5), grad, ref_grad)
+
+
+QWEN = dataclasses.replace(LLAMA, family="qwen2", qkv_bias=True)
+
+
+@pytest.mark.parametrize("targets", [("q", "k", "v", "o", "gate", "up", "down"), ("q", "v"), ()])
+@pytest.mark.parametrize("cfg", [CFG, QWEN], ids=["gemma2", "qwen2_bias"])
+def test_fused_projections_match_one_matmul_each(cfg, targets, data):
+  """q/k/v and gate/up as one matmul (model.fuse_projections): the logits, the loss and every gradient
+  (LoRA's A and B with all, some or no projections adapted; Qwen2's q/k/v biases) as one by one."""
+  lora = LoraConfig(rank=2, alpha=4.0, targets=targets) if targets else None
+  unfused = randomized(cfg, RunOptions(lora=lora))
+  rng = np.random.RandomState(2)
+  for _, var in nnx.state(unfused, nnx.LoRAParam).flat_state():  # B = 0 at init: give the adapters a value
+    var.value = jnp.asarray(0.3 * rng.randn(*var.value.shape), var.value.dtype)
+  fused = with_options(unfused, RunOptions(lora=lora, fuse_projections=True))
+  assert fused.blocks.attn.fused and not unfused.blocks.attn.fused
+  ref_logits, ref_loss, ref_grad = logits_loss_grad(unfused, *data)
+  logits, loss, grad = logits_loss_grad(fused, *data)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5), grad, ref_grad)
+  if targets:
+    assert float(jnp.abs(grad["blocks"]["attn"]["q"]["lora_b"]).max()) > 0
 
 
 def test_bf16_compute_keeps_fp32_params(model, data):

@@ -41,6 +41,7 @@ def run_options(c: ml_collections.ConfigDict) -> RunOptions:
     remat=c.model.remat,
     lora=lora,
     attention=c.model.attention,
+    fuse_projections=c.model.fuse_projections,
   )
 
 

@@ -64,6 +64,9 @@ class RunOptions:
   remat: str = "none"
   lora: LoraConfig | None = None
   attention: str = "einsum"
+  # q/k/v and gate/up as one matmul each (fused_linear). Off: no gain measured on XLA:CPU (README "Speed"),
+  # and under tensor parallelism the concatenated kernels would move between devices.
+  fuse_projections: bool = False
 
   def __post_init__(self):
     if self.remat not in REMAT_POLICIES:
@@ -172,6 +175,34 @@ class Linear(nnx.Module):
     return y
 
 
+def fused_linear(x, linears: tuple[Linear, ...]) -> list:
+  """[lin(x) for lin in linears] for linear maps of one input (q/k/v, gate/up), as one matmul over their
+  kernels side by side and, for those with LoRA, one over their A's and one over a block-diagonal of their
+  scaled B's (zero columns for the others): a third of the matmuls, each of which XLA:CPU dispatches as its
+  own op (README "Speed"). The same values up to float rounding (tests/test_layers.py)."""
+  if any(lin.n_in != 1 or lin.dtype != linears[0].dtype for lin in linears):
+    return [lin(x) for lin in linears]
+  dtype, lead = linears[0].dtype, x.shape[:-1]
+  x = x.astype(dtype)
+  kernels = [lin.kernel[...].astype(dtype) for lin in linears]
+  shapes = [k.shape[1:] for k in kernels]
+  widths = [math.prod(s) for s in shapes]
+  y = dense(x, jnp.concatenate([k.reshape(k.shape[0], -1) for k in kernels], axis=1))
+  adapted = [lin for lin in linears if lin.lora_a is not None]
+  if adapted:
+    a = jnp.concatenate([lin.lora_a[...].astype(dtype) for lin in adapted], axis=1)
+    b = [
+      lin.lora_scale * lin.lora_b[...].astype(dtype).reshape(lin.lora_b.shape[0], w)
+      if lin.lora_a is not None
+      else jnp.zeros((0, w), dtype)
+      for lin, w in zip(linears, widths)
+    ]
+    y = y + dense(dense(x, a), jax.scipy.linalg.block_diag(*b))
+  outs = jnp.split(y, np.cumsum(widths)[:-1], axis=-1)
+  outs = [o.reshape(*lead, *s) for o, s in zip(outs, shapes)]
+  return [o if lin.bias is None else o + lin.bias[...].astype(dtype) for o, lin in zip(outs, linears)]
+
+
 class RMSNorm(nnx.Module):
   def __init__(self, dim, *, rngs, stack=(), eps=1e-6, plus_one=False, param_dtype=jnp.float32):
     init = np.zeros if plus_one else np.ones
@@ -224,7 +255,7 @@ def apply_rope(x_BTHD, positions_BT, inv_freq):
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: ModelConfig, *, rngs, stack, dtype, param_dtype, lora, impl="einsum"):
+  def __init__(self, cfg: ModelConfig, *, rngs, stack, dtype, param_dtype, lora, impl="einsum", fused=False):
     d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def lin(name, in_shape, out_shape, in_axes, out_axes, bias=False):
@@ -256,6 +287,7 @@ class Attention(nnx.Module):
     # dot_product_attention has no logit soft-cap; splash has.
     self.impl = "einsum" if self.softcap and impl in ("dpa", "cudnn") else impl
     self.cfg = cfg  # static; rope frequencies are recomputed at trace time (a numpy constant)
+    self.fused = fused
 
   def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, cache_index=None, segments_BT=None, is_sliding=False):
     """With cache=(k [B,KV,S,D], v), the new keys/values are written at slot cache_index and the
@@ -267,12 +299,12 @@ class Attention(nnx.Module):
       inv_freq = (
         (local if is_sliding else inv_freq) if isinstance(is_sliding, bool) else jnp.where(is_sliding, local, inv_freq)
       )  # scanned layers: a traced kind
-    q, k = self.q(x_BTD), self.k(x_BTD)
+    qkv = (self.q, self.k, self.v)
+    q, k, v = fused_linear(x_BTD, qkv) if self.fused else [lin(x_BTD) for lin in qkv]
     if self.q_norm is not None:  # QK-norm comes before RoPE (Qwen3Attention, Gemma3Attention)
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, positions_BT, inv_freq)
     k = apply_rope(k, positions_BT, inv_freq)
-    v = self.v(x_BTD)
     if cache is not None:  # head-major [B, KV, S, D]: the attention dots read it without a transpose
       put = lambda c, new: jax.lax.dynamic_update_slice_in_dim(
         c, jnp.swapaxes(new, 1, 2).astype(c.dtype), cache_index, 2
@@ -318,7 +350,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  def __init__(self, cfg: ModelConfig, *, rngs, stack, dtype, param_dtype, lora):
+  def __init__(self, cfg: ModelConfig, *, rngs, stack, dtype, param_dtype, lora, fused=False):
     d, f = cfg.hidden_size, cfg.intermediate_size
 
     def lin(name, i, o, ia, oa):
@@ -338,11 +370,12 @@ class MLP(nnx.Module):
     self.up = lin("up", d, f, "embed", "mlp")
     self.down = lin("down", f, d, "mlp", "embed")
     self.activation = cfg.activation
+    self.fused = fused
 
   def __call__(self, x):
-    g = self.gate(x)
+    g, up = fused_linear(x, (self.gate, self.up)) if self.fused else (self.gate(x), self.up(x))
     if self.activation == "silu":
       g = jax.nn.silu(g)
     else:
       g = jax.nn.gelu(g, approximate=self.activation == "gelu_pytorch_tanh")
-    return self.down(g * self.up(x))
+    return self.down(g * up)

@@ -41,9 +41,18 @@ class Block(nnx.Module):
   """One decoder layer (parameters stacked over `stack` layers)."""
 
   def __init__(
-    self, cfg: ModelConfig, *, rngs, stack=(), dtype=jnp.float32, param_dtype=jnp.float32, lora=None, attention="einsum"
+    self,
+    cfg: ModelConfig,
+    *,
+    rngs,
+    stack=(),
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    lora=None,
+    attention="einsum",
+    fused=False,
   ):
-    kw = dict(rngs=rngs, stack=stack, dtype=dtype, param_dtype=param_dtype, lora=lora)
+    kw = dict(rngs=rngs, stack=stack, dtype=dtype, param_dtype=param_dtype, lora=lora, fused=fused)
     norm = dict(rngs=rngs, stack=stack, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one, param_dtype=param_dtype)
     self.attn_norm = RMSNorm(cfg.hidden_size, **norm)
     self.attn = Attention(cfg, **kw, impl=attention)
@@ -91,6 +100,7 @@ class Transformer(nnx.Module):
       param_dtype=pdtype,
       lora=options.lora,
       attention=options.attention,
+      fused=options.fuse_projections,
     )
     self.final_norm = RMSNorm(
       cfg.hidden_size, rngs=rngs, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one, param_dtype=pdtype
