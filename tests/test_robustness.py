@@ -86,6 +86,8 @@ def test_the_budget_table_reads_each_uploads_summary_and_each_defences_hs(tmp_pa
   assert budgets == [["adaptive", "5", "1.00", "0.50", "0.50"], ["adaptive", "20", "1.00", "0.12", "0.70"]]
   assert table["rows"][1][5].startswith("5.0 [") and table["rows"][2][5].startswith("30.0 [")  # 1 seed: Wilson
   assert table["rows"][1][6] == "—"  # sft_aligned never ran there
+  assert table["series"]["adaptive"]["steps"] == [5, 20] and table["series"]["adaptive"]["hs"]["reft"] == [5.0, 30.0]
+  assert os.path.getsize(robustness_report.plot_budgets(table["series"], str(tmp_path / "budget.png"))) > 0
   assert robustness_report.budget_table(str(tmp_path), runs, ["reft"], ["adaptive"]) is None  # one budget
 
 
@@ -153,6 +155,7 @@ def test_the_adaptive_attack_optimises_the_harmful_prompts_once_against_the_shar
   unoptimised = [json.loads(line) for line in open(tmp_path / "adaptive@0" / "seed0" / "user.jsonl")]
   assert {e["adaptive_steps"] for e in unoptimised if e.get("adaptive")} == {0}
   budgets = open(tmp_path / "robustness_budget.md").read()
+  assert os.path.exists(tmp_path / "robustness_budget.png")
   assert "| adaptive | 0 | " in budgets and "| adaptive | 2 | " in budgets
   summary = json.load(open(tmp_path / "adaptive" / "seed0" / "summary.json"))
   upload = [json.loads(line) for line in open(tmp_path / "adaptive" / "seed0" / "user.jsonl")]

@@ -14,7 +14,7 @@ answering each prompt, a refusal flags it; adaptive.guard="target": GCG's target
 opening on that model), in WORKDIR/adaptive_guard/seed<seed>/ with the guard's recall before and after.
 Either takes the attacker's budget as `@steps` (`adaptive@0,adaptive@5,adaptive@20`: GCG steps per prompt,
 adaptive.steps without it), each budget its own upload and column; with two or more budgets of one attack,
-robustness_budget.md tabulates the guard's recall, the gradient similarity and each defence's HS by budget.
+robustness_budget.md / .png give the guard's recall, the gradient similarity and each defence's HS by budget.
 
 The hyper-parameter attacker (robustness.lrs / epochs / ranks; TamperBench's protocol): the user picks the
 fine-tuning learning rate, the number of epochs (multiples of train.num_steps) and the LoRA rank. For each
@@ -56,6 +56,7 @@ from reft_jax.pipelines.robustness_report import (
   adaptive_kind,
   budget_table,
   plot,
+  plot_budgets,
   robustness_table,
 )
 from reft_jax.pipelines.suite import ensure_base, evaluate, write_json, write_table
@@ -131,6 +132,7 @@ def run(c, workdir: str) -> dict:
     budgets = budget_table(workdir, results["runs"], methods, attacks)
     if budgets:
       write_table(workdir, "robustness_budget", budgets["markdown"], budgets["rows"])
+      plot_budgets(budgets["series"], os.path.join(workdir, "robustness_budget.png"))
       print(budgets["markdown"])
     plot(table["summary"], methods, attacks, os.path.join(workdir, "robustness.png"))
     print(table["markdown"])

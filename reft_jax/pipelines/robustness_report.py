@@ -126,17 +126,45 @@ def budget_table(workdir: str, runs: dict, methods: list[str], attacks: list[str
   head = ["attack", "budget (GCG steps)", "recall before", "recall after", "gradient similarity"]
   head += [f"{m}: HS ↓" for m in methods]
   lines, rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)], [head]
+  series = {}  # for the plot: kind -> steps, recall after, {method: mean HS}
   for kind, budgets in uploads.items():
+    series[kind] = {"steps": [b[0] for b in budgets], "recall_after": [], "hs": {m: [] for m in methods}}
     for steps, a, summaries in budgets:
       row = [kind, str(steps)] + [mean([s[k] for s in summaries]) for k in ("recall_before", "recall_after")]
       row.append(mean([s["mean_gradient_similarity"] for s in summaries]))
+      series[kind]["recall_after"].append(float(row[3]) if row[3] != "—" else np.nan)
       for m in methods:
         cells = [r for r in runs.values() if (r.get("method"), r.get("attack"), r.get("setting")) == (m, a, DEFAULT)]
-        row.append(stats.fmt_interval(stats.summarize(cells)["harmful_score"]) if cells else "—")
+        hs = stats.summarize(cells)["harmful_score"] if cells else None
+        row.append(stats.fmt_interval(hs) if hs else "—")
+        series[kind]["hs"][m].append(hs["mean"] if hs else np.nan)
       lines.append("| " + " | ".join(row) + " |")
       rows.append(row)
   lines += ["", "Recall and similarity: means over the seeds' uploads; HS at the default setting, mean [95% interval]."]
-  return {"markdown": "\n".join(lines), "rows": rows}
+  return {"markdown": "\n".join(lines), "rows": rows, "series": series}
+
+
+def plot_budgets(series: dict, path: str) -> str:
+  """Per adaptive attack (panels): the guard's recall after the attack and each defence's HS by budget."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, len(series), figsize=(4.6 * len(series), 3.6), squeeze=False)
+  for ax, (kind, s) in zip(axes[0], series.items()):
+    for m, hs in s["hs"].items():
+      ax.plot(s["steps"], hs, marker="o", label=f"{m}: HS")
+    ax.plot(s["steps"], 100 * np.asarray(s["recall_after"]), "k--", marker="s", label="guard's recall (%)")
+    ax.set_xlabel("attacker's budget (GCG steps per prompt)")
+    ax.set_title(kind)
+    ax.set_ylim(-3, 103)
+  axes[0][0].set_ylabel("%")
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
 
 
 def plot(summary: dict, methods: list[str], attacks: list[str], path: str) -> str:
