@@ -123,16 +123,16 @@ def budget_table(workdir: str, runs: dict, methods: list[str], attacks: list[str
   if not uploads:
     return None
   mean = lambda xs: f"{np.mean(xs):.2f}" if xs and None not in xs else "—"
-  head = ["attack", "budget (GCG steps)", "recall before", "recall after", "gradient similarity"]
+  head = ["attack", "budget (GCG steps)", "seeds", "recall before", "recall after", "gradient similarity"]
   head += [f"{m}: HS ↓" for m in methods]
   lines, rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)], [head]
   series = {}  # for the plot: kind -> steps, recall after, {method: mean HS}
   for kind, budgets in uploads.items():
     series[kind] = {"steps": [b[0] for b in budgets], "recall_after": [], "hs": {m: [] for m in methods}}
     for steps, a, summaries in budgets:
-      row = [kind, str(steps)] + [mean([s[k] for s in summaries]) for k in ("recall_before", "recall_after")]
-      row.append(mean([s["mean_gradient_similarity"] for s in summaries]))
-      series[kind]["recall_after"].append(float(row[3]) if row[3] != "—" else np.nan)
+      row = [kind, str(steps), str(len(summaries))]
+      row += [mean([s[k] for s in summaries]) for k in ("recall_before", "recall_after", "mean_gradient_similarity")]
+      series[kind]["recall_after"].append(float(row[4]) if row[4] != "—" else np.nan)
       for m in methods:
         cells = [r for r in runs.values() if (r.get("method"), r.get("attack"), r.get("setting")) == (m, a, DEFAULT)]
         hs = stats.summarize(cells)["harmful_score"] if cells else None
