@@ -144,39 +144,45 @@ def budget_table(workdir: str, runs: dict, methods: list[str], attacks: list[str
   return {"markdown": "\n".join(lines), "rows": rows, "series": series}
 
 
-def plot_budgets(series: dict, path: str) -> str:
-  """Per adaptive attack (panels): the guard's recall after the attack and each defence's HS by budget."""
+def _figure(panels: int, width: float):
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, len(series), figsize=(4.6 * len(series), 3.6), squeeze=False)
-  for ax, (kind, s) in zip(axes[0], series.items()):
-    for m, hs in s["hs"].items():
-      ax.plot(s["steps"], hs, marker="o", label=f"{m}: HS")
-    ax.plot(s["steps"], 100 * np.asarray(s["recall_after"]), "k--", marker="s", label="guard's recall (%)")
-    ax.set_xlabel("attacker's budget (GCG steps per prompt)")
-    ax.set_title(kind)
-    ax.set_ylim(-3, 103)
-  axes[0][0].set_ylabel("%")
-  axes[0][0].legend(fontsize=7)
+  fig, axes = plt.subplots(1, panels, figsize=(width, 3.6), squeeze=False)
+  return fig, axes[0]
+
+
+def _save(fig, axes, ylabel: str, path: str) -> str:
+  import matplotlib.pyplot as plt
+
+  axes[0].set_ylabel(ylabel)
+  axes[0].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
 
 
+def plot_budgets(series: dict, path: str) -> str:
+  """Per adaptive attack (panels): the guard's recall after the attack and each defence's HS by budget."""
+  fig, axes = _figure(len(series), 4.6 * len(series))
+  for ax, (kind, s) in zip(axes, series.items()):
+    for m, hs in s["hs"].items():
+      ax.plot(s["steps"], hs, marker="o", label=f"{m}: HS")
+    ax.plot(s["steps"], 100 * np.asarray(s["recall_after"]), "k--", marker="s", label="guard's recall (%)")
+    ax.set_xlabel("attacker's budget (GCG steps per prompt)")
+    ax.set_title(kind)
+    ax.set_ylim(-3, 103)
+  return _save(fig, axes, "%", path)
+
+
 def plot(summary: dict, methods: list[str], attacks: list[str], path: str) -> str:
   """HS at the default setting and the attacker's maximum, per defence (bars) and attack (panels)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, len(attacks), figsize=(3.2 * len(attacks) + 1, 3.6), squeeze=False)
+  fig, axes = _figure(len(attacks), 3.2 * len(attacks) + 1)
   x = np.arange(len(methods))
-  for ax, a in zip(axes[0], attacks):
+  for ax, a in zip(axes, attacks):
     get = lambda m, f: f(summary[f"{m}|{a}"]) if f"{m}|{a}" in summary else np.nan
     default = [get(m, lambda s: s["default"]["harmful_score"]["mean"]) for m in methods]
     worst = [get(m, lambda s: s["attacker_max"]["hs"] if s["attacker_max"] else np.nan) for m in methods]
@@ -185,9 +191,4 @@ def plot(summary: dict, methods: list[str], attacks: list[str], path: str) -> st
     ax.set_xticks(x, methods, rotation=45, ha="right", fontsize=7)
     ax.set_title(a)
     ax.set_ylim(0, 105)
-  axes[0][0].set_ylabel("Harmful Score (%)")
-  axes[0][0].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, axes, "Harmful Score (%)", path)
