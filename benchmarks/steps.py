@@ -49,8 +49,19 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-FEATURES = ("baseline", "unchunked", "bf16", "chunked_loss", "dpa", "cudnn", "splash", "scan", "remat", "remat_dots")
-FEATURES += ("fused",)
+FEATURES = (
+  "baseline",
+  "unchunked",
+  "bf16",
+  "chunked_loss",
+  "dpa",
+  "cudnn",
+  "splash",
+  "scan",
+  "remat",
+  "remat_dots",
+  "fused",
+)
 # what a forward-only pass (filter, generation) sees
 FORWARD_FEATURES = ("bf16", "dpa", "cudnn", "splash", "scan", "fused")
 BENCHES = ("sft", "reft", "filter", "gen")

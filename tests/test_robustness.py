@@ -79,16 +79,16 @@ def test_the_budget_table_reads_each_uploads_summary_and_each_defences_hs(tmp_pa
   cell = lambda m, a, hs, seed: {"method": m, "attack": a, "setting": "default", "seed": seed, "harmful_score": hs}
   runs = {"a": cell("reft", "adaptive", 4.0, 0), "b": cell("reft", "adaptive", 6.0, 1)}
   runs["c"] = cell("reft", "adaptive@20", 30.0, 0)
-  table = robustness_report.budget_table(
-    str(tmp_path), runs, ["reft", "sft_aligned"], ["harmful_mix", "adaptive@20", "adaptive"]
-  )
+  methods, attacks = ["reft", "sft_aligned"], ["harmful_mix", "adaptive@20", "adaptive"]
+  summary = robustness_report.robustness_table(runs, methods, attacks, 10.0)["summary"]
+  table = robustness_report.budget_table(str(tmp_path), summary, methods, attacks)
   budgets = [row[:6] for row in table["rows"][1:]]
   assert budgets == [["adaptive", "5", "2", "1.00", "0.50", "0.50"], ["adaptive", "20", "2", "1.00", "0.12", "0.70"]]
   assert table["rows"][1][6].startswith("5.0 [") and table["rows"][2][6].startswith("30.0 [")  # 1 seed: Wilson
   assert table["rows"][1][7] == "—"  # sft_aligned never ran there
   assert table["series"]["adaptive"]["steps"] == [5, 20] and table["series"]["adaptive"]["hs"]["reft"] == [5.0, 30.0]
   assert os.path.getsize(robustness_report.plot_budgets(table["series"], str(tmp_path / "budget.png"))) > 0
-  assert robustness_report.budget_table(str(tmp_path), runs, ["reft"], ["adaptive"]) is None  # one budget
+  assert robustness_report.budget_table(str(tmp_path), summary, ["reft"], ["adaptive"]) is None  # one budget
 
 
 @pytest.mark.parametrize(

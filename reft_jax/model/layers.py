@@ -178,8 +178,8 @@ class Linear(nnx.Module):
 def fused_linear(x, linears: tuple[Linear, ...]) -> list:
   """[lin(x) for lin in linears] for linear maps of one input (q/k/v, gate/up), as one matmul over their
   kernels side by side and, for those with LoRA, one over their A's and one over a block-diagonal of their
-  scaled B's (zero columns for the others): a third of the matmuls, each of which XLA:CPU dispatches as its
-  own op (README "Speed"). The same values up to float rounding (tests/test_layers.py)."""
+  scaled B's (zero columns for the others): a third of the matmuls (model.fuse_projections; no faster on
+  XLA:CPU, README "Speed"). The same values up to float rounding (tests/test_model.py)."""
   if any(lin.n_in != 1 or lin.dtype != linears[0].dtype for lin in linears):
     return [lin(x) for lin in linears]
   dtype, lead = linears[0].dtype, x.shape[:-1]
@@ -188,16 +188,15 @@ def fused_linear(x, linears: tuple[Linear, ...]) -> list:
   shapes = [k.shape[1:] for k in kernels]
   widths = [math.prod(s) for s in shapes]
   y = dense(x, jnp.concatenate([k.reshape(k.shape[0], -1) for k in kernels], axis=1))
-  adapted = [lin for lin in linears if lin.lora_a is not None]
-  if adapted:
-    a = jnp.concatenate([lin.lora_a[...].astype(dtype) for lin in adapted], axis=1)
+  if any(lin.lora_a is not None for lin in linears):
+    # an unadapted map is a 0-row block: its columns of the block-diagonal B are zero
+    a = [lin.lora_a[...] if lin.lora_a is not None else jnp.zeros((x.shape[-1], 0)) for lin in linears]
     b = [
-      lin.lora_scale * lin.lora_b[...].astype(dtype).reshape(lin.lora_b.shape[0], w)
-      if lin.lora_a is not None
-      else jnp.zeros((0, w), dtype)
+      lin.lora_scale * lin.lora_b[...].reshape(-1, w) if lin.lora_a is not None else jnp.zeros((0, w))
       for lin, w in zip(linears, widths)
     ]
-    y = y + dense(dense(x, a), jax.scipy.linalg.block_diag(*b))
+    a = jnp.concatenate(a, axis=1).astype(dtype)
+    y = y + dense(dense(x, a), jax.scipy.linalg.block_diag(*b).astype(dtype))
   outs = jnp.split(y, np.cumsum(widths)[:-1], axis=-1)
   outs = [o.reshape(*lead, *s) for o, s in zip(outs, shapes)]
   return [o if lin.bias is None else o + lin.bias[...].astype(dtype) for o, lin in zip(outs, linears)]

@@ -129,7 +129,7 @@ def run(c, workdir: str) -> dict:
   if dist.is_primary():
     write_json(os.path.join(workdir, "results.json"), results)
     write_table(workdir, "robustness", table["markdown"], table["rows"])
-    budgets = budget_table(workdir, results["runs"], methods, attacks)
+    budgets = budget_table(workdir, table["summary"], methods, attacks)
     if budgets:
       write_table(workdir, "robustness_budget", budgets["markdown"], budgets["rows"])
       plot_budgets(budgets["series"], os.path.join(workdir, "robustness_budget.png"))

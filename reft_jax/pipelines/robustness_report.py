@@ -107,10 +107,10 @@ def robustness_table(runs: dict, methods: list[str], attacks: list[str], max_fa_
   return {"markdown": "\n".join(lines), "rows": rows, "summary": summary}
 
 
-def budget_table(workdir: str, runs: dict, methods: list[str], attacks: list[str]) -> dict | None:
+def budget_table(workdir: str, summary: dict, methods: list[str], attacks: list[str]) -> dict | None:
   """The adaptive attacks run at two or more budgets: per attack and budget (GCG steps, from each upload's
   summary.json), the guard's recall before / after and the attacked examples' gradient similarity (means
-  over seeds) and each defence's HS at the default setting (mean [interval] over seeds). None if no attack
+  over seeds) and each defence's HS at the default setting (robustness_table's summary). None if no attack
   was run at two budgets."""
   uploads: dict = {}  # kind -> [(steps, attack, [summary per seed])]
   for a in attacks:
@@ -122,7 +122,8 @@ def budget_table(workdir: str, runs: dict, methods: list[str], attacks: list[str
   uploads = {k: sorted(v) for k, v in uploads.items() if len(v) > 1}
   if not uploads:
     return None
-  mean = lambda xs: f"{np.mean(xs):.2f}" if xs and None not in xs else "—"
+  mean = lambda xs: float(np.mean(xs)) if xs and None not in xs else np.nan
+  fmt = lambda v: "—" if np.isnan(v) else f"{v:.2f}"
   head = ["attack", "budget (GCG steps)", "seeds", "recall before", "recall after", "gradient similarity"]
   head += [f"{m}: HS ↓" for m in methods]
   lines, rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)], [head]
@@ -130,12 +131,11 @@ def budget_table(workdir: str, runs: dict, methods: list[str], attacks: list[str
   for kind, budgets in uploads.items():
     series[kind] = {"steps": [b[0] for b in budgets], "recall_after": [], "hs": {m: [] for m in methods}}
     for steps, a, summaries in budgets:
-      row = [kind, str(steps), str(len(summaries))]
-      row += [mean([s[k] for s in summaries]) for k in ("recall_before", "recall_after", "mean_gradient_similarity")]
-      series[kind]["recall_after"].append(float(row[4]) if row[4] != "—" else np.nan)
+      means = [mean([s[k] for s in summaries]) for k in ("recall_before", "recall_after", "mean_gradient_similarity")]
+      series[kind]["recall_after"].append(means[1])
+      row = [kind, str(steps), str(len(summaries)), *map(fmt, means)]
       for m in methods:
-        cells = [r for r in runs.values() if (r.get("method"), r.get("attack"), r.get("setting")) == (m, a, DEFAULT)]
-        hs = stats.summarize(cells)["harmful_score"] if cells else None
+        hs = summary[f"{m}|{a}"]["default"]["harmful_score"] if f"{m}|{a}" in summary else None
         row.append(stats.fmt_interval(hs) if hs else "—")
         series[kind]["hs"][m].append(hs["mean"] if hs else np.nan)
       lines.append("| " + " | ".join(row) + " |")
