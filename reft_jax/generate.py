@@ -27,9 +27,10 @@ NO_YNN_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # XLA's own multi
 
 def decode_options_default() -> dict:
   """XLA compile options for the decode loop. On an x86 CPU without AVX-512 (a 2-core AMD EPYC), XLA's
-  own dots decode SmolLM2 1.24x faster than YNNPACK's fusions at decode's few rows; on an AVX-512 Xeon
-  YNNPACK is faster (1.31x), so it stays there and off x86. REFT_JAX_DECODE_YNN=1 / 0 forces it on / off.
-  Either way the same ops in another kernel: the same greedy text (tests/test_generate.py)."""
+  own dots decode SmolLM2 1.22x faster than YNNPACK's fusions at decode's few rows; on an AVX-512 Xeon
+  YNNPACK is faster (1.31x), so it stays there and off x86 (README, generation: two machines measured).
+  REFT_JAX_DECODE_YNN=1 / 0 forces it on / off. Both decode the same greedy text in tests/test_generate.py
+  and in the benchmark's 32 SmolLM2 prompts."""
   if jax.default_backend() != "cpu":
     return {}
   forced = os.environ.get("REFT_JAX_DECODE_YNN", "")
