@@ -132,7 +132,7 @@ def main(argv=None):
             pad_id=pad,
             per_layer=per_layer,
             compiler_options=options,
-          )  # fmt: skip
+          )
         )
       return out
 

@@ -41,13 +41,16 @@ def decode_options_default() -> dict:
   return {} if ynn or not _xla_accepts(tuple(NO_YNN_FUSIONS.items())) else dict(NO_YNN_FUSIONS)
 
 
-def _cpu_flags() -> set[str]:
-  """The CPU's feature flags from /proc/cpuinfo; {"avx512f"} (keep XLA's defaults) where unreadable."""
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+  """The CPU's feature flags from /proc/cpuinfo, read once (generate asks on every batch); {"avx512f"}
+  (keep XLA's defaults) where unreadable."""
   try:
     with open("/proc/cpuinfo") as f:
-      return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), {"avx512f"})
+      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), ["avx512f"])
   except OSError:
-    return {"avx512f"}
+    flags = ["avx512f"]
+  return frozenset(flags)
 
 
 @functools.cache
