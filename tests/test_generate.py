@@ -128,6 +128,33 @@ def test_generate_texts_batches_prompts_by_length_and_answers_in_their_order(tmp
   assert batched == alone and len(set(alone)) > 1
 
 
+def test_prompt_widths_are_powers_of_two_and_their_three_quarters():
+  widths = {n: G.prompt_width(n) for n in range(1, 400)}
+  assert sorted(set(widths.values())) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+  assert all(n <= w <= max(16, 1.5 * n) for n, w in widths.items())  # fits; at most a third is padding
+  assert [widths[n] for n in (16, 17, 24, 25, 40, 48, 49, 65, 97)] == [16, 24, 24, 32, 48, 48, 64, 96, 128]
+
+
+def test_prompt_batches_pad_every_batch_to_its_bucket():
+  encoded = [[5] * n for n in (40, 3, 17, 70, 30)]
+  got = list(G.prompt_batches(encoded, 2, pad_id=0))
+  assert [rows for rows, _, _ in got] == [[1, 2], [4, 0], [3]]
+  assert [t.shape for _, t, _ in got] == [(2, 24), (2, 48), (2, 96)]
+  rows, tokens, mask = got[2]  # the last batch filled up with copies of its last prompt
+  assert mask.sum(1).tolist() == [70, 70] and (tokens[:, :26] == 0).all() and (tokens[:, 26:] == 5).all()
+
+
+def test_greedy_answers_do_not_depend_on_the_padded_width():
+  """A prompt left-padded to 24 or to 64 columns decodes the same tokens (padding is masked out and
+  positions come from the mask), so the width buckets change no answer."""
+  model = init_model(PRESETS["tiny"], RunOptions(), seed=0)
+  prompts = [[3, 9, 4, 7, 1, 8, 2, 6, 5, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [7, 7, 3]]
+  outs = [
+    generate(model, *left_pad(prompts, pad_id=0, multiple=w), max_new_tokens=8, eos_id=-1, pad_id=0) for w in (24, 64)
+  ]
+  np.testing.assert_array_equal(outs[0], outs[1])
+
+
 def test_the_decode_loop_drops_ynnpack_fusions_only_on_x86_without_avx512(monkeypatch):
   """The measured choice (README, generation): XLA's own dots on an x86 CPU without AVX-512, YNNPACK's
   fusions on an AVX-512 one and off x86; REFT_JAX_DECODE_YNN forces either."""
