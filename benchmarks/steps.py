@@ -32,6 +32,9 @@ measured against this float32 peak). Memory: CPU, the process's peak RSS growth 
 (sampled, after malloc_trim) and, for jitted steps, XLA's temp buffer size; GPU, the device's
 peak_bytes_in_use.
 
+The process re-executes once with the CLI's allocator setting (reft_jax.hugepages: glibc's huge-page
+tunable; REFT_JAX_HUGE_PAGES=0 turns it off), which JAX and torch then share.
+
 Prints one markdown table and writes benchmarks/results/steps.json.
 """
 
@@ -457,6 +460,7 @@ def environment(args) -> dict:
     "jax_backend": jax.default_backend(),
     "device": str(jax.devices()[0].device_kind),
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     "loadavg_start": os.getloadavg()[0],
     **common.versions("jax", "jaxlib", "flax", "optax", "numpy"),
   }
@@ -602,4 +606,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from reft_jax import hugepages
+
+  hugepages.reexec_with_huge_pages()  # the CLI's allocator setting, for JAX and torch alike
   main()

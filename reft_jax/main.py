@@ -23,6 +23,8 @@ import traceback
 from absl import app, flags
 from ml_collections import config_flags
 
+from reft_jax import hugepages
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:preset]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and results")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "join a multi-process job: jax.distributed.initialize()")
@@ -318,6 +320,7 @@ def _config_file_problem(argv) -> str | None:
 
 def run():
   """Console script `reft-jax`."""
+  hugepages.reexec_with_huge_pages()  # before JAX is imported: the allocator reads it at start
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
 
 

@@ -13,7 +13,7 @@ LAYERS = (
   ("model/data", ("model", "data", "generate", "refusal", "eval", "stages")),
   ("defences", ("defences",)),
   ("pipelines", ("pipelines",)),
-  ("cli", ("main", "__main__", "__init__")),
+  ("cli", ("main", "__main__", "__init__", "hugepages")),
 )
 # Modules allowed past the size limits, with the reason.
 DATA_TABLES = {"reft_jax.data.world_tables": "the safety world's domains, lexicons and templates: data, no logic"}
