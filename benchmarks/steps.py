@@ -608,5 +608,5 @@ def main(argv=None):
 if __name__ == "__main__":
   from reft_jax import hugepages
 
-  hugepages.reexec_with_huge_pages()  # the CLI's allocator setting, for JAX and torch alike
+  hugepages.reexec_with_huge_pages(sys.orig_argv[1:])  # the CLI's allocator setting, for JAX and torch alike
   main()

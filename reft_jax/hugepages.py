@@ -2,9 +2,10 @@
 
 XLA:CPU allocates a step's temporary buffers afresh on every call (SmolLM2's LoRA step: 1.7 GB,
 428,000 page faults per step on 4 KiB pages). With the tunable, glibc asks the kernel for huge pages
-(madvise) on the memory it maps: 1,230 faults per step and a 6-15% faster step on the 2-core AMD EPYC
-machine of 2026-12-03 (README, "Speed"). A tunable is read when the process starts, so the CLI re-executes
-itself once with it set, before JAX is imported. REFT_JAX_HUGE_PAGES=0 turns this off.
+(madvise) on the memory it maps: 1,230 faults per step, and the step 2-15% faster in five paired runs
+on the 2-core AMD EPYC machine of 2026-12-03 (README, "Speed"). A tunable is read when the process
+starts, so the CLI re-executes itself once with it set, before JAX is imported. REFT_JAX_HUGE_PAGES=0
+turns this off.
 """
 
 from __future__ import annotations
@@ -44,13 +45,29 @@ def tunables_with_huge_pages(environ, libc: tuple[str, str], mode: str) -> str |
   return f"{current}:{TUNABLE}" if current else TUNABLE
 
 
-def reexec_with_huge_pages(args: list[str] | None = None) -> None:
-  """Replaces this process by `python *args` (default: the command line it was started with, interpreter
-  options included) with the tunable set; returns where tunables_with_huge_pages says no."""
+def cli_command(orig_argv: list[str]) -> list[str] | None:
+  """The interpreter's arguments that started the CLI (`reft-jax ...`, `python -m reft_jax ...`, with any
+  interpreter options), or None where reft_jax.main.run was called from someone else's program, which a
+  re-execution would run again from its start."""
+  args, i = orig_argv[1:], 0
+  while i < len(args):
+    a = args[i]
+    if a == "-m":
+      return args if args[i + 1 : i + 2] == ["reft_jax"] else None
+    if a == "-c":
+      return None
+    if not a.startswith("-"):  # the script: the console script `reft-jax`
+      return args if os.path.basename(a).startswith("reft-jax") else None
+    i += 2 if a in ("-X", "-W") else 1  # the options that take a value
+  return None
+
+
+def reexec_with_huge_pages(args: list[str] | None) -> None:
+  """Replaces this process by `python *args` with the tunable set; returns where args is None or
+  tunables_with_huge_pages says no."""
   tunables = tunables_with_huge_pages(os.environ, platform.libc_ver(), thp_mode())
-  if tunables is None:
+  if tunables is None or args is None:
     return
-  args = sys.orig_argv[1:] if args is None else args
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *args], {**os.environ, "GLIBC_TUNABLES": tunables})

@@ -320,7 +320,8 @@ def _config_file_problem(argv) -> str | None:
 
 def run():
   """Console script `reft-jax`."""
-  hugepages.reexec_with_huge_pages()  # before JAX is imported: the allocator reads it at start
+  # before JAX is imported: the allocator reads the tunable when the process starts
+  hugepages.reexec_with_huge_pages(hugepages.cli_command(sys.orig_argv))
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
 
 

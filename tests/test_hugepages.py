@@ -25,6 +25,15 @@ def test_the_tunable_is_added_only_where_it_can_work_and_the_user_left_it_open()
   assert H.tunables_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC, "madvise") is None
 
 
+def test_only_a_process_started_as_the_cli_reexecutes():
+  py = "/usr/bin/python3"
+  assert H.cli_command([py, "/venv/bin/reft-jax", "--config=c.py"]) == ["/venv/bin/reft-jax", "--config=c.py"]
+  assert H.cli_command([py, "-X", "utf8", "-m", "reft_jax", "eval"]) == ["-X", "utf8", "-m", "reft_jax", "eval"]
+  assert H.cli_command([py, "my_sweep.py", "--x"]) is None  # someone's program calling reft_jax.main.run
+  assert H.cli_command([py, "-m", "pytest", "tests"]) is None
+  assert H.cli_command([py, "-c", "import reft_jax"]) is None
+
+
 def test_thp_mode_reads_the_bracketed_word(tmp_path):
   f = tmp_path / "enabled"
   f.write_text("always [madvise] never\n")
@@ -33,9 +42,9 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
 
 
 CHILD = """
-import os
+import os, sys
 from reft_jax import hugepages
-hugepages.reexec_with_huge_pages()
+hugepages.reexec_with_huge_pages(sys.orig_argv[1:])
 import numpy as np
 x = np.ones(256 * 2**20 // 8)  # 256 MiB: glibc maps it
 huge = [l for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages:")]
