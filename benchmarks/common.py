@@ -9,7 +9,10 @@ import ctypes
 import dataclasses
 import os
 import platform
+import json
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -66,24 +69,101 @@ def measure(runners: dict[str, Runner], warmup: int, steps: int) -> dict[str, di
   """Warms each runner up alone (its peak RSS growth is measured there), then times `steps` rounds in
   which every runner takes one step in turn, so that load from other processes on a shared machine
   hits all of them alike. Returns per runner: step_s (median), times, compile_s, rss_delta_mb."""
-  out = {}
-  for name, r in runners.items():
-    with PeakRss() as rss:
-      first = _time(lambda r=r: r.block(r.run()))
-      for _ in range(warmup - 1):
-        r.block(r.run())
-    out[name] = {"first_s": first, "rss_delta_mb": rss.delta_mb, "times": [], **r.info}
-    if r.after_warmup is not None:
-      out[name].update(r.after_warmup())
+  out = {name: {**_warm_up(r, warmup)[0], "times": []} for name, r in runners.items()}
   for _ in range(steps):
     for name, r in runners.items():
       time.sleep(0.05)  # lets the previous runtime's spinning worker threads go idle
       out[name]["times"].append(_time(lambda r=r: r.block(r.run())))
-  for name, r in runners.items():
-    o = out[name]
+  return _summarise(out)
+
+
+def _warm_up(r: Runner, warmup: int) -> tuple[dict, object]:
+  """The first (compiling) call and warmup - 1 more, alone, with the peak RSS growth they cause; returns
+  (figures, the first call's result)."""
+  with PeakRss() as rss:
+    t0 = time.perf_counter()
+    first_out = r.block(r.run())
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+      r.block(r.run())
+  figures = {"first_s": first, "rss_delta_mb": rss.delta_mb, "compile_s": r.compile_s, **r.info}
+  if r.after_warmup is not None:
+    figures.update(r.after_warmup())
+  return figures, first_out
+
+
+def _summarise(out: dict[str, dict]) -> dict[str, dict]:
+  """step_s: the median timed step; compile_s: measured, or the first call's excess over the median."""
+  for o in out.values():
     o["step_s"] = statistics.median(o["times"])
-    o["compile_s"] = r.compile_s if r.compile_s is not None else max(o["first_s"] - o["step_s"], 0.0)
+    o["compile_s"] = o["compile_s"] if o["compile_s"] is not None else max(o["first_s"] - o["step_s"], 0.0)
   return out
+
+
+# ---------------------------------------------------------------- one process per runner
+
+WORKER_FLAG = "--bench-worker"
+
+
+def worker_name(argv: list[str]) -> tuple[str | None, list[str]]:
+  """(NAME, the other arguments) when argv holds `--bench-worker NAME` (a worker of measure_isolated),
+  else (None, argv)."""
+  if WORKER_FLAG not in argv:
+    return None, argv
+  i = argv.index(WORKER_FLAG)
+  return argv[i + 1], argv[:i] + argv[i + 2 :]
+
+
+def measure_isolated(script: str, argv: list[str], names: list[str], warmup: int, steps: int) -> dict[str, dict]:
+  """measure() with every runner in its own process (`python script --bench-worker NAME *argv`, which
+  calls serve): JAX and torch in one process slow each other's next step down (allocator and thread
+  pool state: a JAX step right after a torch step took up to 2x its time alone on 2 cores), so each
+  keeps its own. Workers start, compile and warm up one at a time, then the timed steps go round-robin,
+  one worker computing at a time. Returns what measure() does, plus "output": the first call's result
+  where the worker sends it."""
+  procs, out = {}, {}
+  try:
+    for name in names:
+      cmd = [sys.executable, script, WORKER_FLAG, name, *argv]
+      procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+      out[name] = {**_receive(procs[name], name), "times": []}
+    for _ in range(steps):
+      for name, p in procs.items():
+        time.sleep(0.05)  # as measure(): the previous worker's threads go idle
+        p.stdin.write("step\n")
+        p.stdin.flush()
+        out[name]["times"].append(_receive(p, name)["t"])
+  finally:
+    for p in procs.values():
+      p.stdin.close()  # the worker's loop ends at end of input
+      p.wait()
+  return _summarise(out)
+
+
+def _receive(proc, name: str) -> dict:
+  line = proc.stdout.readline()
+  if not line:
+    raise RuntimeError(f"benchmark worker {name!r} exited (code {proc.wait()}); its error is printed above")
+  return json.loads(line)
+
+
+def serve(build: Callable[[], Runner], warmup: int, send_output: bool = False):
+  """The worker side of measure_isolated: builds the runner, warms it up (peak RSS growth measured
+  there, as in measure), answers each `step` line on stdin with that step's time, and ends at end of
+  input. The replies go to the original stdout; anything else printed goes to stderr."""
+  channel = os.fdopen(os.dup(1), "w", buffering=1)
+  os.dup2(2, 1)
+  sys.stdout = sys.stderr
+  runner = build()
+  ready, first_out = _warm_up(runner, warmup)
+  if send_output:
+    ready["output"] = first_out
+  send = lambda msg: channel.write(json.dumps(msg, default=lambda o: o.tolist()) + "\n")
+  send(ready)
+  for line in sys.stdin:
+    if line.strip() != "step":
+      break
+    send({"t": _time(lambda: runner.block(runner.run()))})
 
 
 def _rss_bytes() -> int:

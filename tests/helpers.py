@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import jax
 
@@ -14,6 +15,7 @@ def load_module(path: str, name: str):
   """A module of the repository that is not in a package (configs/, benchmarks/), by its path under ROOT."""
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
   mod = importlib.util.module_from_spec(spec)
+  sys.modules[name] = mod  # as an import would (dataclasses look their module up there)
   spec.loader.exec_module(mod)
   return mod
 
