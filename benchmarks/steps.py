@@ -6,7 +6,9 @@
 
 Benchmarks (each: median step latency, throughput, achieved FLOP/s, MFU, compile time, peak memory).
 Every run of a benchmark (JAX variants, torch eager, torch.compile) is built and warmed up alone, then
-the timed steps go round-robin over them, so that other load on a shared machine hits all alike:
+the timed steps go round-robin over them, so that other load on a shared machine hits all alike; on CPU
+each run has its own process (--isolate; in one process a JAX step right after a torch step ran up to
+twice its time alone):
   sft     forward + backward + AdamW update through reft_jax.train.make_train_step / jit_step and
           losses.lm_loss (tokens/s = B * T per step)
   reft    the ReFT student step: CE on a user batch + KL to a frozen teacher on an alignment batch
