@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import os
 import platform
-import json
 import statistics
 import subprocess
 import sys
@@ -105,9 +105,10 @@ def _summarise(out: dict[str, dict]) -> dict[str, dict]:
 WORKER_FLAG = "--bench-worker"
 
 
-def worker_name(argv: list[str]) -> tuple[str | None, list[str]]:
-  """(NAME, the other arguments) when argv holds `--bench-worker NAME` (a worker of measure_isolated),
-  else (None, argv)."""
+def worker_name(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
+  """(NAME, the other arguments) when argv (default: this process's) holds `--bench-worker NAME` (a
+  worker of measure_isolated), else (None, argv)."""
+  argv = sys.argv[1:] if argv is None else argv
   if WORKER_FLAG not in argv:
     return None, argv
   i = argv.index(WORKER_FLAG)

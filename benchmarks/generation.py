@@ -156,7 +156,7 @@ def main(argv=None):
   p.add_argument("--smoke", action="store_true")
   p.add_argument("--no-single", action="store_true", help="skip torch one prompt at a time (slow)")
   p.add_argument("--out", default="runs/bench/generation.json")
-  worker, argv = common.worker_name(sys.argv[1:] if argv is None else argv)
+  worker, argv = common.worker_name(argv)
   args = p.parse_args(argv)
   args.out_dir = os.path.dirname(os.path.abspath(args.out))
   os.makedirs(args.out_dir, exist_ok=True)

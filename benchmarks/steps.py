@@ -630,7 +630,7 @@ COLUMNS = [
 
 
 def main(argv=None):
-  worker, argv = common.worker_name(sys.argv[1:] if argv is None else argv)
+  worker, argv = common.worker_name(argv)
   args = parse_args(argv)
   args.argv = argv  # what a worker process is started with
   if worker is not None:  # one run of measure_isolated, in its own process
