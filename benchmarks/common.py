@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -96,6 +97,8 @@ def _summarise(out: dict[str, dict]) -> dict[str, dict]:
   """step_s: the median timed step; compile_s: measured, or the first call's excess over the median."""
   for o in out.values():
     o["step_s"] = statistics.median(o["times"])
+    if o.get("step_usage"):  # measure_isolated: the worker's CPU seconds per step (median)
+      o["step_cpu_s"] = statistics.median(u["cpu_s"] for u in o["step_usage"])
     o["compile_s"] = o["compile_s"] if o["compile_s"] is not None else max(o["first_s"] - o["step_s"], 0.0)
   return out
 
@@ -127,13 +130,15 @@ def measure_isolated(script: str, argv: list[str], names: list[str], warmup: int
     for name in names:
       cmd = [sys.executable, script, WORKER_FLAG, name, *argv]
       procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-      out[name] = {**_receive(procs[name], name), "times": []}
+      out[name] = {**_receive(procs[name], name), "times": [], "step_usage": []}
     for _ in range(steps):
       for name, p in procs.items():
         time.sleep(0.05)  # as measure(): the previous worker's threads go idle
         p.stdin.write("step\n")
         p.stdin.flush()
-        out[name]["times"].append(_receive(p, name)["t"])
+        reply = _receive(p, name)
+        out[name]["times"].append(reply.pop("t"))
+        out[name]["step_usage"].append(reply)
   finally:
     for p in procs.values():
       p.stdin.close()  # the worker's loop ends at end of input
@@ -157,6 +162,7 @@ def serve(build: Callable[[], Runner], warmup: int, send_output: bool = False):
   sys.stdout = sys.stderr
   runner = build()
   ready, first_out = _warm_up(runner, warmup)
+  ready["memory_after_warmup"] = memory_backing()
   if send_output:
     ready["output"] = first_out
   send = lambda msg: channel.write(json.dumps(msg, default=lambda o: o.tolist()) + "\n")
@@ -164,7 +170,31 @@ def serve(build: Callable[[], Runner], warmup: int, send_output: bool = False):
   for line in sys.stdin:
     if line.strip() != "step":
       break
-    send({"t": _time(lambda: runner.block(runner.run()))})
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    t = _time(lambda: runner.block(runner.run()))
+    send({"t": t, **usage_delta(before, resource.getrusage(resource.RUSAGE_SELF))})
+
+
+def memory_backing() -> dict:
+  """This process's resident and transparent-huge-page-backed memory in MB (/proc/self/smaps_rollup)."""
+  try:
+    with open("/proc/self/smaps_rollup") as f:
+      kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if ":" in line and "kB" in line)}
+  except OSError:
+    return {}
+  return {"rss_mb": kb.get("Rss", 0) / 1024, "anon_huge_mb": kb.get("AnonHugePages", 0) / 1024}
+
+
+def usage_delta(before, after) -> dict:
+  """What a step cost this process besides wall time: CPU seconds (user + system; wall x cores when
+  nothing else runs), minor page faults and involuntary context switches (preemption by other load). A
+  worker slower than its twin at equal CPU time waited; at more CPU time it computed slower."""
+  cpu = lambda u: u.ru_utime + u.ru_stime
+  return {
+    "cpu_s": cpu(after) - cpu(before),
+    "minor_faults": after.ru_minflt - before.ru_minflt,
+    "preempted": after.ru_nivcsw - before.ru_nivcsw,
+  }
 
 
 def _rss_bytes() -> int:

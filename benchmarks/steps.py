@@ -565,7 +565,8 @@ def run_all(args) -> dict:
     rows.append(r)
     print(
       f"  {bench:6s} {impl:13s} {variant:24s} {r['step_ms']:8.1f} ms  {r['throughput']:9.1f} {unit}  "
-      f"{r['gflops']:6.1f} GFLOP/s  compile {r['compile_s']:.1f}s",
+      f"{r['gflops']:6.1f} GFLOP/s  compile {r['compile_s']:.1f}s"
+      + (f"  cpu {1000 * r['step_cpu_s']:.0f} ms" if "step_cpu_s" in r else ""),
       flush=True,
     )
 

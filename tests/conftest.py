@@ -1,9 +1,9 @@
 """Test setup: 8 simulated CPU devices and no network, fixed before jax/transformers are imported.
 
 Compiled executables go to one compilation cache per test session (JAX's persistent cache, in a fresh temporary
-directory, shared with the subprocesses the tests start): the many tests that run the same tiny model's steps
-compile each program once instead of once per test. It starts empty, so CI's clean clone compiles everything at
-least once; set JAX_COMPILATION_CACHE_DIR to keep one across sessions.
+directory, shared with the subprocesses the tests start and with pytest-xdist's workers, which inherit it): the
+many tests that run the same tiny model's steps compile each program once instead of once per test. It starts
+empty, so CI's clean clone compiles everything at least once; set JAX_COMPILATION_CACHE_DIR to keep one across sessions.
 """
 
 import atexit

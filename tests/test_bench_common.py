@@ -1,5 +1,6 @@
 """benchmarks/common.py: measure_isolated runs every runner in its own worker process, round-robin, and
-brings back each worker's figures, step times and first output; a worker that dies is named."""
+brings back each worker's figures, step times (with each step's CPU time) and first output; a worker that
+dies is named."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ calls = []
 def run():
   print("noise on stdout that must not reach the protocol")
   calls.append(os.getpid())
+  sum(i * i for i in range(200_000))  # some CPU time for the usage figures
   return {{"name": name, "argv": argv, "pid": os.getpid(), "call": len(calls)}}
 
 common.serve(lambda: common.Runner(run, lambda x: x, info={{"built_by": name}}), warmup=2, send_output=True)
@@ -57,6 +59,14 @@ def test_measure_isolated_runs_each_runner_in_its_own_process(common, tmp_path):
     assert len(o["times"]) == 3 and all(t >= 0 for t in o["times"])
     assert o["step_s"] == sorted(o["times"])[1]  # the median
     assert o["compile_s"] >= 0 and "rss_delta_mb" in o
+    # each timed step's own usage: CPU seconds spent (a busy loop: > 0, and at most wall x this
+    # machine's cores), page faults, preemptions; the memory's huge-page backing after warm-up
+    assert len(o["step_usage"]) == 3
+    for t, u in zip(o["times"], o["step_usage"]):
+      assert set(u) == {"cpu_s", "minor_faults", "preempted"}
+      assert 0 < u["cpu_s"] <= t * os.cpu_count() + 0.02 and u["minor_faults"] >= 0 and u["preempted"] >= 0
+    assert o["step_cpu_s"] == sorted(u["cpu_s"] for u in o["step_usage"])[1]
+    assert o["memory_after_warmup"]["rss_mb"] > 0 and o["memory_after_warmup"]["anon_huge_mb"] >= 0
 
 
 def test_a_worker_that_dies_is_named(common, tmp_path, capfd):
