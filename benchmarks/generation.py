@@ -90,7 +90,8 @@ def _count(rows_ids, eos: int) -> int:
 
 
 def jax_runner(args, per_layer: bool, options=None) -> common.Runner:
-  """generate.generate over generate_texts' batching: sorted by length, widths from prompt_width."""
+  """generate.generate over generate_texts' batching: sorted by length, widths from prompt_width, the
+  per-layer weights cut once per call."""
   from reft_jax import generate as G
   from reft_jax.model.hf import load_hf
   from reft_jax.model.layers import RunOptions
@@ -100,10 +101,11 @@ def jax_runner(args, per_layer: bool, options=None) -> common.Runner:
 
   def run():
     out = [None] * len(encoded)
+    layers = G.cut_layers(model) if per_layer else None  # once per call, as generate_texts
     for rows, tokens, mask in G.prompt_batches(encoded, args.batch, pad):
       new = G.generate(
         model, tokens, mask, max_new_tokens=args.new, eos_id=eos, pad_id=pad, per_layer=per_layer,
-        compiler_options=options,
+        compiler_options=options, layers=layers,
       )  # fmt: skip
       for i, row in zip(rows, new):
         out[i] = row
@@ -188,6 +190,7 @@ def main(argv=None):
     n = _count(texts[k], eos)
     med = float(np.median(r["times"]))
     out[k] = {"median_s": med, "times": r["times"], "first_s": r["first_s"], "tokens": n, "tokens_per_s": n / med}
+    out[k].update({x: r[x] for x in ("step_cpu_s", "step_usage", "memory_after_warmup") if x in r})
     out[k]["same_text_as_jax_per_layer"] = sum(a == b for a, b in zip(decode(texts[k]), ref))
   base = out["torch_batched"]["median_s"]
   for k in res:

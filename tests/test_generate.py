@@ -172,3 +172,35 @@ def test_the_decode_loop_drops_ynnpack_fusions_only_on_x86_without_avx512(monkey
   monkeypatch.delenv("REFT_JAX_DECODE_YNN")
   assert G.decode_options_default() == {}
   assert not G._xla_accepts((("xla_cpu_no_such_option", ""),))  # a renamed option: XLA's defaults
+
+
+def test_weights_cut_once_give_the_same_tokens_as_a_cut_per_call():
+  """generate(layers=cut_layers(model)) (generate_texts' way over many batches) decodes what a call that
+  cuts its own per-layer weights does; layers with the stacked decode are refused."""
+  model = init_model(GEMMA_LIKE, RunOptions(scan_layers=True), seed=4)
+  rng = np.random.default_rng(2)
+  tokens, mask = left_pad([list(rng.integers(3, GEMMA_LIKE.vocab_size, size=n)) for n in (4, 7)], pad_id=0)
+  kw = dict(max_new_tokens=6, eos_id=-1, pad_id=0, per_layer=True)
+  layers = G.cut_layers(model)
+  assert len(layers) == GEMMA_LIKE.num_layers
+  np.testing.assert_array_equal(generate(model, tokens, mask, layers=layers, **kw), generate(model, tokens, mask, **kw))
+  with pytest.raises(ValueError, match="per_layer=False"):
+    generate(model, tokens, mask, **{**kw, "per_layer": False}, layers=layers)
+
+
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_head_major_attention_equals_token_major(softcap):
+  """einsum_attention on the KV cache's head-major keys ([B, KV, S, D], queries transposed to match)
+  gives the token-major path's output, masked slots and soft-cap included."""
+  from reft_jax.model.layers import einsum_attention
+
+  rng = np.random.default_rng(3)
+  b, t, kv, g, s, d = 2, 3, 2, 3, 7, 8
+  q = jnp.asarray(rng.standard_normal((b, t, kv, g, d)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((b, s, kv, d)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((b, s, kv, d)), jnp.float32)
+  mask = jnp.asarray(rng.random((b, t, s)) > 0.3)
+  token_major = einsum_attention(q, k, v, mask, 0.3, softcap)
+  head_major = einsum_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, 0.3, softcap, head_major=True)
+  assert head_major.shape == (b, t, kv, g, d)
+  np.testing.assert_allclose(np.asarray(head_major), np.asarray(token_major), atol=1e-6, rtol=1e-6)
