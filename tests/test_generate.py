@@ -204,3 +204,15 @@ def test_head_major_attention_equals_token_major(softcap):
   head_major = einsum_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, 0.3, softcap, head_major=True)
   assert head_major.shape == (b, t, kv, g, d)
   np.testing.assert_allclose(np.asarray(head_major), np.asarray(token_major), atol=1e-6, rtol=1e-6)
+
+
+def test_first_argmax_is_argmax_with_ties_to_the_first_index():
+  rng = np.random.default_rng(4)
+  logits = rng.standard_normal((5, 300)).astype(np.float32)
+  logits[1, [7, 40, 299]] = 9.0  # a tie: the first index wins, as in jnp.argmax
+  logits[2, :] = -1.0  # all equal
+  logits[3, -1] = 50.0
+  got = np.asarray(G.first_argmax(jnp.asarray(logits)))
+  np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)))
+  assert got.dtype == np.int32 and got[1] == 7 and got[2] == 0
+  assert int(G.first_argmax(jnp.full((1, 4), jnp.nan))[0]) == 3  # no maximum: a valid index still
