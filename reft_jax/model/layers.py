@@ -347,21 +347,17 @@ def einsum_attention(q_BTKGD, k, v, mask_BTS, scale, softcap=None, head_major=Fa
   Head-major keys get head-major queries: both dots are then plain per-(batch, kv head) matmuls over
   [G*T, D] rows, which XLA:CPU hands to YNNPACK; with the queries in token-major order it ran probs.V as
   a batched Eigen dot, 2.2x slower over a SmolLM2 decode step's 30 layers (README, generation)."""
+  q, q_spec, kv_spec = q_BTKGD, "btkgd", "bskd"
   if head_major:
-    scores = jnp.einsum(
-      "bkgtd,bksd->bkgts", jnp.transpose(q_BTKGD, (0, 2, 3, 1, 4)), k, preferred_element_type=jnp.float32
-    )
-  else:
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k, preferred_element_type=jnp.float32)
-  scores = scores * scale
+    q, q_spec, kv_spec = jnp.transpose(q, (0, 2, 3, 1, 4)), "bkgtd", "bksd"
+  scores = jnp.einsum(f"{q_spec},{kv_spec}->bkgts", q, k, preferred_element_type=jnp.float32) * scale
   if softcap:
     scores = jnp.tanh(scores / softcap) * softcap
   # A finite minimum (not -inf) keeps fully masked rows (padding queries) free of NaNs.
   scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  if head_major:
-    return jnp.transpose(jnp.einsum("bkgts,bksd->bkgtd", probs, v), (0, 3, 1, 2, 4))
-  return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  out = jnp.einsum(f"bkgts,{kv_spec}->{q_spec}", probs, v)
+  return jnp.transpose(out, (0, 3, 1, 2, 4)) if head_major else out
 
 
 class MLP(nnx.Module):
