@@ -24,7 +24,8 @@ chunkN: N positions, e.g. chunk16),
 dpa (jax.nn.dot_product_attention), cudnn (its cuDNN flash kernel, GPU), splash (the Pallas TPU kernel;
 interpreted, far slower, off TPU; generation uses XLA attention), scan (layers under lax.scan), remat (full
 rematerialisation), remat_dots (save matmul outputs), fused (q/k/v and gate/up as one matmul each:
-model.fuse_projections=true). filter/gen only run variants that change a forward pass.
+model.fuse_projections=true), teacher_lora (reft: the frozen teacher keeps unmerged LoRA adapters; by default it
+is merged, as the pipeline loads it). filter/gen only run variants that change a forward pass.
 
 FLOPs: 6 N + 12 L T D_attn per trained token (reft_jax.train.flops_per_token; N = non-embedding
 parameters + the LM head), a third of it per forward-only token; the filter counts its L/2 blocks and no
@@ -43,6 +44,7 @@ Prints one markdown table and writes benchmarks/results/steps.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -66,6 +68,7 @@ FEATURES = (
   "remat",
   "remat_dots",
   "fused",
+  "teacher_lora",
 )
 # what a forward-only pass (filter, generation) sees
 FORWARD_FEATURES = ("bf16", "dpa", "cudnn", "splash", "scan", "fused")
@@ -224,7 +227,7 @@ def _device_peak_mb(jax) -> float | None:
   return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
 
 
-def jax_train(bench: str, cfg, opts, chunk: int, args) -> common.Runner:
+def jax_train(bench: str, cfg, opts, chunk: int, args, teacher_lora: bool = False) -> common.Runner:
   """The framework's real step: make_optimizer, init_train_state, make_train_step, jit_step."""
   import jax
 
@@ -254,7 +257,10 @@ def jax_train(bench: str, cfg, opts, chunk: int, args) -> common.Runner:
   else:
     batch = {"user": lm_batch(rng, args), "align": lm_batch(rng, args)}
     loss_fn = reft.student_loss(1.0, 1.0, False, chunk)
-    frozen_graphdef, frozen = split_model(init_model(cfg, opts, seed=1))
+    # The pipeline's teacher is merged, without adapters (model/build.py:load_frozen); teacher_lora keeps
+    # them, as a LoRA-trained teacher would compute unmerged.
+    teacher_opts = opts if teacher_lora else dataclasses.replace(opts, lora=None)
+    frozen_graphdef, frozen = split_model(init_model(cfg, teacher_opts, seed=1))
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
   batch_sh = batch_shardings(batch, mesh)
   batch = jax.device_put(batch, batch_sh)
@@ -515,7 +521,9 @@ def build_runner(bench: str, impl: str, variant: str, cfg, args) -> common.Runne
   train = bench in ("sft", "reft")
   if impl == "jax":
     opts, chunk = variant_options(variant, args)
-    return jax_train(bench, cfg, opts, chunk, args) if train else jax_forward(bench, cfg, opts, args)
+    if not train:
+      return jax_forward(bench, cfg, opts, args)
+    return jax_train(bench, cfg, opts, chunk, args, teacher_lora="teacher_lora" in variant.split("+"))
   import torch
 
   fn = torch_train if train else torch_forward

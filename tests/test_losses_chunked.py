@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from reft_jax import losses
+from reft_jax import losses, refusal
 from reft_jax.defences.reft import student_loss
 from reft_jax.model import ModelConfig, init_model
 from reft_jax.train import Context
@@ -155,6 +155,32 @@ def test_student_loss_chunked_matches(topk):
     return lambda m: (lambda s, n, _: s / n)(*fn(m, batch, ctx))
 
   assert_same(value_and_grads(student, mean(4)), value_and_grads(student, mean(0)))
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_student_loss_is_ce_plus_kl_plus_feature_term(chunk):
+  """The student's loss, with the refusal-feature term, and its gradients equal the textbook composition
+  CE + beta KL(teacher || student) + lam reg, each from a forward of its own (alignment batch shorter)."""
+  student, teacher = randomized(LLAMA), randomized(LLAMA, seed=5)
+  u, a = lm_batch(LLAMA, seed=1), lm_batch(LLAMA, seed=2, t=9)
+  a = {**a, "last_prompt": jnp.asarray([3, 5, 2]), "is_harmful": jnp.asarray([1, 0, 1])}
+  r = np.random.RandomState(3).randn(LLAMA.hidden_size).astype(np.float32)
+  beta, temp, lam = 0.7, 1.3, 0.4
+  fn = student_loss(beta, temp, False, chunk, feature=(1, r, lam))
+  ctx = Context({}, teacher)
+
+  def two_forwards(m):
+    ce, count = losses.batch_cross_entropy(m, u)
+    _, wa = losses.next_token_targets(a["tokens"], a["loss_mask"])
+    t_logits = losses.shifted_logits(teacher, a["tokens"], a["attention_mask"])
+    kl, n = losses.kl_teacher_student(t_logits, losses.shifted_logits(m, a["tokens"], a["attention_mask"]), wa, temp)
+    h1 = m.forward(a["tokens"], a["attention_mask"], hidden_layers=(1,), stop_after=1)[1][1]
+    h = jnp.take_along_axis(h1, a["last_prompt"][:, None, None], 1)[:, 0]
+    reg = losses.refusal_regularizer(refusal.cosine(h, jnp.asarray(r)), a["is_harmful"])
+    return ce / count + beta * kl / n + lam * reg
+
+  one = lambda m: (lambda s, n, _: s / n)(*fn(m, {"user": u, "align": a}, ctx))
+  assert_same(value_and_grads(student, one), value_and_grads(student, two_forwards))
 
 
 def test_loss_chunk_config_is_checked():
