@@ -169,7 +169,7 @@ def test_student_loss_is_ce_plus_kl_plus_feature_term(chunk):
   fn = student_loss(beta, temp, False, chunk, feature=(1, r, lam))
   ctx = Context({}, teacher)
 
-  def two_forwards(m):
+  def textbook(m):
     ce, count = losses.batch_cross_entropy(m, u)
     _, wa = losses.next_token_targets(a["tokens"], a["loss_mask"])
     t_logits = losses.shifted_logits(teacher, a["tokens"], a["attention_mask"])
@@ -179,8 +179,8 @@ def test_student_loss_is_ce_plus_kl_plus_feature_term(chunk):
     reg = losses.refusal_regularizer(refusal.cosine(h, jnp.asarray(r)), a["is_harmful"])
     return ce / count + beta * kl / n + lam * reg
 
-  one = lambda m: (lambda s, n, _: s / n)(*fn(m, {"user": u, "align": a}, ctx))
-  assert_same(value_and_grads(student, one), value_and_grads(student, two_forwards))
+  mean = lambda m: (lambda s, n, _: s / n)(*fn(m, {"user": u, "align": a}, ctx))
+  assert_same(value_and_grads(student, mean), value_and_grads(student, textbook))
 
 
 def test_loss_chunk_config_is_checked():
