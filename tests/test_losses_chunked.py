@@ -62,7 +62,7 @@ def assert_same(a, b):
 
 @pytest.mark.parametrize("n_in", [1, 2])
 def test_dense_matches_tensordot(n_in):
-  from reft_jax.model.layers import dense
+  from reft_jax.model.kernels import dense
 
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randn(3, 5, *(4, 6)[:n_in]), jnp.float32)

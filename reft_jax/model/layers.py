@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from reft_jax.model.config import ModelConfig
+from reft_jax.model.kernels import ACTIVATION_FNS, dense, gated, masked_softmax
 from reft_jax.model.splash import splash_attention
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -82,42 +83,6 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, std=0.02, kind=nnx.Param, value=N
   if value is None:
     value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
   return kind(jnp.asarray(value, dtype), logical_axes=tuple(axes))
-
-
-@jax.custom_vjp
-def _matmul(x, w):
-  return x @ w
-
-
-def _matmul_fwd(x, w):
-  return x @ w, (x, w)
-
-
-def _matmul_bwd(res, g):
-  x, w = res
-  x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-  if jax.default_backend() != "cpu":
-    return g @ w.T, (x2.T @ g2).astype(w.dtype)
-  # The weight gradient contracts the token axis, the leading one of both operands. Left to itself,
-  # XLA:CPU transposes the larger operand and runs Eigen's slower dot; materialising the narrower one's
-  # transpose behind a barrier keeps YNNPACK's plain matmul (README, "Speed"). LoRA's A: g is [tokens, r].
-  if x2.shape[1] <= g2.shape[1]:
-    dw = jax.lax.optimization_barrier(x2.T) @ g2
-  else:
-    dw = (jax.lax.optimization_barrier(g2.T) @ x2).T
-  return g @ w.T, dw.astype(w.dtype)
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def dense(x, w, n_in: int = 1):
-  """jnp.tensordot(x, w, n_in) (x's last n_in axes against w's first), with the weight gradient laid out
-  for a fast matmul on CPU; the same values and gradients."""
-  k = math.prod(w.shape[:n_in])
-  lead = x.shape[: x.ndim - n_in]
-  y = _matmul(x.reshape(*lead, k), w.reshape(k, -1))
-  return y.reshape(*lead, *w.shape[n_in:])
 
 
 class Linear(nnx.Module):
@@ -353,9 +318,7 @@ def einsum_attention(q_BTKGD, k, v, mask_BTS, scale, softcap=None, head_major=Fa
   scores = jnp.einsum(f"{q_spec},{kv_spec}->bkgts", q, k, preferred_element_type=jnp.float32) * scale
   if softcap:
     scores = jnp.tanh(scores / softcap) * softcap
-  # A finite minimum (not -inf) keeps fully masked rows (padding queries) free of NaNs.
-  scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  probs = masked_softmax(scores, mask_BTS).astype(v.dtype)
   out = jnp.einsum(f"bkgts,{kv_spec}->{q_spec}", probs, v)
   return jnp.transpose(out, (0, 3, 1, 2, 4)) if head_major else out
 
@@ -385,8 +348,4 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     g, up = fused_linear(x, (self.gate, self.up)) if self.fused else (self.gate(x), self.up(x))
-    if self.activation == "silu":
-      g = jax.nn.silu(g)
-    else:
-      g = jax.nn.gelu(g, approximate=self.activation == "gelu_pytorch_tanh")
-    return self.down(g * up)
+    return self.down(gated(g, up, ACTIVATION_FNS[self.activation]))

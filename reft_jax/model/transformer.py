@@ -17,7 +17,7 @@ from flax import nnx
 
 from reft_jax import sharding as shd
 from reft_jax.model.config import ModelConfig
-
+from reft_jax.model.kernels import dense
 from reft_jax.model.layers import (  # noqa: F401  (the model's vocabulary, re-exported)
   ATTENTION,
   LOGITS_AXES,
@@ -31,7 +31,6 @@ from reft_jax.model.layers import (  # noqa: F401  (the model's vocabulary, re-e
   RMSNorm,
   RunOptions,
   _param,
-  dense,
   apply_rope,
   rope_frequencies,
 )
@@ -240,7 +239,8 @@ class Transformer(nnx.Module):
     segments = kv_mask_BS if cache is None else None  # without a cache, keys are the queries' tokens
 
     def block_fn(state, x, is_sliding, layer_cache, delta):
-      mask = jnp.where(is_sliding, sliding_BTS, full_BTS)
+      # without windows the mask is one for every layer: a loop invariant of lax.scan, not a per-layer array
+      mask = jnp.where(is_sliding, sliding_BTS, full_BTS) if windows.any() else full_BTS
       x, c = nnx.merge(graphdef, state)(x, positions_BT, mask, layer_cache, cache_index, delta, segments, is_sliding)
       return shd.constrain(x, RESIDUAL_AXES), c
 
