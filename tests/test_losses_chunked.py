@@ -1,5 +1,5 @@
 """The fast paths equal the plain ones, in values and gradients: the chunked (fused) head + loss, the
-cross-entropy's hand-written gradient, and layers.dense's weight gradient."""
+cross-entropy's hand-written gradient, and kernels.dense's weight gradient."""
 
 import math
 
@@ -54,6 +54,13 @@ def value_and_grads(model, fn):
   return jax.jit(jax.value_and_grad(lambda p: fn(nnx.merge(graphdef, p))))(params)
 
 
+@pytest.fixture(params=["deferred", "per_chunk"])
+def projection_grad(request, monkeypatch):
+  """Both ways of the chunked head's backward: the projection's after the loop (CPU) or in each chunk."""
+  monkeypatch.setattr(losses, "_defer_projection_grad", lambda: request.param == "deferred")
+  return request.param
+
+
 def assert_same(a, b):
   (va, ga), (vb, gb) = a, b
   np.testing.assert_allclose(va, vb, **TOL)
@@ -91,7 +98,7 @@ def test_lm_loss_matches_autodiff_log_softmax(cfg):
 
 @pytest.mark.parametrize("cfg", [LLAMA, TIED], ids=["llama", "tied_softcap"])
 @pytest.mark.parametrize("chunk", [4, 16])  # 4 does not divide T - 1 = 10; 16 > T - 1 (one padded chunk)
-def test_lm_loss_chunked_matches(cfg, chunk):
+def test_lm_loss_chunked_matches(cfg, chunk, projection_grad):
   model, batch = randomized(cfg), lm_batch(cfg)
   mean = lambda loss_fn: lambda m: (lambda s, n, _: s / n)(*loss_fn(m, batch))
   assert_same(value_and_grads(model, mean(losses.make_lm_loss(chunk))), value_and_grads(model, mean(losses.lm_loss)))
@@ -108,7 +115,7 @@ def test_chunked_cross_entropy_count_and_forward_only():
 
 
 @pytest.mark.parametrize("cfg", [LLAMA, TIED], ids=["llama", "tied_softcap"])
-def test_kl_teacher_student_chunked_matches(cfg):
+def test_kl_teacher_student_chunked_matches(cfg, projection_grad):
   student, teacher, batch = randomized(cfg), randomized(cfg, seed=5), lm_batch(cfg)
   _, w = losses.next_token_targets(batch["tokens"], batch["loss_mask"])
   tok, mask = batch["tokens"], batch["attention_mask"]
@@ -124,7 +131,7 @@ def test_kl_teacher_student_chunked_matches(cfg):
   assert_same(value_and_grads(student, chunked), value_and_grads(student, full))
 
 
-def test_kl_topk_chunked_matches():
+def test_kl_topk_chunked_matches(projection_grad):
   student, teacher, batch = randomized(LLAMA), randomized(LLAMA, seed=5), lm_batch(LLAMA)
   _, w = losses.next_token_targets(batch["tokens"], batch["loss_mask"])
   tok, mask = batch["tokens"], batch["attention_mask"]
@@ -141,7 +148,7 @@ def test_kl_topk_chunked_matches():
 
 
 @pytest.mark.parametrize("topk", [False, True])
-def test_student_loss_chunked_matches(topk):
+def test_student_loss_chunked_matches(topk, projection_grad):
   student, teacher = randomized(LLAMA), randomized(LLAMA, seed=5)
   batch = {"user": lm_batch(LLAMA, seed=1), "align": lm_batch(LLAMA, seed=2)}
   if topk:
@@ -158,7 +165,7 @@ def test_student_loss_chunked_matches(topk):
 
 
 @pytest.mark.parametrize("chunk", [0, 4])
-def test_student_loss_is_ce_plus_kl_plus_feature_term(chunk):
+def test_student_loss_is_ce_plus_kl_plus_feature_term(chunk, projection_grad):
   """The student's loss, with the refusal-feature term, and its gradients equal the textbook composition
   CE + beta KL(teacher || student) + lam reg, each from a forward of its own (alignment batch shorter)."""
   student, teacher = randomized(LLAMA), randomized(LLAMA, seed=5)

@@ -197,13 +197,18 @@ class Transformer(nnx.Module):
 
   def head(self, x):
     """Final norm + output projection (+ soft-cap): the residual stream [B, T, D] -> logits [B, T, V]."""
+    return self.cap_logits(self.head_projection(x))
+
+  def head_projection(self, x):
+    """Final norm + output projection, before the soft-cap: [B, T, D] -> [B, T, V]."""
     x = self.final_norm(x)
-    if self.lm_head is None:
-      logits = dense(x, self.embed[...].astype(self.dtype).T)
-    else:
-      logits = self.lm_head(x)
+    logits = dense(x, self.embed[...].astype(self.dtype).T) if self.lm_head is None else self.lm_head(x)
+    return shd.constrain(logits, LOGITS_AXES)
+
+  def cap_logits(self, logits):
+    """The final logit soft-cap (Gemma 2), or the logits unchanged."""
     cap = self.cfg.final_logit_softcap
-    return shd.constrain(jnp.tanh(logits / cap) * cap if cap else logits, LOGITS_AXES)
+    return jnp.tanh(logits / cap) * cap if cap else logits
 
   def _blocks(
     self,
