@@ -25,7 +25,9 @@ dpa (jax.nn.dot_product_attention), cudnn (its cuDNN flash kernel, GPU), splash 
 interpreted, far slower, off TPU; generation uses XLA attention), scan (layers under lax.scan), remat (full
 rematerialisation), remat_dots (save matmul outputs), fused (q/k/v and gate/up as one matmul each:
 model.fuse_projections=true), teacher_lora (reft: the frozen teacher keeps unmerged LoRA adapters; by default it
-is merged, as the pipeline loads it). filter/gen only run variants that change a forward pass.
+is merged, as the pipeline loads it), chunk_head_grad (the chunked head's projection backward in every chunk, as
+on accelerators; on CPU it runs once after the chunks by default). filter/gen only run variants that change a
+forward pass.
 
 FLOPs: 6 N + 12 L T D_attn per trained token (reft_jax.train.flops_per_token; N = non-embedding
 parameters + the LM head), a third of it per forward-only token; the filter counts its L/2 blocks and no
@@ -44,6 +46,7 @@ Prints one markdown table and writes benchmarks/results/steps.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -69,6 +72,7 @@ FEATURES = (
   "remat_dots",
   "fused",
   "teacher_lora",
+  "chunk_head_grad",
 )
 # what a forward-only pass (filter, generation) sees
 FORWARD_FEATURES = ("bf16", "dpa", "cudnn", "splash", "scan", "fused")
@@ -517,13 +521,28 @@ def runner_names(bench: str, args) -> list[tuple[str, str]]:
   return names
 
 
+@contextlib.contextmanager
+def _per_chunk_head_grad(on: bool):
+  """chunk_head_grad: losses' switch, read when jax_train traces the step, turned to the per-chunk backward."""
+  from reft_jax import losses
+
+  saved = losses._defer_projection_grad
+  if on:
+    losses._defer_projection_grad = lambda: False
+  try:
+    yield
+  finally:
+    losses._defer_projection_grad = saved
+
+
 def build_runner(bench: str, impl: str, variant: str, cfg, args) -> common.Runner:
   train = bench in ("sft", "reft")
   if impl == "jax":
     opts, chunk = variant_options(variant, args)
     if not train:
       return jax_forward(bench, cfg, opts, args)
-    return jax_train(bench, cfg, opts, chunk, args, teacher_lora="teacher_lora" in variant.split("+"))
+    with _per_chunk_head_grad("chunk_head_grad" in variant.split("+")):
+      return jax_train(bench, cfg, opts, chunk, args, teacher_lora="teacher_lora" in variant.split("+"))
   import torch
 
   fn = torch_train if train else torch_forward
