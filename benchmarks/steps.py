@@ -53,6 +53,7 @@ import os
 import re
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 
@@ -521,28 +522,19 @@ def runner_names(bench: str, args) -> list[tuple[str, str]]:
   return names
 
 
-@contextlib.contextmanager
-def _per_chunk_head_grad(on: bool):
-  """chunk_head_grad: losses' switch, read when jax_train traces the step, turned to the per-chunk backward."""
-  from reft_jax import losses
-
-  saved = losses._defer_projection_grad
-  if on:
-    losses._defer_projection_grad = lambda: False
-  try:
-    yield
-  finally:
-    losses._defer_projection_grad = saved
-
-
 def build_runner(bench: str, impl: str, variant: str, cfg, args) -> common.Runner:
   train = bench in ("sft", "reft")
   if impl == "jax":
     opts, chunk = variant_options(variant, args)
     if not train:
       return jax_forward(bench, cfg, opts, args)
-    with _per_chunk_head_grad("chunk_head_grad" in variant.split("+")):
-      return jax_train(bench, cfg, opts, chunk, args, teacher_lora="teacher_lora" in variant.split("+"))
+    from reft_jax import losses
+
+    feats = variant.split("+")
+    # chunk_head_grad: losses' switch, read when jax_train traces the step, set to the per-chunk backward
+    per_chunk = mock.patch.object(losses, "_defer_projection_grad", lambda: False)
+    with per_chunk if "chunk_head_grad" in feats else contextlib.nullcontext():
+      return jax_train(bench, cfg, opts, chunk, args, teacher_lora="teacher_lora" in feats)
   import torch
 
   fn = torch_train if train else torch_forward

@@ -24,6 +24,11 @@ def _randn(*shape, seed=0):
   return jnp.asarray(np.random.RandomState(seed).randn(*shape), jnp.float32)
 
 
+def _plain_masked_softmax(scores, mask_BTS):
+  """masked_softmax as autodiff sees it: the reference of its hand-written gradient."""
+  return jax.nn.softmax(jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min), axis=-1)
+
+
 def _assert_same_vjp(fast, plain, args, argnums):
   """Equal values, and equal gradients of a random projection of the output."""
   out = plain(*args)
@@ -46,11 +51,7 @@ def test_masked_softmax_matches_autodiff():
   mask = np.tril(np.ones((5, 5), bool))[None].repeat(2, 0)
   mask[1, 3] = False  # a fully masked row (a padding query): finite, and no gradient through it
   mask = jnp.asarray(mask)
-
-  def plain(s, m):
-    return jax.nn.softmax(jnp.where(m[:, None, None], s, jnp.finfo(jnp.float32).min), axis=-1)
-
-  _assert_same_vjp(kernels.masked_softmax, plain, (scores, mask), 0)
+  _assert_same_vjp(kernels.masked_softmax, _plain_masked_softmax, (scores, mask), 0)
   assert np.isfinite(kernels.masked_softmax(scores, mask)).all()
 
 
@@ -76,14 +77,9 @@ def test_model_on_kernels_matches_plain_autodiff(scan, monkeypatch):
   """The whole model's LoRA gradients, with the kernels and with their autodiff reference patched in."""
   loss, lora = _lora_loss(_lora_model(scan))
   fast = jax.value_and_grad(loss)(lora)
-  plain_dense = lambda x, w, n_in=1: jnp.tensordot(x, w, n_in)
-  monkeypatch.setattr(layers, "dense", plain_dense)
+  monkeypatch.setattr(layers, "dense", lambda x, w, n_in=1: jnp.tensordot(x, w, n_in))
   monkeypatch.setattr(layers, "gated", lambda g, u, act: act(g) * u)
-  monkeypatch.setattr(
-    layers,
-    "masked_softmax",
-    lambda s, m: jax.nn.softmax(jnp.where(m[:, None, None], s, jnp.finfo(jnp.float32).min), axis=-1),
-  )
+  monkeypatch.setattr(layers, "masked_softmax", _plain_masked_softmax)
   plain = jax.value_and_grad(loss)(lora)
   np.testing.assert_allclose(fast[0], plain[0], **TOL)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), fast[1], plain[1])
