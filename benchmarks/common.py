@@ -118,13 +118,21 @@ def worker_name(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
   return argv[i + 1], argv[:i] + argv[i + 2 :]
 
 
-def measure_isolated(script: str, argv: list[str], names: list[str], warmup: int, steps: int) -> dict[str, dict]:
+def measure_isolated(
+  script: str, argv: list[str], names: list[str], warmup: int, steps: int, prime: bool = True
+) -> dict[str, dict]:
   """measure() with every runner in its own process (`python script --bench-worker NAME *argv`, which
   calls serve): JAX and torch in one process slow each other's next step down (allocator and thread
   pool state: a JAX step right after a torch step took up to 2x its time alone on 2 cores), so each
   keeps its own. Workers start, compile and warm up one at a time, then the timed steps go round-robin,
   one worker computing at a time. Returns what measure() does, plus "output": the first call's result
-  where the worker sends it."""
+  where the worker sends it.
+
+  prime: each timed step comes right after an untimed one of the same worker, as in a training loop.
+  Why: a step's temporaries are mapped afresh (page faults), and on a virtual machine that hands free
+  memory back to its host (virtio-balloon free page reporting), memory left free for a while faults far
+  slower. Without priming, the worker whose turn follows one that freed less than it needs paid 5-6 s of
+  kernel time per 10 s ReFT step at SmolLM2's shape (session 23), its twins 0.2 s."""
   procs, out = {}, {}
   try:
     for name in names:
@@ -134,16 +142,59 @@ def measure_isolated(script: str, argv: list[str], names: list[str], warmup: int
     for _ in range(steps):
       for name, p in procs.items():
         time.sleep(0.05)  # as measure(): the previous worker's threads go idle
-        p.stdin.write("step\n")
-        p.stdin.flush()
-        reply = _receive(p, name)
+        if prime:
+          _request(p, name, "prime")
+        before = process_cpu_seconds()
+        reply = _request(p, name, "step")
         out[name]["times"].append(reply.pop("t"))
+        reply["others"] = other_cpu_use(before, process_cpu_seconds(), p.pid)
         out[name]["step_usage"].append(reply)
   finally:
     for p in procs.values():
-      p.stdin.close()  # the worker's loop ends at end of input
+      try:
+        p.stdin.close()  # the worker's loop ends at end of input
+      except BrokenPipeError:  # it has died; _request named it
+        pass
       p.wait()
   return _summarise(out)
+
+
+def _request(proc, name: str, command: str) -> dict:
+  try:
+    proc.stdin.write(command + "\n")
+    proc.stdin.flush()
+  except BrokenPipeError:
+    raise RuntimeError(f"benchmark worker {name!r} exited (code {proc.wait()}); its error is printed above") from None
+  return _receive(proc, name)
+
+
+def process_cpu_seconds() -> dict[int, tuple[str, float]]:
+  """Every process's (name, user + system CPU seconds so far), from /proc/PID/stat; {} off Linux."""
+  tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+  seen = {}
+  for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
+    if not pid.isdigit():
+      continue
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    except OSError:  # the process ended meanwhile
+      continue
+    name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+    seen[int(pid)] = (name, (int(fields[11]) + int(fields[12])) / tick)  # utime, stime
+  return seen
+
+
+def other_cpu_use(before: dict, after: dict, worker_pid: int, top: int = 3) -> dict:
+  """CPU seconds that processes other than the timed worker used during its step: the total and the
+  largest users ("pid name": s). On 2 cores a neighbour's background work slows the timed step."""
+  used = {
+    f"{pid} {name}": t - before.get(pid, (name, 0.0))[1]
+    for pid, (name, t) in after.items()
+    if pid != worker_pid and t - before.get(pid, (name, 0.0))[1] > 0
+  }
+  largest = sorted(used.items(), key=lambda kv: -kv[1])[:top]
+  return {"cpu_s": round(sum(used.values()), 3), "largest": {k: round(v, 3) for k, v in largest}}
 
 
 def _receive(proc, name: str) -> dict:
@@ -155,8 +206,9 @@ def _receive(proc, name: str) -> dict:
 
 def serve(build: Callable[[], Runner], warmup: int, send_output: bool = False):
   """The worker side of measure_isolated: builds the runner, warms it up (peak RSS growth measured
-  there, as in measure), answers each `step` line on stdin with that step's time, and ends at end of
-  input. The replies go to the original stdout; anything else printed goes to stderr."""
+  there, as in measure), answers each `step` line on stdin with that step's time (and each `prime` line
+  with an untimed step's), and ends at end of input. The replies go to the original stdout; anything
+  else printed goes to stderr."""
   channel = os.fdopen(os.dup(1), "w", buffering=1)
   os.dup2(2, 1)
   sys.stdout = sys.stderr
@@ -168,6 +220,9 @@ def serve(build: Callable[[], Runner], warmup: int, send_output: bool = False):
   send = lambda msg: channel.write(json.dumps(msg, default=lambda o: o.tolist()) + "\n")
   send(ready)
   for line in sys.stdin:
+    if line.strip() == "prime":  # an untimed step just before the timed one (measure_isolated)
+      send({"primed_s": _time(lambda: runner.block(runner.run()))})
+      continue
     if line.strip() != "step":
       break
     before = resource.getrusage(resource.RUSAGE_SELF)
@@ -192,7 +247,9 @@ def usage_delta(before, after) -> dict:
   cpu = lambda u: u.ru_utime + u.ru_stime
   return {
     "cpu_s": cpu(after) - cpu(before),
+    "system_s": after.ru_stime - before.ru_stime,  # in the kernel: page faults, zeroing, compaction
     "minor_faults": after.ru_minflt - before.ru_minflt,
+    "major_faults": after.ru_majflt - before.ru_majflt,
     "preempted": after.ru_nivcsw - before.ru_nivcsw,
   }
 
