@@ -164,8 +164,12 @@ def _request(proc, name: str, command: str) -> dict:
     proc.stdin.write(command + "\n")
     proc.stdin.flush()
   except BrokenPipeError:
-    raise RuntimeError(f"benchmark worker {name!r} exited (code {proc.wait()}); its error is printed above") from None
+    raise _worker_died(proc, name) from None
   return _receive(proc, name)
+
+
+def _worker_died(proc, name: str) -> RuntimeError:
+  return RuntimeError(f"benchmark worker {name!r} exited (code {proc.wait()}); its error is printed above")
 
 
 def process_cpu_seconds() -> dict[int, tuple[str, float]]:
@@ -188,11 +192,8 @@ def process_cpu_seconds() -> dict[int, tuple[str, float]]:
 def other_cpu_use(before: dict, after: dict, worker_pid: int, top: int = 3) -> dict:
   """CPU seconds that processes other than the timed worker used during its step: the total and the
   largest users ("pid name": s). On 2 cores a neighbour's background work slows the timed step."""
-  used = {
-    f"{pid} {name}": t - before.get(pid, (name, 0.0))[1]
-    for pid, (name, t) in after.items()
-    if pid != worker_pid and t - before.get(pid, (name, 0.0))[1] > 0
-  }
+  used = {f"{pid} {name}": t - before.get(pid, (name, 0.0))[1] for pid, (name, t) in after.items() if pid != worker_pid}
+  used = {k: s for k, s in used.items() if s > 0}
   largest = sorted(used.items(), key=lambda kv: -kv[1])[:top]
   return {"cpu_s": round(sum(used.values()), 3), "largest": {k: round(v, 3) for k, v in largest}}
 
@@ -200,7 +201,7 @@ def other_cpu_use(before: dict, after: dict, worker_pid: int, top: int = 3) -> d
 def _receive(proc, name: str) -> dict:
   line = proc.stdout.readline()
   if not line:
-    raise RuntimeError(f"benchmark worker {name!r} exited (code {proc.wait()}); its error is printed above")
+    raise _worker_died(proc, name)
   return json.loads(line)
 
 
